@@ -1,0 +1,281 @@
+"""Model configuration: one frozen dataclass for the Llama family, built from an HF `config.json`.
+
+The Llama family here covers the architectures that share one block shape (RMSNorm, RoPE,
+GQA attention, SwiGLU MLP): Llama 2/3/3.1/3.2, SmolLM2, Mistral, Qwen2/2.5 (qkv bias) and
+Qwen3 (qk-norm). Differences are fields, not subclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# HF `architectures` entries that map onto a supported model_type.
+_ARCHITECTURE_TO_TYPE = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one jaxinfer implements."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `kind` is "default", "linear" or "llama3"."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("default", "linear", "llama3"):
+            raise UnsupportedModelError(
+                f"rope scaling type {self.kind!r} is not supported (supported: default, linear, llama3)"
+            )
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder.
+
+    Attributes:
+      model_type: one of SUPPORTED_MODEL_TYPES.
+      vocab_size, hidden_size, intermediate_size, num_layers: the usual sizes.
+      num_heads, num_kv_heads: query heads and key/value heads (GQA when fewer kv heads).
+      head_dim: per-head width; independent of hidden_size / num_heads (Qwen3, Mistral-Nemo).
+      rms_norm_eps: RMSNorm epsilon.
+      rope_theta, rope_scaling: rotary embedding base and scaling.
+      max_position_embeddings: longest context the checkpoint was trained for.
+      tie_word_embeddings: the LM head reuses the token embedding.
+      qkv_bias: q/k/v projections carry a bias (Qwen2, Llama with attention_bias).
+      o_bias: the output projection carries a bias (Llama with attention_bias).
+      qk_norm: RMSNorm over each head of q and k before RoPE (Qwen3).
+      sliding_windows: per layer, the attention window in tokens, or None for full attention.
+      bos_token_id, eos_token_ids: special ids from the config (tokenizers may add more).
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_windows: tuple[int | None, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+        if len(self.sliding_windows) != self.num_layers:
+            raise ValueError(
+                f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers"
+            )
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
+        if self.qkv_bias:
+            attn += h * (self.num_heads + 2 * self.num_kv_heads)
+        if self.o_bias:
+            attn += d
+        per_layer = attn + 3 * d * f + 2 * d + (2 * h if self.qk_norm else 0)
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * per_layer + d + head
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+        """Builds the config from a parsed HF `config.json` dictionary."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = hf.get("architectures") or []
+            mapped = [_ARCHITECTURE_TO_TYPE[a] for a in archs if a in _ARCHITECTURE_TO_TYPE]
+            if not mapped:
+                raise UnsupportedModelError(
+                    f"unsupported architecture (model_type={model_type!r}, architectures={archs}); "
+                    f"jaxinfer supports model types {', '.join(SUPPORTED_MODEL_TYPES)}"
+                )
+            model_type = mapped[0]
+        try:
+            hidden = int(hf["hidden_size"])
+            num_heads = int(hf["num_attention_heads"])
+            num_layers = int(hf["num_hidden_layers"])
+            config = dict(
+                vocab_size=int(hf["vocab_size"]),
+                intermediate_size=int(hf["intermediate_size"]),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json is missing required field {e.args[0]!r}") from None
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        num_kv_heads = hf.get("num_key_value_heads") or num_heads
+
+        theta, scaling = _rope_from_hf(hf)
+        attention_bias = bool(hf.get("attention_bias", False))
+        qkv_bias = attention_bias or model_type == "qwen2"
+        o_bias = attention_bias and model_type in ("llama", "mistral")
+        if hf.get("mlp_bias"):
+            raise UnsupportedModelError("mlp_bias=True is not supported")
+
+        return cls(
+            model_type=model_type,
+            hidden_size=hidden,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(num_kv_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=model_type == "qwen3",
+            sliding_windows=_sliding_windows_from_hf(hf, model_type, num_layers),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+            **config,
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        with open(path) as f:
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_config(hf)
+
+
+def _as_id_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling]:
+    # transformers >= 5 nests RoPE settings in `rope_parameters`; older configs use
+    # `rope_theta` plus an optional `rope_scaling` dictionary.
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    merged = {**legacy, **params}
+    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if kind == "default":
+        return theta, RopeScaling()
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=float(merged["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling(
+            kind="llama3",
+            factor=float(merged["factor"]),
+            low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+        )
+    raise UnsupportedModelError(
+        f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)"
+    )
+
+
+def _sliding_windows_from_hf(hf, model_type: str, num_layers: int) -> tuple[int | None, ...]:
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return (None,) * num_layers
+    if layer_types:
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if model_type in ("qwen2", "qwen3"):
+        # Older Qwen configs: layers from max_window_layers on use the window.
+        first = int(hf.get("max_window_layers", num_layers))
+        return tuple(window if i >= first else None for i in range(num_layers))
+    return (int(window),) * num_layers
+
+
+def rope_inv_freq(config: ModelConfig) -> "list[float]":
+    """Inverse RoPE frequencies (head_dim / 2 of them) after scaling, as Python floats."""
+    dim = config.head_dim
+    inv = [1.0 / (config.rope_theta ** (2 * i / dim)) for i in range(dim // 2)]
+    s = config.rope_scaling
+    if s.kind == "linear":
+        return [f / s.factor for f in inv]
+    if s.kind == "llama3":
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        out = []
+        for f in inv:
+            wavelen = 2 * math.pi / f
+            if wavelen < high_wavelen:
+                out.append(f)
+            elif wavelen > low_wavelen:
+                out.append(f / s.factor)
+            else:
+                smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                    s.high_freq_factor - s.low_freq_factor
+                )
+                out.append((1 - smooth) * f / s.factor + smooth * f)
+        return out
+    return inv
+
+
+# Named presets for benchmarks and tests with random weights.
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                      rope_theta=500000.0, max_position_embeddings=8192, eos_token_ids=(128001, 128009)),
+    "tiny": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                 max_position_embeddings=512),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,1 @@
+"""Loading checkpoints (HF safetensors directories, GGUF files) and tokenizers."""

@@ -1,0 +1,118 @@
+"""The attention interface between models and KV-cache backends.
+
+A model computes q, k, v for a flat batch of T tokens and hands them to an attention backend
+together with that layer's KV cache and the step's metadata. The backend writes the new k, v
+into its cache and returns the attention output. Models never see the cache layout, so the
+contiguous reference cache, the paged cache and the Pallas kernels plug in without touching
+model code.
+
+Glossary for shapes: T tokens in the step, B sequences, S tokens per sequence in a step,
+M cache positions, N query heads, K kv heads, G = N // K query heads per kv head, H head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Static per-layer attention settings (hashable: part of the jitted function's identity)."""
+
+    index: int
+    scale: float
+    sliding_window: int | None = None  # a query at position p sees keys at positions > p - window
+    logit_softcap: float | None = None
+
+
+class AttentionBackend(Protocol):
+    """Writes this step's k, v into `kv_cache` and attends over the cache.
+
+    Args:
+      q_tnh: queries [T, N, H] (RoPE applied).
+      k_tkh, v_tkh: this step's keys and values [T, K, H].
+      kv_cache: the backend's cache for this layer (any pytree).
+      metadata: the backend's step metadata (a pytree of arrays; sizes static).
+      layer: static settings of the layer.
+    Returns:
+      (o_tnh [T, N, H], updated kv_cache)
+    """
+
+    def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache: Any, metadata: Any, layer: LayerSpec): ...
+
+
+def grouped_attention(q_bsnh, k_bmkh, v_bmkh, mask_bsm, layer: LayerSpec):
+    """Softmax attention with GQA and a boolean mask, softmax in float32.
+
+    q_bsnh [B, S, N, H]; k_bmkh, v_bmkh [B, M, K, H]; mask_bsm [B, S, M] (True = attend).
+    Rows with no visible key return zeros.
+    """
+    b, s, n, h = q_bsnh.shape
+    k = k_bmkh.shape[2]
+    q_bskgh = q_bsnh.reshape(b, s, k, n // k, h)
+    logits = jnp.einsum("bskgh,bmkh->bkgsm", q_bskgh, k_bmkh, preferred_element_type=jnp.float32)
+    logits = logits * layer.scale
+    if layer.logit_softcap is not None:
+        logits = layer.logit_softcap * jnp.tanh(logits / layer.logit_softcap)
+    mask = mask_bsm[:, None, None, :, :]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    o = jnp.einsum("bkgsm,bmkh->bskgh", p.astype(v_bmkh.dtype), v_bmkh,
+                   preferred_element_type=jnp.float32)
+    return o.reshape(b, s, n, h).astype(q_bsnh.dtype)
+
+
+def visible_mask(q_pos, kv_pos, kv_len, sliding_window: int | None):
+    """Causal (and windowed) visibility: broadcastable query positions vs cache positions."""
+    mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
+    if sliding_window is not None:
+        mask &= kv_pos > q_pos - sliding_window
+    return mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ContiguousMetadata:
+    """Step metadata for the contiguous cache: B sequences, S tokens each this step.
+
+    positions_bs [B, S]: position of each token; tokens with position < 0 are padding and are
+    neither written nor attended from in a meaningful way (their output is garbage).
+    """
+
+    positions_bs: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ContiguousAttention:
+    """Reference backend: a dense cache per sequence, k and v of shape [B, M, K, H].
+
+    Simple and obviously right; the engine's paged backends are tested against it.
+    """
+
+    def init_cache(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: ContiguousMetadata, layer: LayerSpec):
+        k_cache, v_cache = kv_cache
+        positions = metadata.positions_bs
+        b, s = positions.shape
+        m = k_cache.shape[1]
+        # Padding tokens are routed to an out-of-bounds row and dropped by the scatter.
+        write_pos = jnp.where(positions >= 0, positions, m)
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
+        k_cache = k_cache.at[rows, write_pos].set(k_tkh.reshape(b, s, *k_tkh.shape[1:]), mode="drop")
+        v_cache = v_cache.at[rows, write_pos].set(v_tkh.reshape(b, s, *v_tkh.shape[1:]), mode="drop")
+        kv_len = jnp.max(positions, axis=1) + 1  # [B]
+        mask = visible_mask(positions[:, :, None], jnp.arange(m)[None, None, :], kv_len[:, None, None],
+                            layer.sliding_window)
+        o = grouped_attention(q_tnh.reshape(b, s, *q_tnh.shape[1:]), k_cache, v_cache, mask, layer)
+        return o.reshape(q_tnh.shape), (k_cache, v_cache)
