@@ -1,0 +1,106 @@
+"""Reference generation loop over a contiguous KV cache.
+
+Deliberately simple: one prefill over the padded batch, then one jitted decode step per token,
+the cache donated to each step. The paged engine is tested against this loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.models import model_module
+from jaxinfer.models.attention import ContiguousAttention, ContiguousMetadata
+
+_BACKEND = ContiguousAttention()
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_caches",))
+def _step(params, config: ModelConfig, token_ids_bs, positions_bs, last_index_b, kv_caches):
+    """One forward over B x S tokens; returns float32 logits at each row's `last_index_b` token."""
+    model = model_module(config)
+    b, s = token_ids_bs.shape
+    hidden, kv_caches = model.forward(params, config, token_ids_bs.reshape(-1),
+                                      jnp.maximum(positions_bs, 0).reshape(-1), kv_caches,
+                                      ContiguousMetadata(positions_bs), _BACKEND)
+    last = hidden.reshape(b, s, -1)[jnp.arange(b), last_index_b]
+    return model.compute_logits(params, last), kv_caches
+
+
+def _pick(logits_bv, temperature: float, key):
+    if temperature <= 0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits_bv / temperature, axis=-1).astype(jnp.int32)
+
+
+def prefill_logits(params, config: ModelConfig, prompt: Sequence[int]) -> np.ndarray:
+    """Float32 logits [len(prompt), V] for every prompt position (parity tests use this)."""
+    model = model_module(config)
+    n = len(prompt)
+    caches = [_BACKEND.init_cache(1, n, config.num_kv_heads, config.head_dim, params["embed_vd"].dtype)
+              for _ in range(config.num_layers)]
+
+    @jax.jit
+    def run(params, tokens, caches):
+        positions = jnp.arange(n, dtype=jnp.int32)
+        hidden, _ = model.forward(params, config, tokens, positions, caches,
+                                  ContiguousMetadata(positions[None]), _BACKEND)
+        return model.compute_logits(params, hidden)
+
+    return np.asarray(run(params, jnp.asarray(prompt, jnp.int32), caches))
+
+
+def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, eos_token_ids: Sequence[int] = (), seed: int = 0) -> list[list[int]]:
+    """Generates up to `max_new_tokens` tokens for each prompt.
+
+    Args:
+      params: parameter tree on the device.
+      config: model configuration.
+      prompts: token ids per prompt (non-empty).
+      max_new_tokens: tokens to generate per prompt.
+      temperature: 0 for greedy decoding, else softmax sampling at this temperature.
+      eos_token_ids: generation of a prompt stops after it emits one of these (kept in the output).
+      seed: PRNG seed when sampling.
+    Returns:
+      The generated token ids per prompt.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    b = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    s = int(lengths.max())
+    max_len = s + max_new_tokens
+    tokens = np.zeros((b, s), np.int32)
+    positions = np.full((b, s), -1, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+        positions[i, :len(p)] = np.arange(len(p))
+    dtype = params["embed_vd"].dtype
+    caches = [_BACKEND.init_cache(b, max_len, config.num_kv_heads, config.head_dim, dtype)
+              for _ in range(config.num_layers)]
+    key = jax.random.PRNGKey(seed)
+    logits, caches = _step(params, config, jnp.asarray(tokens), jnp.asarray(positions),
+                           jnp.asarray(lengths - 1), caches)
+    eos = set(int(t) for t in eos_token_ids)
+    outputs: list[list[int]] = [[] for _ in range(b)]
+    done = np.zeros(b, bool)
+    pos = lengths.copy()
+    for step in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        next_ids = np.asarray(_pick(logits, temperature, sub))
+        for i in range(b):
+            if not done[i]:
+                outputs[i].append(int(next_ids[i]))
+                done[i] = int(next_ids[i]) in eos
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits, caches = _step(params, config, jnp.asarray(next_ids[:, None]), jnp.asarray(pos[:, None]),
+                               jnp.zeros(b, jnp.int32), caches)
+        pos += 1
+    return outputs
