@@ -1,0 +1,65 @@
+"""The device KV cache: one pair of page pools per layer.
+
+Layout per layer: `k_pages`, `v_pages`, each [K, P, page_size, H] (kv heads major). A kv head's
+page is one contiguous [page_size, H] tile, which is what a decode kernel program reads, and
+tensor parallelism shards axis 0. Page 0 is scratch: padding tokens write there and unused
+block-table entries point there, so no index is ever out of bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    num_pages: int
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.num_pages < 2:
+            raise ValueError(f"the KV cache needs at least 2 pages (page 0 is scratch), got {self.num_pages}")
+
+    @property
+    def page_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_kv_heads, self.num_pages, self.page_size, self.head_dim)
+
+    @staticmethod
+    def bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
+        return 2 * config.num_layers * config.num_kv_heads * page_size * config.head_dim * jnp.dtype(dtype).itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.num_pages * self.page_size * self.head_dim * \
+            jnp.dtype(self.dtype).itemsize
+
+
+def pages_for_memory_fraction(config: ModelConfig, page_size: int, dtype, fraction: float,
+                              device=None) -> int | None:
+    """Pages that fit in `fraction` of the device's free memory, or None where the device
+    reports no memory statistics (the CPU): callers then need an explicit page count."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return int(free * fraction) // KVCacheSpec.bytes_per_page(config, page_size, dtype)
+
+
+def allocate_kv_cache(spec: KVCacheSpec, sharding=None, fill: float = 0.0) -> list[tuple[jax.Array, jax.Array]]:
+    """Allocates the page pools; `fill=nan` poisons them (tests: nothing unwritten may be read)."""
+    def pool():
+        return jnp.full(spec.page_shape, fill, dtype=spec.dtype, device=sharding)
+
+    return [(pool(), pool()) for _ in range(spec.num_layers)]
