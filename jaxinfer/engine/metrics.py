@@ -1,0 +1,97 @@
+"""Engine metrics kept in plain Python: counters, gauges and latency histograms.
+
+Names follow vLLM's Prometheus metrics (without the `vllm:` prefix) so that the server can
+export them under familiar names and existing dashboards work.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import threading
+
+# Bucket upper bounds in seconds, as vLLM uses for the same histograms.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+@dataclasses.dataclass
+class Histogram:
+    """Cumulative-style histogram: counts per bucket upper bound, plus sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = dataclasses.field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self):
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)  # the last bucket is +Inf
+
+    def observe(self, value: float):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations <= bound) pairs ending with (+inf, count)."""
+        out, running = [], 0
+        for bound, c in zip((*self.bounds, float("inf")), self.counts):
+            running += c
+            out.append((bound, running))
+        return out
+
+
+@dataclasses.dataclass
+class EngineMetrics:
+    """Everything the engine measures; read a consistent copy with `snapshot()`."""
+
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    kv_cache_usage_perc: float = 0.0
+    num_preemptions_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
+    request_success_total: dict[str, int] = dataclasses.field(default_factory=dict)
+    time_to_first_token_seconds: Histogram = dataclasses.field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    inter_token_latency_seconds: Histogram = dataclasses.field(default_factory=lambda: Histogram(ITL_BUCKETS))
+    e2e_request_latency_seconds: Histogram = dataclasses.field(default_factory=lambda: Histogram(E2E_BUCKETS))
+    iteration_tokens_total: Histogram = dataclasses.field(
+        default_factory=lambda: Histogram(STEP_TOKEN_BUCKETS))
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def record_finished(self, finish_reason: str, e2e_seconds: float):
+        with self._lock:
+            self.request_success_total[finish_reason] = self.request_success_total.get(finish_reason, 0) + 1
+            self.e2e_request_latency_seconds.observe(e2e_seconds)
+
+    def record_step(self, *, num_prompt_tokens: int, num_generation_tokens: int, num_running: int,
+                    num_waiting: int, kv_usage: float, num_preemptions_total: int,
+                    ttfts: list[float], itls: list[float]):
+        with self._lock:
+            self.prompt_tokens_total += num_prompt_tokens
+            self.generation_tokens_total += num_generation_tokens
+            self.num_requests_running = num_running
+            self.num_requests_waiting = num_waiting
+            self.kv_cache_usage_perc = kv_usage
+            self.num_preemptions_total = num_preemptions_total
+            self.iteration_tokens_total.observe(num_prompt_tokens + num_generation_tokens)
+            for v in ttfts:
+                self.time_to_first_token_seconds.observe(v)
+            for v in itls:
+                self.inter_token_latency_seconds.observe(v)
+
+    def snapshot(self) -> "EngineMetrics":
+        import copy
+
+        with self._lock:
+            fields = {f.name: copy.deepcopy(getattr(self, f.name))
+                      for f in dataclasses.fields(self) if f.name != "_lock"}
+        return EngineMetrics(**fields)
