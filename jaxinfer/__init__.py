@@ -1,3 +1,25 @@
-"""jaxinfer: LLM inference on JAX/XLA."""
+"""jaxinfer: LLM inference on JAX/XLA.
+
+`from jaxinfer import LLM, SamplingParams` is the offline API; the engine, models and loaders
+live in the subpackages. Imports are lazy so `import jaxinfer` stays cheap.
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name):
+    if name == "LLM":
+        from jaxinfer.llm import LLM
+        return LLM
+    if name == "SamplingParams":
+        from jaxinfer.sampling_params import SamplingParams
+        return SamplingParams
+    if name == "EngineConfig":
+        from jaxinfer.engine.config import EngineConfig
+        return EngineConfig
+    if name in ("RequestOutput", "CompletionOutput"):
+        import jaxinfer.outputs as outputs
+        return getattr(outputs, name)
+    raise AttributeError(f"module 'jaxinfer' has no attribute {name!r}")

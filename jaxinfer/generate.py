@@ -32,6 +32,10 @@ def _step(params, config: ModelConfig, token_ids_bs, positions_bs, last_index_b,
     return model.compute_logits(params, last), kv_caches
 
 
+def _next_pow2(n: int, smallest: int = 16) -> int:
+    return max(smallest, 1 << (n - 1).bit_length())
+
+
 def _pick(logits_bv, temperature: float, key):
     if temperature <= 0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
@@ -74,8 +78,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         raise ValueError("every prompt needs at least one token")
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
-    s = int(lengths.max())
-    max_len = s + max_new_tokens
+    # Pad the prompt axis and the cache to powers of two: a few shapes serve every length.
+    s = _next_pow2(int(lengths.max()))
+    max_len = _next_pow2(s + max_new_tokens)
     tokens = np.zeros((b, s), np.int32)
     positions = np.full((b, s), -1, np.int32)
     for i, p in enumerate(prompts):

@@ -58,9 +58,13 @@ def pow2_buckets(smallest: int, largest: int) -> tuple[int, ...]:
 
 
 def build_step_inputs(chunks: Sequence[SeqChunk], num_tokens_padded: int, num_seqs_padded: int,
-                      pages_per_seq: int, page_size: int) -> StepInputs:
+                      pages_per_seq: int, page_size: int,
+                      logits_indices: Sequence[int] | None = None) -> StepInputs:
     """Packs `chunks` into padded arrays of T = num_tokens_padded tokens and S = num_seqs_padded
-    sequence slots with block tables of width pages_per_seq."""
+    sequence slots with block tables of width pages_per_seq.
+
+    `logits_indices` are the flat token indices whose logits the step returns (padded to S
+    rows); by default each chunk's last token."""
     t, s = num_tokens_padded, num_seqs_padded
     n_tok = sum(len(c.token_ids) for c in chunks)
     if n_tok > t or len(chunks) > s:
@@ -74,7 +78,7 @@ def build_step_inputs(chunks: Sequence[SeqChunk], num_tokens_padded: int, num_se
     block_tables = np.zeros((s, pages_per_seq), np.int32)
     kv_lens = np.zeros(s, np.int32)
     cu_q_lens = np.zeros(s + 1, np.int32)
-    logits_indices = np.zeros(s, np.int32)
+    last_token = np.zeros(s, np.int32)
     cursor = 0
     for i, c in enumerate(chunks):
         n = len(c.token_ids)
@@ -94,9 +98,12 @@ def build_step_inputs(chunks: Sequence[SeqChunk], num_tokens_padded: int, num_se
         kv_lens[i] = end
         cursor += n
         cu_q_lens[i + 1] = cursor
-        logits_indices[i] = cursor - 1
+        last_token[i] = cursor - 1
     cu_q_lens[len(chunks) + 1:] = cursor
+    if logits_indices is not None:
+        last_token[:] = 0
+        last_token[:len(logits_indices)] = logits_indices
     md = PagedMetadata(slot_mapping_t=slot_mapping, token_seq_t=token_seq, positions_t=positions,
                        block_tables_sw=block_tables, kv_lens_s=kv_lens, cu_q_lens_s1=cu_q_lens,
                        num_seqs=np.int32(len(chunks)))
-    return StepInputs(token_ids, positions, md, logits_indices, n_tok, len(chunks))
+    return StepInputs(token_ids, positions, md, last_token, n_tok, len(chunks))

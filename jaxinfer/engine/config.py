@@ -1,0 +1,70 @@
+"""Engine settings: one frozen dataclass, validated on construction (YAML in configs/ overrides it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+# On devices that report no memory statistics (the CPU), the KV cache gets this many bytes.
+DEFAULT_HOST_KV_BYTES = 256 * 1024 * 1024
+
+
+def default_compilation_cache_dir() -> str:
+    root = os.environ.get("JAXINFER_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer"))
+    return os.path.join(root, "jax_compilation_cache")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches, caches and compiles.
+
+    Attributes:
+      max_model_len: longest prompt + output in tokens (None: the model's context length).
+      max_num_seqs: most sequences in one step.
+      max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
+      page_size: tokens per KV page (a power of two).
+      num_pages: KV pages including the scratch page 0 (None: sized from memory).
+      kv_cache_memory_fraction: share of the device's free memory given to the KV cache.
+      kv_cache_dtype: "auto" (the parameters' dtype), "float32" or "bfloat16".
+      scheduling_policy: "fcfs" or "priority".
+      enable_prefix_caching: reuse KV pages of identical prompt prefixes.
+      attention_backend: "auto" (Pallas on GPU/TPU, XLA on CPU), "xla" or "pallas".
+      seed: seeds requests that bring none, so a run is reproducible.
+      compilation_cache_dir: JAX's persistent compilation cache ("" disables it).
+      warmup: compile every shape bucket when the engine starts.
+    """
+
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_cache_memory_fraction: float = 0.85
+    kv_cache_dtype: str = "auto"
+    scheduling_policy: str = "fcfs"
+    enable_prefix_caching: bool = False
+    attention_backend: str = "auto"
+    seed: int = 0
+    compilation_cache_dir: str = dataclasses.field(default_factory=default_compilation_cache_dir)
+    warmup: bool = True
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+            raise ValueError(f"num_pages must be an integer >= 2 (page 0 is scratch), got {self.num_pages!r}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32 or bfloat16, got {self.kv_cache_dtype!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")

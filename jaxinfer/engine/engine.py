@@ -1,0 +1,332 @@
+"""The synchronous engine: requests in, one scheduled and sampled step per `step()`, outputs out.
+
+Each user request with `n` completions becomes n scheduler requests: the first computes the
+prompt, the others are forked from its pages once it has (sharing the prompt's KV) and differ
+by their seeds. Text is produced incrementally; a stop string ends a completion from here,
+everything else (eos, stop ids, lengths) ends it inside the scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.config import DEFAULT_HOST_KV_BYTES, EngineConfig
+from jaxinfer.engine.detokenizer import IncrementalDetokenizer
+from jaxinfer.engine.kv_cache import KVCacheSpec, pages_for_memory_fraction
+from jaxinfer.engine.metrics import EngineMetrics
+from jaxinfer.engine.request import Request
+from jaxinfer.engine.runner import ModelRunner, RunnerConfig
+from jaxinfer.engine.sampling import SamplingRow
+from jaxinfer.engine.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | Sequence[int] | dict
+
+
+@dataclasses.dataclass
+class _Completion:
+    """One of a request's n completions: a scheduler request plus its text state."""
+
+    group: "_Group"
+    index: int
+    request: Request
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    logprobs: list[dict[int, float]] | None
+    cumulative_logprob: float = 0.0
+    text: str = ""
+    delta_text: str = ""
+    delta_start: int = 0  # output tokens already reported (DELTA outputs)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclasses.dataclass
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    completions: list[_Completion] = dataclasses.field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+
+def resolve_attention_backend(name: str, *, interpret: bool = False):
+    """The attention backend object for an EngineConfig.attention_backend value."""
+    from jaxinfer.models.paged_attention_xla import PagedAttentionXLA
+
+    platform = jax.default_backend()
+    if name == "auto":
+        name = "xla" if platform == "cpu" else "pallas"
+    if name == "xla":
+        return PagedAttentionXLA()
+    try:
+        from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
+    except ImportError as e:
+        raise ValueError(f"attention_backend='pallas' is not available: {e}") from None
+    return PagedAttentionPallas(interpret=interpret or platform == "cpu")
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model replica.
+
+    Args:
+      model: a loaded model (config, parameters on the device, tokenizer or None).
+      config: engine settings.
+    """
+
+    def __init__(self, model, config: EngineConfig = EngineConfig(), *, kv_fill: float = 0.0):
+        self.model = model
+        self.model_config = model.config
+        self.tokenizer = model.tokenizer
+        self.config = config
+        mc = model.config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if config.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        param_dtype = jax.tree.leaves(model.params)[0].dtype
+        kv_dtype = param_dtype if config.kv_cache_dtype == "auto" else jnp.dtype(config.kv_cache_dtype)
+        num_pages = config.num_pages
+        if num_pages is None:
+            num_pages = pages_for_memory_fraction(mc, config.page_size, kv_dtype, config.kv_cache_memory_fraction)
+        if num_pages is None:
+            num_pages = DEFAULT_HOST_KV_BYTES // KVCacheSpec.bytes_per_page(mc, config.page_size, kv_dtype)
+        # A request must be able to fit on its own, or it could never finish.
+        needed = -(-self.max_model_len // config.page_size) + 1
+        if num_pages < needed:
+            raise ValueError(f"KV cache of {num_pages} pages cannot hold one sequence of max_model_len="
+                             f"{self.max_model_len} ({needed} pages of {config.page_size}); lower "
+                             "max_model_len or give the cache more memory")
+        self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.page_size, num_pages,
+                                   jnp.dtype(kv_dtype).name)
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else mc.eos_token_ids
+        self.block_manager = BlockManager(num_pages, config.page_size,
+                                          enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=self.max_model_len, page_size=config.page_size,
+                            policy=config.scheduling_policy),
+            self.block_manager)
+        self.runner = ModelRunner(
+            mc, model.params, self.kv_spec,
+            RunnerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                         max_model_len=self.max_model_len, page_size=config.page_size),
+            resolve_attention_backend(config.attention_backend), eos_token_ids=self.eos_token_ids,
+            kv_fill=kv_fill)
+        self.metrics = EngineMetrics()
+        self._groups: dict[str, _Group] = {}
+        self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
+        self._seed_rng = np.random.default_rng(config.seed)
+        self._ids = itertools.count()
+        if config.warmup:
+            self.runner.warmup()
+
+    # -- requests ---------------------------------------------------------------------------
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                text = prompt.get("prompt")
+            elif "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
+            return prompt, self.tokenizer.encode(prompt)
+        else:
+            ids, text = prompt, None
+        ids = list(ids)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t!r} is not an integer in [0, {vocab})")
+        return text, [int(t) for t in ids]
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, *,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Queues a request; raises ValueError (changing nothing) when it cannot be served."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len="
+                             f"{self.max_model_len}")
+        if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        params = params.with_seed(int(self._seed_rng.integers(0, 2**62)))
+        group = _Group(request_id, text, ids, params, RequestMetrics(arrival_time=arrival))
+        for i in range(params.n):
+            p = params.for_sample(i)
+            sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(sub_id, ids, max_tokens=p.max_tokens, min_tokens=p.min_tokens,
+                          eos_token_ids=self.eos_token_ids, stop_token_ids=p.stop_token_ids,
+                          ignore_eos=p.ignore_eos, priority=priority, arrival_time=arrival)
+            detok = (IncrementalDetokenizer.from_params(self.tokenizer, ids, p) if self.tokenizer else None)
+            group.completions.append(_Completion(group, i, req, p, detok, [] if p.logprobs is not None else None))
+        leader = group.completions[0].request
+        self.scheduler.add_request(leader)
+        for c in group.completions[1:]:
+            self.scheduler.add_request(c.request, fork_from=leader.request_id)
+        self._groups[request_id] = group
+        for c in group.completions:
+            self._completions[c.request.request_id] = c
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Aborts requests (unknown or finished ids are ignored); their pages are freed at once."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        sub_ids = []
+        for rid in request_ids:
+            group = self._groups.pop(rid, None)
+            if group is None:
+                continue
+            for c in group.completions:
+                sub_ids.append(c.request.request_id)
+                self._completions.pop(c.request.request_id, None)
+        self.scheduler.abort_requests(sub_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedules, runs and samples one step; returns outputs of requests that progressed."""
+        out = self.scheduler.schedule()
+        if out.total_num_scheduled_tokens == 0:
+            self._record_step(0, 0, [], [])
+            return []
+        now = time.monotonic()
+        for rid in out.scheduled_req_ids:
+            m = self._completions[rid].group.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+        rows = []
+        for rid in out.sampling_req_ids:
+            c = self._completions[rid]
+            rows.append(SamplingRow(c.params, c.request.prompt_token_ids, c.request.output_token_ids))
+        sampled = self.runner.execute(out, rows)
+        tokens: dict[str, list[int]] = {}
+        for i, rid in enumerate(out.sampling_req_ids):
+            tokens[rid] = [int(sampled.token_ids[i])]
+            self._record_logprobs(self._completions[rid], sampled, i)
+        num_prompt_tokens = 0
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self._completions[rid].request
+            start = req.num_computed_tokens - n  # the scheduler advanced it at schedule()
+            num_prompt_tokens += max(0, min(start + n, req.num_prompt_tokens) - start)
+        self.scheduler.update_from_output(out, tokens)
+        return self._process_outputs(tokens, num_prompt_tokens)
+
+    def _record_logprobs(self, c: _Completion, sampled, i: int):
+        if c.logprobs is None or sampled.logprobs is None:
+            return
+        lp = sampled.logprobs
+        entry = {int(sampled.token_ids[i]): float(lp.token_logprobs[i])}
+        for j in range(c.params.logprobs):
+            entry.setdefault(int(lp.top_ids[i, j]), float(lp.top_logprobs[i, j]))
+        c.logprobs.append(entry)
+        c.cumulative_logprob += float(lp.token_logprobs[i])
+
+    def _process_outputs(self, tokens: dict[str, list[int]], num_prompt_tokens: int) -> list[RequestOutput]:
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        ttfts, itls = [], []
+        for rid, new_ids in tokens.items():
+            c = self._completions.get(rid)
+            if c is None:
+                continue
+            m = c.group.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+                ttfts.append(now - m.arrival_time)
+            elif m.last_token_time is not None and c.index == 0:
+                itls.append(now - m.last_token_time)
+            if c.index == 0:
+                m.last_token_time = now
+            req = c.request
+            if c.detokenizer is not None:
+                is_stop_token = req.is_finished and req.finish_reason == "stop"
+                delta, stop_str = c.detokenizer.add_tokens(new_ids, last_is_stop_token=is_stop_token)
+                if stop_str is not None:
+                    c.finish_reason, c.stop_reason = "stop", stop_str
+                    if not req.is_finished:
+                        self.scheduler.finish_requests([rid], "stop")
+                elif req.is_finished:
+                    delta += c.detokenizer.finish()
+                c.delta_text += delta
+                c.text += delta
+            if req.is_finished and c.finish_reason is None:
+                c.finish_reason = req.finish_reason
+                if req.finish_reason == "stop":
+                    c.stop_reason = req.output_token_ids[-1]
+            touched[c.group.request_id] = c.group
+        outputs = []
+        for group in touched.values():
+            outputs.append(self._make_output(group))
+            if group.finished:
+                group.metrics.finished_time = now
+                self.metrics.record_finished(group.completions[0].finish_reason, now - group.metrics.arrival_time)
+                del self._groups[group.request_id]
+                for c in group.completions:
+                    self._completions.pop(c.request.request_id, None)
+        self._record_step(num_prompt_tokens, len(tokens), ttfts, itls)
+        return [o for o in outputs if o is not None]
+
+    def _make_output(self, group: _Group) -> RequestOutput | None:
+        kind = group.params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not group.finished:
+            return None
+        completions = []
+        for c in group.completions:
+            ids = c.request.output_token_ids
+            if kind == RequestOutputKind.DELTA:
+                text, token_ids = c.delta_text, ids[c.delta_start:]
+                logprobs = c.logprobs[c.delta_start:] if c.logprobs is not None else None
+                c.delta_text, c.delta_start = "", len(ids)
+            else:
+                text, token_ids, logprobs = c.text, list(ids), c.logprobs
+            completions.append(CompletionOutput(
+                index=c.index, text=text, token_ids=list(token_ids), finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason, logprobs=list(logprobs) if logprobs is not None else None,
+                cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None))
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
+                             prompt_token_ids=group.prompt_token_ids, outputs=completions,
+                             finished=group.finished, metrics=group.metrics)
+
+    def _record_step(self, num_prompt_tokens: int, num_generation_tokens: int, ttfts, itls):
+        s = self.scheduler
+        self.metrics.record_step(num_prompt_tokens=num_prompt_tokens, num_generation_tokens=num_generation_tokens,
+                                 num_running=s.num_running, num_waiting=s.num_waiting,
+                                 kv_usage=self.block_manager.usage, num_preemptions_total=s.num_preemptions_total,
+                                 ttfts=ttfts, itls=itls)

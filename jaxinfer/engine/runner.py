@@ -1,0 +1,192 @@
+"""The model runner: owns the device state (parameters, KV pools) and runs jitted steps.
+
+One jitted model step per token bucket (sequence slots and block-table width are derived
+from it, so they add no compile dimension), the KV pools donated to every step, and a
+separate jitted sampler whose small graphs compile per sampling-feature combination. The
+only device-to-host transfer per step is the sampled token ids (plus logprobs on request).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine.kv_cache import KVCacheSpec, allocate_kv_cache
+from jaxinfer.engine.sampling import SamplingMetadata, SamplingRow, sample
+from jaxinfer.engine.scheduler import SchedulerOutput
+from jaxinfer.engine.step_inputs import SeqChunk, StepInputs, bucket_for, build_step_inputs, pow2_buckets
+from jaxinfer.models import model_module
+from jaxinfer.models.attention import AttentionBackend
+from jaxinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Copy-on-write page copies are applied in fixed-size batches so they compile once.
+COPY_BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    page_size: int
+    min_token_bucket: int = 8
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def token_buckets(self) -> tuple[int, ...]:
+        return pow2_buckets(min(self.min_token_bucket, self.max_num_batched_tokens), self.max_num_batched_tokens)
+
+    @property
+    def pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+    def seq_slots(self, token_bucket: int) -> int:
+        """Sequence slots of a token bucket: a step never has more sequences than tokens."""
+        return min(token_bucket, self.max_num_seqs)
+
+
+def _model_step(params, token_ids_t, positions_t, kv_caches, metadata, logits_indices_s, *, config, attention):
+    model = model_module(config)
+    hidden, kv_caches = model.forward(params, config, token_ids_t, positions_t, kv_caches, metadata, attention)
+    return model.compute_logits(params, hidden[logits_indices_s]), kv_caches
+
+
+def _copy_pages(kv_caches, src_c, dst_c):
+    return [(k.at[:, dst_c].set(k[:, src_c]), v.at[:, dst_c].set(v[:, src_c])) for k, v in kv_caches]
+
+
+class ModelRunner:
+    """Runs steps of the model over the paged KV cache and samples their next tokens."""
+
+    def __init__(self, config: ModelConfig, params, kv_spec: KVCacheSpec, runner_config: RunnerConfig,
+                 attention: AttentionBackend, *, eos_token_ids: Sequence[int] = (), kv_fill: float = 0.0,
+                 kv_sharding=None):
+        if kv_spec.page_size != runner_config.page_size:
+            raise ValueError("KV cache and runner disagree on page_size")
+        self.config = config
+        self.params = params
+        self.kv_spec = kv_spec
+        self.rc = runner_config
+        self.attention = attention
+        self.eos_token_ids = tuple(eos_token_ids) or config.eos_token_ids
+        self.kv_caches = allocate_kv_cache(kv_spec, sharding=kv_sharding, fill=kv_fill)
+        self._step = jax.jit(functools.partial(_model_step, config=config, attention=attention),
+                             donate_argnames=("kv_caches",))
+        self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
+        self._batch: dict[str, _CachedRequest] = {}
+
+    # -- warm-up ---------------------------------------------------------------------------
+    def warmup_plan(self) -> list[tuple[str, int]]:
+        """Every (kind, bucket) compiled at warm-up: the model step per token bucket and the
+        greedy and random sampler per sequence-slot count."""
+        plan = [("step", t) for t in self.rc.token_buckets]
+        slots = sorted({self.rc.seq_slots(t) for t in self.rc.token_buckets})
+        plan += [(kind, s) for s in slots for kind in ("sample_greedy", "sample_random")]
+        plan.append(("copy", COPY_BATCH))
+        return plan
+
+    def warmup(self, progress: bool = True):
+        from tqdm.auto import tqdm
+
+        plan = self.warmup_plan()
+        for kind, size in tqdm(plan, desc="compiling buckets", disable=not progress, unit="graph"):
+            if kind == "step":
+                self._run_model([], size)
+            elif kind == "copy":
+                self.copy_pages([])
+            else:
+                params = SamplingParams(temperature=0.0) if kind == "sample_greedy" else \
+                    SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0)
+                rows = [SamplingRow(params, [0], [])] * size
+                logits = jnp.zeros((size, self.config.vocab_size), jnp.float32)
+                self._sample(logits, rows).token_ids.block_until_ready()
+
+    # -- steps -----------------------------------------------------------------------------
+    def copy_pages(self, ops: Sequence[tuple[int, int]]):
+        """Applies copy-on-write page copies (src -> dst) to every layer's pools."""
+        ops = list(ops) or [(0, 0)]
+        for i in range(0, len(ops), COPY_BATCH):
+            batch = ops[i:i + COPY_BATCH]
+            batch += [(0, 0)] * (COPY_BATCH - len(batch))  # page 0 onto itself: a no-op
+            src = np.array([s for s, _ in batch], np.int32)
+            dst = np.array([d for _, d in batch], np.int32)
+            self.kv_caches = self._copy(self.kv_caches, src, dst)
+
+    def _run_model(self, chunks: Sequence[SeqChunk], token_bucket: int | None = None,
+                   logits_indices: Sequence[int] | None = None):
+        n_tok = sum(len(c.token_ids) for c in chunks)
+        t = token_bucket or bucket_for(n_tok, self.rc.token_buckets)
+        inputs: StepInputs = build_step_inputs(chunks, t, self.rc.seq_slots(t), self.rc.pages_per_seq,
+                                               self.rc.page_size, logits_indices)
+        logits, self.kv_caches = self._step(self.params, inputs.token_ids_t, inputs.positions_t,
+                                            self.kv_caches, inputs.metadata, inputs.logits_indices_s)
+        return logits
+
+    def _sample(self, logits_sv, rows: Sequence[SamplingRow | None]):
+        md = SamplingMetadata.build(rows, batch_size=logits_sv.shape[0], vocab_size=self.config.vocab_size,
+                                    eos_token_ids=self.eos_token_ids)
+        return sample(logits_sv, md)
+
+    def _apply_diff(self, out: SchedulerOutput):
+        """Brings the persistent batch up to date with the scheduler (see scheduler.py)."""
+        for rid in out.finished_req_ids:
+            self._batch.pop(rid, None)
+        for rid in out.preempted_req_ids:
+            state = self._batch.get(rid)
+            if state is not None:
+                state.block_table.clear()
+        for r in out.scheduled_new_reqs:
+            self._batch[r.request_id] = _CachedRequest(list(r.token_ids), list(r.block_table))
+        for r in out.scheduled_cached_reqs:
+            state = self._batch[r.request_id]
+            state.token_ids.extend(r.new_token_ids)
+            if r.replaces_block_table:
+                state.block_table[:] = r.new_page_ids
+            else:
+                state.block_table.extend(r.new_page_ids)
+
+    def execute(self, out: SchedulerOutput, rows: Sequence[SamplingRow]):
+        """Runs one scheduled step and samples.
+
+        Args:
+          out: the scheduler's output for this step.
+          rows: the sampling state of each request in `out.sampling_req_ids`, in that order.
+        Returns:
+          The sampler output fetched to the host (numpy leaves), rows in `sampling_req_ids`
+          order, or None when nothing samples.
+        """
+        self._apply_diff(out)
+        if out.copy_ops:
+            self.copy_pages(out.copy_ops)
+        computed = {r.request_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
+        computed.update((r.request_id, r.num_computed_tokens) for r in out.scheduled_cached_reqs)
+        chunks = []
+        for rid in out.scheduled_req_ids:
+            state, start = self._batch[rid], computed[rid]
+            n = out.num_scheduled_tokens[rid]
+            chunks.append(SeqChunk(state.token_ids[start:start + n], start, state.block_table))
+        logits = self._run_model(chunks, logits_indices=out.logits_token_indices)
+        if not rows:
+            return None
+        return jax.tree.map(np.asarray, self._sample(logits, rows))
+
+
+@dataclasses.dataclass
+class _CachedRequest:
+    """The runner's copy of a scheduled request: all known tokens and its block table."""
+
+    token_ids: list[int]
+    block_table: list[int]

@@ -1,0 +1,66 @@
+"""The engine end to end on a tiny model: batched outputs equal the reference loop run alone."""
+
+import numpy as np
+import pytest
+
+from jaxinfer.engine.compile_counter import CompileCounter
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.engine import LLMEngine
+from jaxinfer.generate import generate
+from jaxinfer.sampling_params import SamplingParams
+from tests.engine_fixtures import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+def _engine(model, **kw):
+    cfg = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=4, num_pages=64,
+               compilation_cache_dir="", warmup=True)
+    cfg.update(kw)
+    return LLMEngine(model, EngineConfig(**cfg), kv_fill=float("nan"))
+
+
+def test_random_arrivals_with_preemption_match_reference(model):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, model.config.vocab_size, int(rng.integers(1, 60))).tolist() for _ in range(24)]
+    max_tokens = [int(rng.integers(1, 40)) for _ in prompts]
+    arrivals = sorted(int(rng.integers(0, 40)) for _ in prompts)
+    # 40 usable pages of 4 tokens cannot hold 8 running sequences of up to ~100 tokens: preemption.
+    engine = _engine(model, num_pages=41)
+    done, step = {}, 0
+    pending = list(range(len(prompts)))
+    while pending or engine.has_unfinished_requests():
+        while pending and arrivals[pending[0]] <= step:
+            i = pending.pop(0)
+            engine.add_request(str(i), {"prompt_token_ids": prompts[i]},
+                               SamplingParams(temperature=0.0, max_tokens=max_tokens[i], ignore_eos=True))
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.outputs[0]
+        step += 1
+        assert step < 5000
+    assert engine.scheduler.num_preemptions_total > 0, "the pool was meant to force preemption"
+    assert engine.block_manager.usage == 0
+    for i, p in enumerate(prompts):
+        [ref] = generate(model.params, model.config, [p], max_tokens[i])
+        assert done[i].token_ids == ref, f"request {i} (prompt {len(p)} tokens)"
+        assert done[i].finish_reason == "length"
+
+
+def test_no_compiles_after_warmup(model):
+    engine = _engine(model)
+    rng = np.random.default_rng(1)
+    with CompileCounter() as counter:
+        for i in range(12):
+            n = int(rng.integers(1, 120))
+            engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(3, 200, n).tolist()},
+                               SamplingParams(temperature=0.0 if i % 2 else 0.8, top_p=0.9, seed=i,
+                                              max_tokens=int(rng.integers(1, 128 - n + 1)), ignore_eos=True))
+            for _ in range(int(rng.integers(0, 5))):
+                engine.step()
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert counter.count == 0, f"{counter.count} compilations after warm-up"
