@@ -78,7 +78,10 @@ class SamplingRow:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingMetadata:
-    """Per-row sampling inputs of a batch, as device arrays; build with `SamplingMetadata.build`.
+    """Per-row sampling inputs of a batch; build with `SamplingMetadata.build`.
+
+    `build` returns NumPy arrays; they move to the device when passed to `sample` (or earlier,
+    with `jax.device_put`, to overlap the copy with the model step).
 
     Array fields:
       temperature [B] f32: 0 for greedy rows (including padding).
