@@ -263,6 +263,21 @@ def test_preemption_frees_the_last_running_request_and_it_resumes_with_its_outpu
     assert b.output_token_ids == [11, 12, 15]
 
 
+def test_a_preempted_request_goes_back_to_the_front_of_the_waiting_queue():
+    s = make_scheduler(num_pages=5, page_size=2, max_num_seqs=2)
+    for rid, prompt in (("a", 3), ("b", 3), ("c", 1)):
+        s.add_request(make_request(rid, prompt, max_tokens=4))
+    run_step(s)
+    run_step(s)
+    out, _ = run_step(s)
+    assert out.preempted_req_ids == {"b"}
+    # b needs 3 pages and 1 is free: it blocks the queue; c, though small, does not jump it.
+    out, _ = run_step(s)
+    assert out.scheduled_req_ids == ("a",)
+    out, _ = run_step(s)
+    assert out.scheduled_req_ids == ("b", "c")
+
+
 def test_a_request_with_no_one_after_it_preempts_itself():
     s = make_scheduler(num_pages=5, page_size=2)
     a = make_request("a", 4, max_tokens=2)
@@ -384,6 +399,19 @@ def test_siblings_fork_the_leaders_prompt_pages_with_copy_on_write():
     assert bm.num_free_pages == 63 - 4
 
 
+def test_a_write_into_a_page_shared_after_admission_copies_it_and_resends_the_table():
+    s = make_scheduler(page_size=4)
+    s.add_request(make_request("a", 6))
+    run_step(s)
+    s.block_manager.fork("a", "holder")  # another holder of a's pages, e.g. a future beam
+    out, _ = run_step(s)
+    assert out.copy_ops == ((2, 3),)
+    [cached] = out.scheduled_cached_reqs
+    assert cached.replaces_block_table and cached.new_page_ids == (1, 3)
+    out, _ = run_step(s)
+    assert not out.scheduled_cached_reqs[0].replaces_block_table and out.copy_ops == ()
+
+
 def test_a_sibling_whose_leader_ends_early_computes_its_prompt_alone():
     s = make_scheduler(budget=4)
     s.add_request(make_request("l", 6))
@@ -397,9 +425,13 @@ def test_a_sibling_whose_leader_ends_early_computes_its_prompt_alone():
 
 
 def test_prefix_cache_hits_skip_computed_pages():
-    s = make_scheduler(page_size=4, prefix_caching=True)
+    s = make_scheduler(page_size=4, budget=7, prefix_caching=True)
+    bm = s.block_manager
     a = make_request("a", list(range(1, 11)), max_tokens=1)
     s.add_request(a)
+    run_step(s)
+    # Only pages whose every token has KV are published: 7 tokens fill one page.
+    assert bm.get_computed_pages(list(range(1, 11))) == ([1], 4)
     run_step(s)
     assert a.is_finished
     b = make_request("b", list(range(1, 10)) + [99], max_tokens=1)
@@ -408,7 +440,7 @@ def test_prefix_cache_hits_skip_computed_pages():
     [new] = out.scheduled_new_reqs
     assert new.num_computed_tokens == 8 and new.block_table[:2] == (1, 2)
     assert out.num_scheduled_tokens == {"b": 2}
-    assert s.prefix_cache_hit_rate == pytest.approx(8 / 20)
+    assert s.prefix_cache_hit_rate == pytest.approx((4 + 8) / 30)
 
 
 @pytest.mark.parametrize("kwargs, tokens, outputs, reason", [
