@@ -1,6 +1,6 @@
 """The batched sampler: one jitted function from a step's logits to its next tokens.
 
-The host packs each request's sampling state into `SamplingMetadata`, device arrays of fixed
+The host packs each request's sampling state into `SamplingMetadata`, arrays of fixed
 bucketed shapes; `sample` runs entirely on the device and returns only token ids (and the
 logprobs asked for). Processing follows vLLM: logit bias, min-tokens mask, penalties,
 temperature, min-p, top-k, top-p, then a Gumbel-max draw. Greedy rows take the argmax of the
@@ -10,7 +10,7 @@ Every row draws from its own key, derived from (seed, tokens generated so far), 
 request gets the same tokens whatever else shares its batch and wherever its row sits.
 
 Glossary for shapes: B rows (a bucket size; rows past the real ones are padding), V vocab,
-L logit-bias entries, M banned ids, P prompt ids, Q output ids, T prompt positions,
+L logit-bias entries, M banned ids, H past (prompt or output) ids, T prompt positions,
 N top logprobs.
 """
 
@@ -92,8 +92,9 @@ class SamplingMetadata:
       steps [B] i32: tokens generated so far; the row's key is derived from (seed, step).
       bias_ids [B, L] i32, bias_values [B, L] f32: sparse logit bias, padded with (0, 0.0).
       banned_ids [B, M] i32: ids masked until min_tokens are generated, padded with -1.
-      prompt_ids [B, P] i32: prompt ids of rows with a repetition penalty, padded with -1.
-      output_ids [B, Q] i32: output ids of rows with any penalty, padded with -1.
+      prompt_ids [B, H] i32: prompt ids of rows with a repetition penalty, padded with -1.
+      output_ids [B, H] i32: output ids of rows with any penalty, padded with -1.
+        (H is 1 when no row has a penalty.)
     Static fields (part of the jitted function's identity, so each case compiles a small graph):
       all_greedy: every row is greedy; no random path.
       any_penalties: some row has a penalty.
@@ -251,14 +252,14 @@ def apply_banned_ids(logits_bv, banned_ids_bm):
     return jnp.where(_scatter_mask(banned_ids_bm, logits_bv.shape[1]), -jnp.inf, logits_bv)
 
 
-def apply_penalties(logits_bv, prompt_ids_bp, output_ids_bq, presence_b, frequency_b, repetition_b):
+def apply_penalties(logits_bv, prompt_ids_bh, output_ids_bh, presence_b, frequency_b, repetition_b):
     """vLLM's penalties: repetition over prompt and output tokens, the others over output only."""
     b, v = logits_bv.shape
     rows = jnp.arange(b)[:, None]
     counts_bv = jnp.zeros((b, v), jnp.float32).at[
-        rows, jnp.where(output_ids_bq >= 0, output_ids_bq, v)].add(1.0, mode="drop")
+        rows, jnp.where(output_ids_bh >= 0, output_ids_bh, v)].add(1.0, mode="drop")
     in_output_bv = counts_bv > 0
-    seen_bv = _scatter_mask(prompt_ids_bp, v) | in_output_bv
+    seen_bv = _scatter_mask(prompt_ids_bh, v) | in_output_bv
     penalty_bv = jnp.where(seen_bv, repetition_b[:, None], 1.0)
     # Dividing positive and multiplying negative logits makes seen tokens less likely either way.
     logits_bv = jnp.where(logits_bv > 0, logits_bv / penalty_bv, logits_bv * penalty_bv)
@@ -274,6 +275,7 @@ def filter_logits(scaled_bv, min_p_b, top_k_b, top_p_b, *, use_min_p: bool, use_
     """
     v = scaled_bv.shape[1]
     if use_min_p:
+        # p / p_max = exp(logit - max logit): no softmax needed.
         row_max = jnp.max(scaled_bv, axis=1, keepdims=True)
         scaled_bv = jnp.where(jnp.exp(scaled_bv - row_max) < min_p_b[:, None], -jnp.inf, scaled_bv)
     if not use_top_k_top_p:
