@@ -1,4 +1,4 @@
-"""The `jaxinfer` command line: generate (more subcommands join as they land)."""
+"""The `jaxinfer` command line: generate, chat (more subcommands join as they land)."""
 
 from __future__ import annotations
 
@@ -17,74 +17,175 @@ def _parse_token_ids(text: str) -> list[int]:
     return ids
 
 
-def _add_model_args(p: argparse.ArgumentParser):
+def _add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None,
                    help="HF directory, .gguf file, hub id, or alias (default: smollm2-135m-instruct)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="parameter dtype (default: float32 on CPU, bfloat16 on accelerators)")
-
-
-def _generate_parser(sub):
-    p = sub.add_parser("generate", help="generate a completion for one prompt")
-    _add_model_args(p)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="Write a haiku about the sea.")
-    src.add_argument("--prompt-token-ids", type=_parse_token_ids, default=None,
-                     help="comma-separated token ids fed to the model as they are")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="parameter dtype (auto: float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--enable-prefix-caching", action="store_true")
+    p.add_argument("--attention-backend", choices=("auto", "xla", "pallas"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int):
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--n", type=int, default=1)
+
+
+def _sampling_params(args, seed=None):
+    from jaxinfer.sampling_params import SamplingParams
+
+    return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                          max_tokens=args.max_tokens, seed=seed)
+
+
+def _make_llm(args, warmup: bool):
+    from jaxinfer.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
+               num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
+               enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
+               seed=args.seed, warmup=warmup)
+
+
+def _read_prompts(path: str) -> list:
+    """One prompt per line; a line that is a JSON object is taken as {"prompt": ...} or
+    {"prompt_token_ids": [...]}."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    prompts.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {path}:{n}: invalid JSON ({e})")
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise SystemExit(f"error: {path} holds no prompts")
+    return prompts
 
 
 def cmd_generate(args) -> int:
-    import jax.numpy as jnp
-
-    from jaxinfer.generate import generate
-    from jaxinfer.loading.loader import load_model
-
-    if args.max_tokens < 1:
-        raise SystemExit("error: --max-tokens must be at least 1")
-    if args.temperature < 0:
-        raise SystemExit("error: --temperature must be >= 0")
-    dtype = None if args.dtype is None else getattr(jnp, args.dtype)
-    loaded = load_model(args.model, dtype=dtype)
-    tok = loaded.tokenizer
     if args.prompt_token_ids is not None:
-        prompt_ids = args.prompt_token_ids
-        bad = [i for i in prompt_ids if i >= loaded.config.vocab_size]
-        if bad:
-            raise SystemExit(f"error: token ids {bad} are outside the vocabulary (size {loaded.config.vocab_size})")
-        prompt_text = tok.decode(prompt_ids, skip_special_tokens=False) if tok else None
+        prompts = [{"prompt_token_ids": args.prompt_token_ids}]
+    elif args.prompts_file is not None:
+        prompts = _read_prompts(args.prompts_file)
     else:
-        if tok is None:
-            raise SystemExit("error: this checkpoint has no tokenizer; pass --prompt-token-ids")
-        prompt_text = args.prompt
-        if args.chat:
-            prompt_text = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                                  add_generation_prompt=True)
-            prompt_ids = tok.encode(prompt_text, add_special_tokens=False)
-        else:
-            prompt_ids = tok.encode(prompt_text)
-    eos = tuple(tok.eos_token_ids) if tok else loaded.config.eos_token_ids
-    [out] = generate(loaded.params, loaded.config, [prompt_ids], args.max_tokens,
-                     temperature=args.temperature, eos_token_ids=eos, seed=args.seed)
-    finish_reason = "stop" if out and out[-1] in eos else "length"
-    text = tok.decode(out, skip_special_tokens=True) if tok else None
-    if args.json:
-        print(json.dumps({"prompt": prompt_text, "prompt_token_ids": prompt_ids, "token_ids": out,
-                          "text": text, "finish_reason": finish_reason}))
-    else:
-        print(text if text is not None else " ".join(map(str, out)))
+        prompts = [args.prompt]
+    try:
+        params = _sampling_params(args, seed=args.seed if args.temperature > 0 else None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    llm = _make_llm(args, warmup=args.warmup)
+    tok = llm.get_tokenizer()
+    if args.chat:
+        if tok is None or not tok.chat_template:
+            raise SystemExit("error: --chat needs a model with a chat template")
+        wrapped = []
+        for p in prompts:
+            if not isinstance(p, str):
+                raise SystemExit("error: --chat takes text prompts")
+            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+            wrapped.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        prompts = wrapped
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 and not args.json)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    for out in outputs:
+        for c in out.outputs:
+            if args.json:
+                print(json.dumps({"prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids, "index": c.index,
+                                  "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}))
+            else:
+                print(c.text if tok is not None else " ".join(map(str, c.token_ids)))
     return 0
+
+
+def cmd_chat(args) -> int:
+    """Interactive chat: reads user turns from stdin, streams the reply."""
+    from jaxinfer.sampling_params import RequestOutputKind
+
+    llm = _make_llm(args, warmup=False)
+    tok = llm.get_tokenizer()
+    if tok is None or not tok.chat_template:
+        raise SystemExit("error: chat needs a model with a chat template")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    engine = llm.engine
+    turn = 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        params = _sampling_params(args, seed=args.seed + turn if args.temperature > 0 else None).clone(
+            n=1, output_kind=RequestOutputKind.DELTA)
+        rid = f"chat-{turn}"
+        try:
+            engine.add_request(rid, {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)},
+                               params)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        reply = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                delta = out.outputs[0].text
+                reply.append(delta)
+                print(delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        turn += 1
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference on JAX")
     sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub).set_defaults(func=cmd_generate)
+
+    g = sub.add_parser("generate", help="generate completions for one prompt or a file of prompts")
+    _add_engine_args(g)
+    _add_sampling_args(g, max_tokens=64)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="Write a haiku about the sea.")
+    src.add_argument("--prompt-token-ids", type=_parse_token_ids, default=None,
+                     help="comma-separated token ids fed to the model as they are")
+    src.add_argument("--prompts-file", default=None, help="one prompt per line (text or a JSON object)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    g.add_argument("--warmup", action="store_true", help="compile every shape bucket before generating")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with streaming replies")
+    _add_engine_args(c)
+    _add_sampling_args(c, max_tokens=256)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=cmd_chat)
+
     args = parser.parse_args(argv)
     from jaxinfer.config import UnsupportedModelError
     from jaxinfer.errors import CheckpointError, ModelNotFoundError

@@ -109,11 +109,14 @@ class LLMEngine:
         if num_pages is None:
             num_pages = DEFAULT_HOST_KV_BYTES // KVCacheSpec.bytes_per_page(mc, config.page_size, kv_dtype)
         # A request must be able to fit on its own, or it could never finish.
-        needed = -(-self.max_model_len // config.page_size) + 1
-        if num_pages < needed:
-            raise ValueError(f"KV cache of {num_pages} pages cannot hold one sequence of max_model_len="
-                             f"{self.max_model_len} ({needed} pages of {config.page_size}); lower "
-                             "max_model_len or give the cache more memory")
+        fits = (num_pages - 1) * config.page_size
+        if self.max_model_len > fits:
+            if config.max_model_len is not None:
+                raise ValueError(f"KV cache of {num_pages} pages cannot hold one sequence of max_model_len="
+                                 f"{self.max_model_len} ({config.page_size} tokens a page); lower "
+                                 "max_model_len or give the cache more memory")
+            logger.warning("max_model_len lowered from %d to %d to fit the KV cache", self.max_model_len, fits)
+            self.max_model_len = fits
         self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.page_size, num_pages,
                                    jnp.dtype(kv_dtype).name)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else mc.eos_token_ids
