@@ -78,8 +78,7 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Loads tokenizer.json, with special tokens, BOS/EOS handling and chat template from
-        tokenizer_config.json (and special_tokens_map.json, chat_template.jinja, chat_template.json,
+        """Loads tokenizer.json, with special tokens and chat template from tokenizer_config.json (and special_tokens_map.json, chat_template.jinja, chat_template.json,
         generation_config.json when present)."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
@@ -93,12 +92,9 @@ class Tokenizer:
             raise CheckpointError(f"{path / 'tokenizer.json'} could not be read: {e}") from None
         config = _read_json(path / "tokenizer_config.json")
         special = {**_token_strings(_read_json(path / "special_tokens_map.json")), **_token_strings(config)}
+        # tokenizer.json's post-processor decides whether BOS/EOS are added; like HF transformers
+        # (>= 5) we ignore tokenizer_config's add_bos_token / add_eos_token beside it.
         _add_special_tokens(backend, special.values())
-        if "add_bos_token" in config or "add_eos_token" in config:
-            # As HF does: an explicit flag replaces tokenizer.json's post-processor.
-            backend.post_processor = _bos_eos_processor(
-                backend, special.get("bos_token") if config.get("add_bos_token") else None,
-                special.get("eos_token") if config.get("add_eos_token") else None)
 
         templates = _templates_from_config(config.get("chat_template"))
         if (path / "chat_template.json").is_file():
