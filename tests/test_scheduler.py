@@ -538,6 +538,7 @@ def test_scheduler_config_is_validated(kwargs, match):
     (dict(min_tokens=-1), "min_tokens"),
     (dict(min_tokens=5, max_tokens=4), "exceeds max_tokens"),
     (dict(eos_token_ids=["x"]), "eos_token_ids"),
+    (dict(priority=0.5), "priority"),
 ])
 def test_request_is_validated(kwargs, match):
     base = dict(request_id="r", prompt_token_ids=[1, 2])

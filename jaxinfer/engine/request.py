@@ -76,6 +76,8 @@ class Request:
         if max_tokens is not None and min_tokens > max_tokens:
             raise ValueError(
                 f"request {request_id!r}: min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"request {request_id!r}: priority must be an integer, got {priority!r}")
         self.request_id = request_id
         self.prompt_token_ids = prompt
         self.max_tokens = max_tokens
