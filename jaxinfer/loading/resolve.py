@@ -164,7 +164,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     if _hub_offline():
         raise ModelNotFoundError(
             f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. Download it where "
-            f"there is network access (`huggingface-cli download {repo_id}`), or unset HF_HUB_OFFLINE, or pass "
+            f"there is network access (`hf download {repo_id}`), or unset HF_HUB_OFFLINE, or pass "
             "a local directory"
         )
     try:
@@ -172,7 +172,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
         raise ModelNotFoundError(
             f"{repo_id!r} is not in the local Hugging Face cache and downloading it failed "
-            f"({type(e).__name__}: {e}). Check the id and your network (gated models need `huggingface-cli "
+            f"({type(e).__name__}: {e}). Check the id and your network (gated models need `hf auth "
             "login`), or download it elsewhere and pass the local directory"
         ) from None
 
