@@ -25,6 +25,7 @@ Parameter tree:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -81,19 +82,26 @@ def param_shapes(config: ModelConfig) -> Params:
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _normal(key, shape, dtype):
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters (for tests and benchmarks): normal(0, 0.02) weights, unit norms."""
+    """Random parameters (for tests and benchmarks): normal(0, 0.02) weights, unit norms.
+
+    One small jitted draw per leaf: an 8B model compiles a dozen tiny programs, not one huge one.
+    """
     shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
+    keys = jax.random.split(key, len(flat))
     out = []
-    for path, shape, k in zip(paths, leaves, keys):
-        if "norm" in path:
+    for (path, shape), k in zip(flat, keys):
+        if "norm" in jax.tree_util.keystr(path):
             out.append(jnp.ones(shape, dtype))
         else:
-            out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+            out.append(_normal(k, shape, jnp.dtype(dtype)))
     return jax.tree.unflatten(treedef, out)
 
 
