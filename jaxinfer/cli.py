@@ -1,4 +1,4 @@
-"""The `jaxinfer` command line: generate, chat (more subcommands join as they land)."""
+"""The `jaxinfer` command line: generate, chat, serve, bench serve (more subcommands join as they land)."""
 
 from __future__ import annotations
 
@@ -163,6 +163,34 @@ def cmd_chat(args) -> int:
         turn += 1
 
 
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible server (server/ is imported only here, so the engine never needs FastAPI)."""
+    from server.cli import serve
+
+    return serve(args, lambda: _make_llm(args, warmup=True).engine)
+
+
+def cmd_bench_serve(args) -> int:
+    from server.cli import bench_serve
+
+    return bench_serve(args)
+
+
+def _add_server_commands(sub) -> None:
+    from server.cli import add_bench_serve_args, add_serve_args
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    _add_engine_args(s)
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bench_sub = b.add_subparsers(dest="bench_command", required=True)
+    bs = bench_sub.add_parser("serve", help="client-side benchmark of an OpenAI-compatible server")
+    add_bench_serve_args(bs)
+    bs.set_defaults(func=cmd_bench_serve)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference on JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +213,8 @@ def main(argv=None) -> int:
     _add_sampling_args(c, max_tokens=256)
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=cmd_chat)
+
+    _add_server_commands(sub)
 
     args = parser.parse_args(argv)
     from jaxinfer.config import UnsupportedModelError

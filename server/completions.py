@@ -1,0 +1,110 @@
+"""POST /v1/completions: text or token-id prompts, one engine request per prompt, n choices each."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from server.errors import bad_request
+from server.protocol import MAX_PROMPTS, CompletionRequest
+from server.serving import Serving, StreamedChoices, new_id, usage
+from server.streaming import EventStreamResponse, unless_disconnected
+
+router = APIRouter()
+
+
+def _prompt_list(prompt) -> tuple[list[str | list[int]], str]:
+    """The request's prompts as a list (strings or token-id lists) and how to name them in errors."""
+    if isinstance(prompt, str):
+        return [prompt], "prompt"
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [prompt], "prompt"
+    return list(prompt), "prompt"
+
+
+def prepare_prompts(serving: Serving, body: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) per prompt, checked against the vocabulary and the context."""
+    prompts, param = _prompt_list(body.prompt)
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"prompt: at most {MAX_PROMPTS} prompts are allowed in one request, got {len(prompts)}",
+                          param)
+    tok = serving.info.tokenizer
+    out = []
+    for i, p in enumerate(prompts):
+        where = param if len(prompts) == 1 else f"{param}[{i}]"
+        if isinstance(p, str):
+            if tok is None:
+                raise bad_request("this model has no tokenizer: send the prompt as token ids", param)
+            ids = tok.encode(p) if p else []
+            text = p
+        else:
+            serving.check_token_ids(p, where)
+            ids, text = list(p), None
+        if not ids:
+            raise bad_request(f"{where} must not be empty", param)
+        out.append((text, ids))
+    return out
+
+
+@router.post("/v1/completions", tags=["OpenAI"])
+async def create_completion(body: CompletionRequest, request: Request):
+    serving: Serving = request.app.state.serving
+    model = serving.resolve_model(body.model)
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo together with logprobs needs prompt logprobs, which are not supported yet",
+                          "echo")
+    prompts = await asyncio.to_thread(prepare_prompts, serving, body)
+    requests = []
+    for text, ids in prompts:
+        max_tokens = serving.completion_budget(len(ids), body.max_tokens, "prompt")
+        params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, stream=body.stream)
+        requests.append(({"prompt": text, "prompt_token_ids": ids}, params))
+    request_id = new_id("cmpl")
+    opened = await unless_disconnected(request, serving.open_streams(requests, request_id))
+    echoes = [_echo_text(serving, text, ids, body) if body.echo else "" for text, ids in prompts]
+    header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model}
+    if body.stream:
+        return EventStreamResponse(_stream(serving, body, header, opened, echoes, [p for _, p in requests]))
+    choices, completion_tokens = [], 0
+    for i, (out, _) in enumerate(opened):
+        for c in out.outputs:
+            completion_tokens += len(c.token_ids)
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = serving.completion_logprobs(c, len(echoes[i]))[0]
+            choices.append({"index": i * body.n + c.index, "text": echoes[i] + c.text, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason, "stop_reason": serving.stop_reason(c, requests[i][1]),
+                            "prompt_logprobs": None})
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    return JSONResponse({**header, "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+                         "system_fingerprint": None})
+
+
+def _echo_text(serving: Serving, text: str | None, ids: list[int], body: CompletionRequest) -> str:
+    if text is not None:
+        return text
+    tok = serving.info.tokenizer
+    return tok.decode(ids, skip_special_tokens=body.skip_special_tokens) if tok is not None else ""
+
+
+def _stream(serving: Serving, body: CompletionRequest, header: dict[str, Any], opened, echoes, params):
+    choices = StreamedChoices(opened, body.n, body.stream_options, body.logprobs is not None)
+    # The echoed prompt goes out with each choice's first chunk.
+    pending_echo = {i * body.n + j: echoes[i] for i in range(len(opened)) for j in range(body.n)}
+    offsets = dict.fromkeys(pending_echo, 0)
+
+    def choice_of(i: int, index: int, c) -> dict[str, Any]:
+        echo = pending_echo.pop(index, "")
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs, offsets[index] = serving.completion_logprobs(c, offsets[index] + len(echo))
+        return {"index": index, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                "stop_reason": serving.stop_reason(c, params[i])}
+
+    return choices.events(header, choice_of)
