@@ -9,6 +9,7 @@ tokenizer from llama.cpp's `tokenizer.ggml.*` metadata the way HF transformers' 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from pathlib import Path
@@ -19,10 +20,9 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
 import tokenizers
+from gguf import GGUFReader
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-
-from gguf import GGUFReader
 
 from jaxinfer.errors import CheckpointError
 from jaxinfer.loading.gguf import open_gguf, read_field
@@ -78,8 +78,8 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Loads tokenizer.json, with special tokens and chat template from tokenizer_config.json (and special_tokens_map.json, chat_template.jinja, chat_template.json,
-        generation_config.json when present)."""
+        """Loads tokenizer.json, with special tokens and chat template from tokenizer_config.json
+        (and special_tokens_map.json, chat_template.jinja / .json, generation_config.json when present)."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise CheckpointError(
@@ -105,8 +105,7 @@ class Tokenizer:
         extra_eos = []
         for name in ("generation_config.json", "config.json"):
             extra_eos += _id_list(_read_json(path / name).get("eos_token_id"))
-        extra_eos = [i for i in dict.fromkeys(extra_eos) if i < backend.get_vocab_size(with_added_tokens=True)]
-        return cls(backend, special, templates, extra_eos)
+        return cls(backend, special, templates, list(dict.fromkeys(extra_eos)))
 
     @classmethod
     def from_gguf(cls, path_or_reader) -> "Tokenizer":
@@ -162,7 +161,7 @@ class Tokenizer:
     def pad_token_id(self) -> int | None:
         return self.token_id("pad_token")
 
-    @property
+    @functools.cached_property
     def eos_token_ids(self) -> tuple[int, ...]:
         """Ids that end generation: EOS, then end-of-turn tokens the chat template writes, then
         those the checkpoint's configs list."""
@@ -204,10 +203,12 @@ class Tokenizer:
         variables.setdefault("documents", None)
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
-            return template.render(messages=_plain(chat), tools=_plain(tools), add_generation_prompt=add_generation_prompt,
-                                   **_plain(variables))
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template failed: {e}") from None
+            return template.render(messages=_plain(chat), tools=_plain(tools),
+                                   add_generation_prompt=add_generation_prompt, **_plain(variables))
+        # A template is a program from the checkpoint; whatever it raises on this input (a Jinja
+        # error, or e.g. a TypeError from `'a' + 1`) means it rejected the conversation.
+        except Exception as e:  # noqa: BLE001
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
 
     def _template(self, name: str) -> jinja2.Template:
         if name not in self.chat_templates:
@@ -364,8 +365,10 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx", "smaug-bpe"),
@@ -481,8 +484,8 @@ def _parts_from_gguf(reader: GGUFReader):
         AddedToken(t, special=True, normalized=False) for t, token_type in zip(tokens, token_types)
         if token_type == _GGUF_CONTROL and (alphabet is None or set(t) <= alphabet)])
     vocab = backend.get_vocab(with_added_tokens=False)
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, token_type in zip(tokens, token_types) if token_type == _GGUF_USER_DEFINED and t in vocab])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, token_type in zip(tokens, token_types)
+                        if token_type == _GGUF_USER_DEFINED and t in vocab])
 
     special = {}
     for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),

@@ -226,7 +226,8 @@ def test_rope_scaling_from_metadata_and_rope_freqs(tmp_path):
     assert config_from_gguf(llama3).rope_scaling == scaling
     assert GGUFCheckpoint(llama3).names() == GGUFCheckpoint(linear).names()  # rope_freqs is config only
 
-    odd = _write_model_gguf(tmp_path / "odd.gguf", "llama", model, extra_tensors={"rope_freqs.weight": factors[::-1].copy()})
+    odd = _write_model_gguf(tmp_path / "odd.gguf", "llama", model,
+                            extra_tensors={"rope_freqs.weight": factors[::-1].copy()})
     with pytest.raises(UnsupportedModelError, match="rope_freqs"):
         config_from_gguf(odd)
     yarn = _write_model_gguf(tmp_path / "yarn.gguf", "llama", model, metadata={"llama.rope.scaling.type": "yarn"})
@@ -293,12 +294,17 @@ def demo_hf_model(demo_gguf_path):
 
 
 @pytest.fixture(scope="module")
-def demo_loaded(demo_gguf_path):
-    return load_gguf(demo_gguf_path)
+def demo_checkpoint(demo_gguf_path):
+    return GGUFCheckpoint(demo_gguf_path)
 
 
-def test_demo_config_matches_hf(demo_loaded, demo_hf_model):
-    config, _ = demo_loaded
+@pytest.fixture(scope="module")
+def demo_loaded(demo_checkpoint):
+    return load_gguf(demo_checkpoint)
+
+
+def test_demo_config_matches_hf(demo_checkpoint, demo_hf_model):
+    config = config_from_gguf(demo_checkpoint.reader)
     assert config == ModelConfig.from_hf_config(demo_hf_model.config.to_dict())
     assert (config.num_layers, config.hidden_size, config.tie_word_embeddings) == (30, 576, True)
 
@@ -330,13 +336,13 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def test_demo_greedy_tokens_match_hf_generate(demo_gguf_path, demo_loaded, demo_hf_model, monkeypatch,
+def test_demo_greedy_tokens_match_hf_generate(demo_checkpoint, demo_loaded, demo_hf_model, monkeypatch,
                                               one_torch_thread):
     from jaxinfer.generate import generate
     from jaxinfer.tokenizer import Tokenizer
 
     config, params = demo_loaded
-    tokenizer = Tokenizer.from_gguf(demo_gguf_path)
+    tokenizer = Tokenizer.from_gguf(demo_checkpoint.reader)
     device_params = jax.device_put(params)
     # Without EOS, so that all 48 tokens are compared even after the answer ends (HF falls back to
     # the model's generation config for an eos_token_id of None, so it is cleared there too).

@@ -89,7 +89,8 @@ def test_decode_rejects_ids_outside_the_vocabulary(demo_pair):
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "def function(x):\n    return x * 2\n",
-    "Numbers like 1234 and 56789 appear here.", "日本語 and 中文 text with emoji 🙂", "tokenizers are fun   to test",
+    "Numbers like 1234 and 56789 appear here.", "日本語 and 中文 text with emoji 🙂",
+    "tokenizers are fun   to test",
 ] * 20
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -164,8 +165,9 @@ def test_directory_tokenizer_matches_hf(tmp_path, trained_bpe, add_bos):
         assert ids == [ours.bos_token_id] * add_bos + plain
         for skip in (True, False):
             assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & \"later\"",
-                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather <now> & \"later\"",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
     for chat in CHATS:
         for kwargs in ({}, {"tools": tools}, {"custom_flag": "é"}):
             expected = hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
@@ -206,8 +208,9 @@ def test_chat_template_errors(tmp_path, trained_bpe):
     "{{ ''.__class__.__mro__ }}",
     "{{ messages.append(1) }}",
     "{% set ns = namespace(_x=1) %}",
+    "{{ messages[0]['content'] + 1 }}",  # a plain Python error inside the template
 ])
-def test_chat_template_sandbox_blocks_escapes(trained_bpe, template):
+def test_chat_template_sandbox_blocks_escapes_and_errors(trained_bpe, template):
     with pytest.raises(ChatTemplateError):
         Tokenizer(trained_bpe, chat_templates=template).apply_chat_template(CHATS[0])
 
@@ -302,8 +305,8 @@ def test_smollm_pre_splits_every_digit(tmp_path, trained_bpe):
     reference = tokenizers.Tokenizer.from_str(trained_bpe.to_str())
     reference.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    digit_merges = [m for m in json.loads(trained_bpe.to_str())["model"]["merges"] if any(c.isdigit() for c in "".join(m))]
-    assert digit_merges
+    merges = json.loads(trained_bpe.to_str())["model"]["merges"]
+    assert any(c.isdigit() for m in merges for c in "".join(m))
     for text in TEXTS:
         assert ours.encode(text) == reference.encode(text).ids
         assert ours.decode(ours.encode(text), skip_special_tokens=False) == text

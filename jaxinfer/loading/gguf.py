@@ -315,15 +315,17 @@ class GGUFCheckpoint:
         return self.tensor(hf_name).dequantize()
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32):
+def load_gguf(path_or_checkpoint: str | os.PathLike | GGUFCheckpoint, dtype=jnp.float32):
     """Loads a GGUF file into the parameter tree of `models/llama.py`.
 
     Args:
-      path: the .gguf file.
+      path_or_checkpoint: the .gguf file, or a `GGUFCheckpoint` already open (parsing the metadata
+        takes seconds, so a caller that also builds the tokenizer can open the file once).
       dtype: parameter dtype (quantized tensors are dequantized, then cast).
     Returns:
       (ModelConfig, params) with params as host numpy arrays.
     """
-    checkpoint = GGUFCheckpoint(path)
+    checkpoint = (path_or_checkpoint if isinstance(path_or_checkpoint, GGUFCheckpoint)
+                  else GGUFCheckpoint(path_or_checkpoint))
     params = params_from_hf(checkpoint.config, checkpoint.get, checkpoint.names(), dtype)
     return checkpoint.config, params
