@@ -207,3 +207,16 @@ def test_async_streams_and_disconnect(engine, model):
     assert full[-1].finished and full[-1].outputs[0].token_ids == ref
     assert len(full) == 10 and len(cut) == 2 and not cut[-1].finished
     assert usage == (0, False)
+
+
+def test_prompt_logprobs_match_reference(engine, model):
+    prompt = PROMPT * 5  # 45 tokens over a 32-token budget: scored across two chunks
+    out = run_all(engine, [("p", {"prompt_token_ids": prompt},
+                            SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2, n=2))])["p"]
+    ref = np.asarray(jax.nn.log_softmax(prefill_logits(model.params, model.config, prompt), axis=-1))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry, row = out.prompt_logprobs[pos], ref[pos - 1]
+        assert set(entry) == set(np.argsort(-row)[:2].tolist()) | {prompt[pos]}
+        for t, lp in entry.items():
+            assert abs(lp - row[t]) < 1e-4

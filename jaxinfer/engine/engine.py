@@ -61,6 +61,8 @@ class _Group:
     params: SamplingParams
     metrics: RequestMetrics
     completions: list[_Completion] = dataclasses.field(default_factory=list)
+    # Position 0 has nothing before it to be scored from, as in vLLM.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -184,7 +186,8 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this model has none")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         params = params.with_seed(int(self._seed_rng.integers(0, 2**62)))
-        group = _Group(request_id, text, ids, params, RequestMetrics(arrival_time=arrival))
+        group = _Group(request_id, text, ids, params, RequestMetrics(arrival_time=arrival),
+                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         for i in range(params.n):
             p = params.for_sample(i)
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -238,7 +241,15 @@ class LLMEngine:
         for rid in out.sampling_req_ids:
             c = self._completions[rid]
             rows.append(SamplingRow(c.params, c.request.prompt_token_ids, c.request.output_token_ids))
-        sampled = self.runner.execute(out, rows)
+        wanted = {}
+        for rid in out.scheduled_req_ids:
+            c = self._completions[rid]
+            if c.index == 0 and c.params.prompt_logprobs is not None:
+                wanted[rid] = c.params.prompt_logprobs
+        result = self.runner.execute(out, rows, wanted)
+        for rid, (first, lp) in result.prompt_logprobs.items():
+            self._record_prompt_logprobs(self._completions[rid], first, lp)
+        sampled = result.sampled
         tokens: dict[str, list[int]] = {}
         for i, rid in enumerate(out.sampling_req_ids):
             tokens[rid] = [int(sampled.token_ids[i])]
@@ -260,6 +271,18 @@ class LLMEngine:
             entry.setdefault(int(lp.top_ids[i, j]), float(lp.top_logprobs[i, j]))
         c.logprobs.append(entry)
         c.cumulative_logprob += float(lp.token_logprobs[i])
+
+    def _record_prompt_logprobs(self, c: _Completion, first: int, lp):
+        """Appends prompt positions not yet scored (a recompute after preemption scores again)."""
+        scored = c.group.prompt_logprobs
+        for j in range(len(lp.token_logprobs)):
+            if first + j != len(scored):
+                continue
+            target = c.request.prompt_token_ids[first + j]
+            entry = {target: float(lp.token_logprobs[j])}
+            for k in range(c.params.prompt_logprobs):
+                entry.setdefault(int(lp.top_ids[j, k]), float(lp.top_logprobs[j, k]))
+            scored.append(entry)
 
     def _process_outputs(self, tokens: dict[str, list[int]], num_prompt_tokens: int) -> list[RequestOutput]:
         now = time.monotonic()
@@ -325,7 +348,8 @@ class LLMEngine:
                 cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None))
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=completions,
-                             finished=group.finished, metrics=group.metrics)
+                             finished=group.finished, metrics=group.metrics,
+                             prompt_logprobs=list(group.prompt_logprobs) if group.prompt_logprobs is not None else None)
 
     def _record_step(self, num_prompt_tokens: int, num_generation_tokens: int, ttfts, itls):
         s = self.scheduler

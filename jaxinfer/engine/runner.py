@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,9 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.kv_cache import KVCacheSpec, allocate_kv_cache
-from jaxinfer.engine.sampling import SamplingMetadata, SamplingRow, sample
+from jaxinfer.engine.sampling import (Logprobs, SamplerOutput, SamplingBuckets, SamplingMetadata, SamplingRow,
+                                      sample)
+from jaxinfer.engine.sampling import prompt_logprobs as score_prompt
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.engine.step_inputs import SeqChunk, StepInputs, bucket_for, build_step_inputs, pow2_buckets
 from jaxinfer.models import model_module
@@ -64,6 +66,15 @@ def _model_step(params, token_ids_t, positions_t, kv_caches, metadata, logits_in
     return model.compute_logits(params, hidden[logits_indices_s]), kv_caches
 
 
+def _model_step_all_logits(params, token_ids_t, positions_t, kv_caches, metadata, logits_indices_s, *, config,
+                           attention):
+    """As _model_step, plus logits of every token (prompt logprobs); compiled only on use."""
+    model = model_module(config)
+    hidden, kv_caches = model.forward(params, config, token_ids_t, positions_t, kv_caches, metadata, attention)
+    all_logits = model.compute_logits(params, hidden)
+    return all_logits[logits_indices_s], all_logits, kv_caches
+
+
 def _copy_pages(kv_caches, src_c, dst_c):
     return [(k.at[:, dst_c].set(k[:, src_c]), v.at[:, dst_c].set(v[:, src_c])) for k, v in kv_caches]
 
@@ -85,6 +96,9 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(kv_spec, sharding=kv_sharding, fill=kv_fill)
         self._step = jax.jit(functools.partial(_model_step, config=config, attention=attention),
                              donate_argnames=("kv_caches",))
+        self._step_all_logits = jax.jit(
+            functools.partial(_model_step_all_logits, config=config, attention=attention),
+            donate_argnames=("kv_caches",))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
         self._batch: dict[str, _CachedRequest] = {}
 
@@ -126,13 +140,17 @@ class ModelRunner:
             self.kv_caches = self._copy(self.kv_caches, src, dst)
 
     def _run_model(self, chunks: Sequence[SeqChunk], token_bucket: int | None = None,
-                   logits_indices: Sequence[int] | None = None):
+                   logits_indices: Sequence[int] | None = None, all_logits: bool = False):
         n_tok = sum(len(c.token_ids) for c in chunks)
         t = token_bucket or bucket_for(n_tok, self.rc.token_buckets)
         inputs: StepInputs = build_step_inputs(chunks, t, self.rc.seq_slots(t), self.rc.pages_per_seq,
                                                self.rc.page_size, logits_indices)
-        logits, self.kv_caches = self._step(self.params, inputs.token_ids_t, inputs.positions_t,
-                                            self.kv_caches, inputs.metadata, inputs.logits_indices_s)
+        args = (self.params, inputs.token_ids_t, inputs.positions_t, self.kv_caches, inputs.metadata,
+                inputs.logits_indices_s)
+        if all_logits:
+            logits, every, self.kv_caches = self._step_all_logits(*args)
+            return logits, every
+        logits, self.kv_caches = self._step(*args)
         return logits
 
     def _sample(self, logits_sv, rows: Sequence[SamplingRow | None]):
@@ -149,7 +167,7 @@ class ModelRunner:
             if state is not None:
                 state.block_table.clear()
         for r in out.scheduled_new_reqs:
-            self._batch[r.request_id] = _CachedRequest(list(r.token_ids), list(r.block_table))
+            self._batch[r.request_id] = _CachedRequest(list(r.token_ids), list(r.block_table), r.num_prompt_tokens)
         for r in out.scheduled_cached_reqs:
             state = self._batch[r.request_id]
             state.token_ids.extend(r.new_token_ids)
@@ -158,15 +176,16 @@ class ModelRunner:
             else:
                 state.block_table.extend(r.new_page_ids)
 
-    def execute(self, out: SchedulerOutput, rows: Sequence[SamplingRow]):
+    def execute(self, out: SchedulerOutput, rows: Sequence[SamplingRow],
+                prompt_logprobs: Mapping[str, int] | None = None) -> StepResult:
         """Runs one scheduled step and samples.
 
         Args:
           out: the scheduler's output for this step.
           rows: the sampling state of each request in `out.sampling_req_ids`, in that order.
+          prompt_logprobs: request id -> top-n, for requests that want prompt logprobs.
         Returns:
-          The sampler output fetched to the host (numpy leaves), rows in `sampling_req_ids`
-          order, or None when nothing samples.
+          The sampled tokens (numpy, rows in `sampling_req_ids` order) and prompt logprobs.
         """
         self._apply_diff(out)
         if out.copy_ops:
@@ -178,10 +197,47 @@ class ModelRunner:
             state, start = self._batch[rid], computed[rid]
             n = out.num_scheduled_tokens[rid]
             chunks.append(SeqChunk(state.token_ids[start:start + n], start, state.block_table))
-        logits = self._run_model(chunks, logits_indices=out.logits_token_indices)
-        if not rows:
-            return None
-        return jax.tree.map(np.asarray, self._sample(logits, rows))
+        wanted = {rid: k for rid, k in (prompt_logprobs or {}).items() if rid in out.num_scheduled_tokens}
+        result = StepResult()
+        if wanted:
+            logits, every = self._run_model(chunks, logits_indices=out.logits_token_indices, all_logits=True)
+            result.prompt_logprobs = self._prompt_logprobs(out, chunks, every, wanted)
+        else:
+            logits = self._run_model(chunks, logits_indices=out.logits_token_indices)
+        if rows:
+            result.sampled = jax.tree.map(np.asarray, self._sample(logits, rows))
+        return result
+
+    def _prompt_logprobs(self, out, chunks, logits_tv, wanted: Mapping[str, int]):
+        """Per request, (first prompt position scored, Logprobs) for this step's prompt tokens.
+
+        Row t of the logits scores the token after t; only targets inside the prompt count.
+        """
+        targets = np.zeros(logits_tv.shape[0], np.int32)
+        spans = {}
+        cursor = 0
+        for rid, chunk in zip(out.scheduled_req_ids, chunks):
+            n = len(chunk.token_ids)
+            if rid in wanted:
+                state = self._batch[rid]
+                stop = min(chunk.start_pos + n, state.num_prompt_tokens - 1)
+                count = max(0, stop - chunk.start_pos)
+                targets[cursor:cursor + count] = state.token_ids[chunk.start_pos + 1:chunk.start_pos + 1 + count]
+                if count:
+                    spans[rid] = (cursor, count, chunk.start_pos + 1)
+            cursor += n
+        width = SamplingBuckets().fit("logprobs", max(wanted.values()))
+        lp = jax.tree.map(np.asarray, score_prompt(logits_tv, targets, num_logprobs=width))
+        return {rid: (first, jax.tree.map(lambda a: a[c:c + k], lp)) for rid, (c, k, first) in spans.items()}
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What a step brings back to the host."""
+
+    sampled: SamplerOutput | None = None  # rows in sampling_req_ids order
+    # request id -> (position of the first prompt token scored, its Logprobs rows)
+    prompt_logprobs: dict[str, tuple[int, Logprobs]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -190,3 +246,4 @@ class _CachedRequest:
 
     token_ids: list[int]
     block_table: list[int]
+    num_prompt_tokens: int
