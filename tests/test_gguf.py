@@ -24,8 +24,8 @@ from jaxinfer.loading.hf_weights import params_from_hf
 
 
 def _reference_block(qtype: Q, block: bytes) -> list[float]:
-    """One block decoded straight from ggml's layout: f16 scale (and min), then 32 quants; 4-bit
-    quants pack element i in the low nibble of byte i and element i + 16 in its high nibble."""
+    """One block decoded straight from ggml's layout. Q8_0/Q4_0/Q4_1: f16 scale (and min), then 32
+    quants; 4-bit quants pack element i in the low nibble of byte i and element i + 16 in its high one."""
     if qtype == Q.Q8_0:
         (d,) = struct.unpack("<e", block[:2])
         return [d * q for q in struct.unpack("<32b", block[2:34])]
@@ -37,19 +37,66 @@ def _reference_block(qtype: Q, block: bytes) -> list[float]:
         d, m = struct.unpack("<ee", block[:4])
         qs = block[4:20]
         return [d * (b & 0xF) + m for b in qs] + [d * (b >> 4) + m for b in qs]
+    if qtype == Q.Q4_K:
+        return _reference_q4_k(block)
+    if qtype == Q.Q6_K:
+        return _reference_q6_k(block)
     raise AssertionError(qtype)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def _reference_q4_k(block: bytes) -> list[float]:
+    # ggml-quants.c dequantize_row_q4_K: 8 sub-blocks of 32, each with a 6-bit scale and min
+    # packed into 12 bytes; each 32-byte run of quants feeds two sub-blocks (low, then high nibbles).
+    d, dmin = struct.unpack("<ee", block[:4])
+    scales, qs = block[4:16], block[16:144]
+
+    def scale_min(j):
+        if j < 4:
+            return scales[j] & 63, scales[j + 4] & 63
+        return ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
+                (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+
+    out = []
+    for chunk in range(4):
+        q = qs[32 * chunk: 32 * chunk + 32]
+        (sc1, m1), (sc2, m2) = scale_min(2 * chunk), scale_min(2 * chunk + 1)
+        out += [d * sc1 * (b & 0xF) - dmin * m1 for b in q]
+        out += [d * sc2 * (b >> 4) - dmin * m2 for b in q]
+    return out
+
+
+def _reference_q6_k(block: bytes) -> list[float]:
+    # ggml-quants.c dequantize_row_q6_K: 6-bit quants split into low 4 bits (ql) and high 2 bits
+    # (qh), 16 int8 scales of 16 elements each, one f16 super-scale at the end.
+    ql, qh = block[:128], block[128:192]
+    sc = struct.unpack("<16b", block[192:208])
+    (d,) = struct.unpack("<e", block[208:210])
+    out = [0.0] * 256
+    for half in range(2):
+        l_, h_, s_, y = ql[64 * half:], qh[32 * half:], sc[8 * half:], 128 * half
+        for i in range(32):
+            k = i // 16
+            out[y + i] = d * s_[k] * (((l_[i] & 0xF) | (((h_[i] >> 0) & 3) << 4)) - 32)
+            out[y + i + 32] = d * s_[k + 2] * (((l_[i + 32] & 0xF) | (((h_[i] >> 2) & 3) << 4)) - 32)
+            out[y + i + 64] = d * s_[k + 4] * (((l_[i] >> 4) | (((h_[i] >> 4) & 3) << 4)) - 32)
+            out[y + i + 96] = d * s_[k + 6] * (((l_[i + 32] >> 4) | (((h_[i] >> 6) & 3) << 4)) - 32)
+    return out
+
+
+# Byte offsets of the f16 scales in each block type (the rest of a random block is left random).
+_F16_OFFSETS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}
+
+
+@pytest.mark.parametrize("qtype", list(_F16_OFFSETS))
 def test_dequantize_matches_hand_decoding(qtype):
     rng = np.random.default_rng(int(qtype))
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     rows, blocks_per_row = 5, 3
     raw = rng.integers(0, 256, size=(rows * blocks_per_row, block_bytes), dtype=np.uint8)
     # Random bytes would make some scales inf/NaN; write finite f16 scales (and mins) of both signs.
-    scale_count = 2 if qtype == Q.Q4_1 else 1
-    scales = (rng.standard_normal((rows * blocks_per_row, scale_count)) * 0.05).astype(np.float16)
-    raw[:, : 2 * scale_count] = scales.view(np.uint8)
+    for offset in _F16_OFFSETS[qtype]:
+        scales = (rng.standard_normal((rows * blocks_per_row, 1)) * 0.05).astype(np.float16)
+        raw[:, offset:offset + 2] = scales.view(np.uint8)
     tensor = GGUFTensor("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight", qtype,
                         (rows, blocks_per_row * block_elems), raw.reshape(rows, -1))
 

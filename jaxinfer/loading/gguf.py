@@ -171,8 +171,7 @@ def _single_value(key: str, value) -> int:
     return int(value)
 
 
-def _rope_scaling(reader: GGUFReader, arch: str, theta: float, head_dim: int,
-                  context_length: int) -> RopeScaling:
+def _rope_scaling(reader: GGUFReader, arch: str, theta: float, head_dim: int) -> RopeScaling:
     kind = read_field(reader, f"{arch}.rope.scaling.type", "none")
     if kind == "linear":
         return RopeScaling(kind="linear", factor=float(read_field(reader, f"{arch}.rope.scaling.factor")))
@@ -182,11 +181,11 @@ def _rope_scaling(reader: GGUFReader, arch: str, theta: float, head_dim: int,
     if freqs is None:
         return RopeScaling()
     return _llama3_scaling_from_factors(np.asarray(freqs.data, np.float32).reshape(-1), theta, head_dim,
-                                        reader, arch, context_length)
+                                        reader, arch)
 
 
 def _llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int, reader: GGUFReader,
-                                 arch: str, context_length: int) -> RopeScaling:
+                                 arch: str) -> RopeScaling:
     # Llama 3.1+ files store the per-frequency divisors llama3 scaling produces, not its parameters.
     # Recover them: the largest divisor is `factor`, and the rest are Meta's published defaults,
     # accepted only if they reproduce every stored divisor.
@@ -226,7 +225,6 @@ def config_from_gguf(reader_or_path) -> ModelConfig:
     if int(rotary_dims) != head_dim:
         raise UnsupportedModelError(f"partial rotary embeddings ({rotary_dims} of {head_dim} dims) are not supported")
     theta = float(key("rope.freq_base", 10000.0))
-    context_length = int(key("context_length", 4096))
     if "token_embd.weight" not in tensors:
         raise CheckpointError("GGUF has no 'token_embd.weight' tensor")
     # The embedding's row count is the model's vocabulary; it equals the token list's length in
@@ -244,8 +242,8 @@ def config_from_gguf(reader_or_path) -> ModelConfig:
         head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=theta,
-        rope_scaling=_rope_scaling(reader, arch, theta, head_dim, context_length),
-        max_position_embeddings=context_length,
+        rope_scaling=_rope_scaling(reader, arch, theta, head_dim),
+        max_position_embeddings=int(key("context_length", 4096)),
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         o_bias="blk.0.attn_output.bias" in tensors,
