@@ -5,9 +5,10 @@ them with KV in the cache. A step lets requests catch up under `max_num_batched_
 requests first, in order (a decode takes 1 token, an unfinished prefill its next chunk), then
 waiting requests are admitted while `max_num_seqs` and the budget allow, the last one possibly
 with a partial chunk. A request "samples" in a step when its scheduled tokens reach its last
-known token. When a running request cannot get pages, the last running request in service
-order (largest (priority,) arrival) is preempted by recompute: its pages are freed, its computed
-count reset, its output tokens kept, and it returns to the front of the waiting queue; it may be
+known token. Running requests are served in order of (priority, arrival) under "priority" and
+of arrival under "fcfs". When one cannot get pages, the last in that order is preempted by
+recompute: its pages are freed, its computed count reset, its output tokens kept, and it returns
+to the front of the waiting queue (under "priority": to its (priority, arrival) place); it may be
 the request itself. No request is admitted in a step that preempted.
 
 Runner contract. `schedule()` returns a `SchedulerOutput`, a diff against what the runner has
@@ -27,7 +28,7 @@ applies, in this order:
 Then it runs one forward pass over `total_num_scheduled_tokens` tokens laid out request by
 request in `scheduled_req_ids` order: request r contributes positions
 [num_computed_tokens, num_computed_tokens + num_scheduled_tokens[r]), where num_computed_tokens is
-the value in its new/cached entry. Token t of request r is written at slot
+the value in its new/cached entry; the KV of position p goes to slot
 `block_table[p // page_size] * page_size + p % page_size`. Logits are needed only at
 `logits_token_indices` (flat indices into the step's tokens); row i of those logits belongs to
 `sampling_req_ids[i]`. The engine passes the sampled token ids to `update_from_output` before
