@@ -103,8 +103,12 @@ async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int,
 
 
 def sse(data: Any) -> str:
-    """One server-sent event carrying `data` as compact JSON."""
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One server-sent event carrying `data` as compact JSON.
+
+    ASCII-only JSON: a raw U+2028 or U+0085 in the text would end the line for clients that split
+    lines the way Python's str.splitlines does.
+    """
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -82,8 +82,16 @@ def write_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     def weight(*shape):
         return (WEIGHT_SCALE * rng.standard_normal(shape)).astype(np.float32)
 
+    # Tokens that decode to no printable text alone (stray UTF-8 bytes) get zero logits, so the
+    # model writes readable text that streams token by token instead of bytes held back as
+    # incomplete characters until the end.
+    readable = [trained.decode([i], skip_special_tokens=False) for i in range(vocab)]
+    lm_head = weight(vocab, d)
+    for i, text in enumerate(readable):
+        if not (text.isascii() and text.isprintable()) and trained.id_to_token(i) not in SPECIAL_TOKENS:
+            lm_head[i] = 0.0
     tensors = {"model.embed_tokens.weight": weight(vocab, d), "model.norm.weight": np.ones(d, np.float32),
-               "lm_head.weight": weight(vocab, d)}
+               "lm_head.weight": lm_head}
     for i in range(layers):
         p = f"model.layers.{i}."
         tensors.update({
