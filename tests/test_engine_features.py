@@ -159,6 +159,11 @@ def test_prefix_caching_keeps_outputs(model):
                                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))])
         assert out[str(i)].outputs[0].token_ids == refs[i]
     assert engine.block_manager.prefix_hit_rate > 0.5
+    # Prompt logprobs score every prompt position, so such a request takes no cached prefix.
+    out = run_all(engine, [("lp", {"prompt_token_ids": prompts[0]},
+                            SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0, ignore_eos=True))])["lp"]
+    assert out.outputs[0].token_ids == refs[0]
+    assert len(out.prompt_logprobs) == len(prompts[0]) and all(e is not None for e in out.prompt_logprobs[1:])
 
 
 def test_metrics_move(engine):

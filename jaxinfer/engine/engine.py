@@ -193,7 +193,8 @@ class LLMEngine:
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(sub_id, ids, max_tokens=p.max_tokens, min_tokens=p.min_tokens,
                           eos_token_ids=self.eos_token_ids, stop_token_ids=p.stop_token_ids,
-                          ignore_eos=p.ignore_eos, priority=priority, arrival_time=arrival)
+                          ignore_eos=p.ignore_eos, priority=priority, arrival_time=arrival,
+                          use_prefix_cache=p.prompt_logprobs is None)
             detok = (IncrementalDetokenizer.from_params(self.tokenizer, ids, p) if self.tokenizer else None)
             group.completions.append(_Completion(group, i, req, p, detok, [] if p.logprobs is not None else None))
         leader = group.completions[0].request

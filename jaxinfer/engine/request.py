@@ -63,7 +63,8 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int], *,
                  max_tokens: int | None = None, min_tokens: int = 0,
                  eos_token_ids: Iterable[int] = (), stop_token_ids: Iterable[int] = (),
-                 ignore_eos: bool = False, priority: int = 0, arrival_time: float | None = None):
+                 ignore_eos: bool = False, priority: int = 0, arrival_time: float | None = None,
+                 use_prefix_cache: bool = True):
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         prompt = _token_tuple("prompt_token_ids", prompt_token_ids)
@@ -87,6 +88,8 @@ class Request:
         self.ignore_eos = bool(ignore_eos)
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else float(arrival_time)
+        # False when every prompt position must be computed (prompt logprobs score each one).
+        self.use_prefix_cache = bool(use_prefix_cache)
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0

@@ -397,7 +397,7 @@ class Scheduler:
     def _allocate_admission(self, request: Request, budget: int) -> int | None:
         """Pages for a waiting request's first chunk after any prefix hit; its size, or None."""
         bm = self.block_manager
-        cached_pages, num_cached = bm.get_computed_pages(request.all_token_ids)
+        cached_pages, num_cached = bm.get_computed_pages(request.all_token_ids) if request.use_prefix_cache else ([], 0)
         num_new = self._num_new_tokens(request.num_tokens - num_cached, budget)
         if bm.allocate_slots(request.request_id, num_cached + num_new, cached_pages=cached_pages) is None:
             return None

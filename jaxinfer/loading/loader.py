@@ -36,11 +36,9 @@ def load_hf_directory(directory: str | os.PathLike, dtype=jnp.float32):
     return config, params_from_hf(config, checkpoint.get, checkpoint.names(), dtype)
 
 
-def _load_tokenizer(kind: str, path: Path):
+def _load_tokenizer(path: Path):
     from jaxinfer.tokenizer import Tokenizer
 
-    if kind == "gguf":
-        return Tokenizer.from_gguf(path)
     if (path / "tokenizer.json").is_file():
         return Tokenizer.from_directory(path)
     return None
@@ -62,12 +60,18 @@ def load_model(ref: str | None = None, dtype=None, *, load_tokenizer: bool = Tru
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     resolved = resolve_model(ref)
     path = Path(resolved.path)
+    tokenizer = None
     if resolved.kind == "gguf":
-        from jaxinfer.loading.gguf import load_gguf
+        from jaxinfer.loading.gguf import GGUFCheckpoint, load_gguf
+        from jaxinfer.tokenizer import Tokenizer
 
-        config, host_params = load_gguf(path, dtype=dtype)
+        checkpoint = GGUFCheckpoint(path)  # parsing the metadata takes seconds: once for both
+        config, host_params = load_gguf(checkpoint, dtype=dtype)
+        if load_tokenizer:
+            tokenizer = Tokenizer.from_gguf(checkpoint.reader)
     else:
         config, host_params = load_hf_directory(path, dtype)
+        if load_tokenizer:
+            tokenizer = _load_tokenizer(path)
     params = jax.device_put(host_params, sharding) if sharding is not None else jax.device_put(host_params)
-    tokenizer = _load_tokenizer(resolved.kind, path) if load_tokenizer else None
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, path=path)
