@@ -18,6 +18,8 @@ def _parse_token_ids(text: str) -> list[int]:
 
 
 def _add_engine_args(p: argparse.ArgumentParser):
+    p.add_argument("--config", default=None,
+                   help="YAML file of engine settings (flag names with _ for -); flags given here win")
     p.add_argument("--model", default=None,
                    help="HF directory, .gguf file, hub id, or alias (default: smollm2-135m-instruct)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -81,6 +83,23 @@ def _read_prompts(path: str) -> list:
     if not prompts:
         raise SystemExit(f"error: {path} holds no prompts")
     return prompts
+
+
+def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: cannot read config {path}: {e}")
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of setting: value")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"error: {path}: unknown settings {unknown}")
+    return values
 
 
 def cmd_generate(args) -> int:
@@ -191,7 +210,7 @@ def _add_server_commands(sub) -> None:
     bs.set_defaults(func=cmd_bench_serve)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference on JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -215,8 +234,18 @@ def main(argv=None) -> int:
     c.set_defaults(func=cmd_chat)
 
     _add_server_commands(sub)
+    for sub_parser in sub.choices.values():
+        sub_parser.set_defaults(subparser=sub_parser)  # --config reads its settings against it
+    return parser
 
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        # Settings from the file become defaults, so flags on the command line still override them.
+        args.subparser.set_defaults(**_read_config(args.config, args.subparser))
+        args = parser.parse_args(argv)
     from jaxinfer.config import UnsupportedModelError
     from jaxinfer.errors import CheckpointError, ModelNotFoundError
 

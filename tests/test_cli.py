@@ -87,3 +87,27 @@ def test_interactive_chat_streams_replies(checkpoint, loaded, capsys, monkeypatc
     [ref] = generate(loaded.params, loaded.config, [ids], 5, eos_token_ids=loaded.tokenizer.eos_token_ids)
     eos = set(loaded.tokenizer.eos_token_ids)
     assert replies[0] == loaded.tokenizer.decode([t for t in ref if t not in eos])
+
+
+def test_yaml_config_sets_defaults_and_flags_win(checkpoint, tmp_path, capsys):
+    cfg = tmp_path / "engine.yaml"
+    cfg.write_text(f"model: {checkpoint}\nnum_pages: 96\nmax_num_batched_tokens: 32\nmax_model_len: 128\n"
+                   "page_size: 8\nmax_tokens: 3\n")
+    code, out, _ = run_cli(capsys, "generate", "--config", str(cfg), "--prompt-token-ids", "5,6", "--json")
+    assert code == 0 and len(json.loads(out)["token_ids"]) == 3
+    code, out, _ = run_cli(capsys, "generate", "--config", str(cfg), "--prompt-token-ids", "5,6", "--json",
+                           "--max-tokens", "5")
+    assert len(json.loads(out)["token_ids"]) == 5
+    cfg.write_text("no_such_setting: 1\n")
+    with pytest.raises(SystemExit, match="unknown settings"):
+        main(["generate", "--config", str(cfg)])
+
+
+@pytest.mark.parametrize("name", ["smollm2-cpu.yaml", "llama3-8b-h100.yaml"])
+def test_shipped_configs_use_known_settings(name):
+    from pathlib import Path
+
+    from jaxinfer.cli import _read_config, build_parser
+
+    generate_parser = build_parser().parse_args(["generate"]).subparser
+    assert _read_config(str(Path(__file__).parent.parent / "configs" / name), generate_parser)
