@@ -69,20 +69,23 @@ class _Group:
         return all(c.finish_reason is not None for c in self.completions)
 
 
-def resolve_attention_backend(name: str, *, interpret: bool = False):
-    """The attention backend object for an EngineConfig.attention_backend value."""
+def resolve_attention_backend(name: str, *, platform: str | None = None):
+    """The attention backend object for an EngineConfig.attention_backend value.
+
+    "auto" takes the Pallas kernels on GPU and TPU and the portable XLA path on the CPU;
+    "pallas" on the CPU runs the GPU kernel in interpret mode (for tests).
+    """
+    from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
     from jaxinfer.models.paged_attention_xla import PagedAttentionXLA
 
-    platform = jax.default_backend()
+    platform = platform or jax.default_backend()
     if name == "auto":
         name = "xla" if platform == "cpu" else "pallas"
     if name == "xla":
         return PagedAttentionXLA()
-    try:
-        from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
-    except ImportError as e:
-        raise ValueError(f"attention_backend='pallas' is not available: {e}") from None
-    return PagedAttentionPallas(interpret=interpret or platform == "cpu")
+    if platform == "tpu":
+        return PagedAttentionPallas(platform="tpu")
+    return PagedAttentionPallas(platform="gpu", interpret=platform != "gpu")
 
 
 class LLMEngine:
