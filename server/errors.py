@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.protocol import ROLES
+
 logger = logging.getLogger(__name__)
 
 # How long a client should wait before retrying when the engine's queue is full.
@@ -81,6 +83,9 @@ def param_of_message(message: str, known: set[str] | frozenset[str] = frozenset(
     return None
 
 
+_OBJECT_TYPES = ("model_attributes_type", "dict_type", "model_type")
+
+
 def _is_union_branch(part) -> bool:
     # pydantic names the union member it tried after the field: "str", "list[int]", ...
     return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict", "list"))
@@ -100,14 +105,22 @@ def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
         detail = first.get("ctx", {}).get("error", "")
         return bad_request(f"the request body is not valid JSON ({detail})" if detail else
                            "the request body is not valid JSON")
-    loc = tuple(p for p in first.get("loc", ()) if p != "body" and not _is_union_branch(p))
+    raw = tuple(first.get("loc", ()))
+    # Drop pydantic's own steps: "body", union member names, and the role tag of a message.
+    loc = tuple(p for i, p in enumerate(raw) if p != "body" and not _is_union_branch(p)
+                and not (p in ROLES and i > 0 and isinstance(raw[i - 1], int)))
+    if first.get("type", "").startswith("union_tag_"):
+        loc += (first.get("ctx", {}).get("discriminator", "").strip("'") or "role",)
     if not loc:
         if first.get("type") == "missing":
             return bad_request("the request needs a JSON object body (Content-Type: application/json)")
-        if first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        if first.get("type") in _OBJECT_TYPES:
             return bad_request("the request body must be a JSON object (Content-Type: application/json)")
     param = _loc_text(loc) or None
     message = first.get("msg", "invalid value")
+    if first.get("type") in _OBJECT_TYPES:
+        example = " like {\"role\": \"user\", \"content\": \"...\"}" if loc[0] == "messages" else ""
+        return bad_request(f"{param}: must be a JSON object{example}", param)
     if message.startswith("Value error, "):
         # Our model validators phrase messages as "field: what is wrong".
         message = message[len("Value error, "):]

@@ -11,9 +11,9 @@ checked by the tests with the official client.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MAX_N = 16  # completions per prompt; each is a sequence in the engine
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -23,7 +23,23 @@ MAX_LOGPROBS = 20
 MAX_MESSAGES = 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
+def _whole_number(value):
+    # JSON Schema counts 10.0 as an integer and so do some clients; strict pydantic would not.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _int(**bounds):
+    """An integer type within `bounds` (ge=, le=) that also takes whole floats such as 10.0.
+
+    The bounds come before the validator, or pydantic leaves them out of the JSON schema."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
+
+
+TokenIds = list[_int(ge=0)]
 
 
 class StrictModel(BaseModel):
@@ -39,20 +55,20 @@ class SamplingFields(StrictModel):
     """Fields that both endpoints turn into SamplingParams."""
 
     model: str | None = Field(None, description="a served model name; the first served name when omitted")
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: _int(ge=1, le=MAX_N) = 1
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="0 or -1 disables top-k")
+    top_k: _int(ge=-1) | None = Field(None, description="0 or -1 disables top-k")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: _int(ge=INT64_MIN, le=INT64_MAX) | None = None
     stop: str | list[str] | None = None
     stop_token_ids: TokenIds | None = Field(None, max_length=MAX_STOP)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: _int(ge=0) = 0
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -80,12 +96,12 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
         ..., description="a string, a list of strings, a list of token ids, or a list of lists of token ids")
-    max_tokens: int | None = Field(16, ge=1, description="null: up to the model's context length")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: _int(ge=1) | None = Field(16, description="null: up to the model's context length")
+    logprobs: _int(ge=0, le=MAX_LOGPROBS) | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: _int(ge=1, le=MAX_N) | None = None
+    prompt_logprobs: _int(ge=0, le=MAX_LOGPROBS) | None = None
 
     @model_validator(mode="after")
     def _check_completion(self):
@@ -114,39 +130,56 @@ class ToolCall(StrictModel):
     function: FunctionCall
 
 
-Role = Literal["system", "developer", "user", "assistant", "tool"]
+Content = Union[str, list[TextPart]]
 
 
-class ChatMessage(StrictModel):
-    role: Role
-    content: str | list[TextPart] | None = None
+class _Message(StrictModel):
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def _check_content(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"content: a {self.role} message needs content")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("tool_call_id: a tool message needs the id of the tool call it answers")
-        return self
 
     def text(self) -> str | None:
         """The content as one string; text parts join with newlines, as vLLM joins them."""
-        if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
-        return self.content
+        content = getattr(self, "content", None)
+        if isinstance(content, list):
+            return "\n".join(part.text for part in content)
+        return content
 
     def as_template_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": self.role, "content": self.text()}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_calls:
-            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
+        """The message as chat templates read it (OpenAI's field names, content as one string)."""
+        out = self.model_dump(exclude_none=True, exclude={"content"})
+        out["content"] = self.text()
         return out
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_validator(mode="after")
+    def _check_content(self):
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: an assistant message needs content or tool_calls")
+        return self
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+ChatMessage = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
 
 
 class ResponseFormat(StrictModel):
@@ -170,10 +203,10 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI; max_completion_tokens wins")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: _int(ge=1) | None = Field(None, description="deprecated by OpenAI; max_completion_tokens wins")
+    max_completion_tokens: _int(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: _int(ge=0, le=MAX_LOGPROBS) | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
