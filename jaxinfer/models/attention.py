@@ -55,19 +55,24 @@ def grouped_attention(q_bsnh, k_bmkh, v_bmkh, mask_bsm, layer: LayerSpec):
     k = k_bmkh.shape[2]
     q_bskgh = q_bsnh.reshape(b, s, k, n // k, h)
     logits = jnp.einsum("bskgh,bmkh->bkgsm", q_bskgh, k_bmkh, preferred_element_type=jnp.float32)
+    p = masked_softmax(logits, mask_bsm[:, None, None, :, :], layer)
+    o = jnp.einsum("bkgsm,bmkh->bskgh", p.astype(v_bmkh.dtype), v_bmkh,
+                   preferred_element_type=jnp.float32)
+    return o.reshape(b, s, n, h).astype(q_bsnh.dtype)
+
+
+def masked_softmax(logits, mask, layer: LayerSpec):
+    """Softmax over the last axis of scaled (and soft-capped) float32 logits where `mask` holds;
+    masked entries get probability 0 and fully masked rows all zeros (never NaN)."""
     logits = logits * layer.scale
     if layer.logit_softcap is not None:
         logits = layer.logit_softcap * jnp.tanh(logits / layer.logit_softcap)
-    mask = mask_bsm[:, None, None, :, :]
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
-    o = jnp.einsum("bkgsm,bmkh->bskgh", p.astype(v_bmkh.dtype), v_bmkh,
-                   preferred_element_type=jnp.float32)
-    return o.reshape(b, s, n, h).astype(q_bsnh.dtype)
+    return p / jnp.where(denom == 0, 1.0, denom)
 
 
 def visible_mask(q_pos, kv_pos, kv_len, sliding_window: int | None):

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.models.attention import LayerSpec, visible_mask
+from jaxinfer.models.attention import LayerSpec, masked_softmax, visible_mask
 
 
 @jax.tree_util.register_dataclass
@@ -73,16 +73,8 @@ def gathered_attention(q_tnh, k_pages, v_pages, md: PagedMetadata, layer: LayerS
     v_tlkh = jnp.where(mask_tl[:, :, None, None], gather(v_pages), 0)
     g_ = n // kh
     q = q_tnh.reshape(t, kh, g_, h)
-    logits = jnp.einsum("tkgh,tlkh->tkgl", q, k_tlkh, preferred_element_type=jnp.float32) * layer.scale
-    if layer.logit_softcap is not None:
-        logits = layer.logit_softcap * jnp.tanh(logits / layer.logit_softcap)
-    m = mask_tl[:, None, None, :]
-    logits = jnp.where(m, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.where(m, jnp.exp(logits - row_max), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
+    logits = jnp.einsum("tkgh,tlkh->tkgl", q, k_tlkh, preferred_element_type=jnp.float32)
+    p = masked_softmax(logits, mask_tl[:, None, None, :], layer)
     o = jnp.einsum("tkgl,tlkh->tkgh", p.astype(v_tlkh.dtype), v_tlkh, preferred_element_type=jnp.float32)
     return o.reshape(t, n, h).astype(q_tnh.dtype)
 
