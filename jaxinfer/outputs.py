@@ -36,10 +36,15 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    token_times: list[float] = dataclasses.field(default_factory=list)  # per output token (completion 0)
 
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
     @property
     def e2e_latency(self) -> float | None:

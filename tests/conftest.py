@@ -1,6 +1,11 @@
 """Shared pytest fixtures."""
 
+import jax
 import pytest
+
+# Parity tests compare float32 results against references to ~1e-5; on GPUs XLA would otherwise
+# run float32 matmuls in TF32. No effect on the CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

@@ -159,6 +159,8 @@ def test_prefix_caching_keeps_outputs(model):
                                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))])
         assert out[str(i)].outputs[0].token_ids == refs[i]
     assert engine.block_manager.prefix_hit_rate > 0.5
+    m = engine.metrics.snapshot()
+    assert m.prefix_cache_hits_total / m.prefix_cache_queries_total == engine.block_manager.prefix_hit_rate
     # Prompt logprobs score every prompt position, so such a request takes no cached prefix.
     out = run_all(engine, [("lp", {"prompt_token_ids": prompts[0]},
                             SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0, ignore_eos=True))])["lp"]
@@ -168,8 +170,11 @@ def test_prefix_caching_keeps_outputs(model):
 
 def test_metrics_move(engine):
     before = engine.metrics.snapshot()
-    run_all(engine, [("m", {"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=6, ignore_eos=True))])
+    out = run_all(engine, [("m", {"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=6, ignore_eos=True))])["m"]
     after = engine.metrics.snapshot()
+    m = out.metrics
+    assert len(m.token_times) == 6 and len(m.inter_token_latencies) == 5
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time == m.token_times[0] <= m.finished_time
     assert after.generation_tokens_total - before.generation_tokens_total == 6
     assert after.prompt_tokens_total - before.prompt_tokens_total == len(PROMPT)
     assert after.time_to_first_token_seconds.count == before.time_to_first_token_seconds.count + 1

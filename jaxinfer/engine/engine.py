@@ -304,6 +304,7 @@ class LLMEngine:
                 itls.append(now - m.last_token_time)
             if c.index == 0:
                 m.last_token_time = now
+                m.token_times.append(now)
             req = c.request
             if c.detokenizer is not None:
                 is_stop_token = req.is_finished and req.finish_reason == "stop"
@@ -356,8 +357,9 @@ class LLMEngine:
                              prompt_logprobs=list(group.prompt_logprobs) if group.prompt_logprobs is not None else None)
 
     def _record_step(self, num_prompt_tokens: int, num_generation_tokens: int, ttfts, itls):
-        s = self.scheduler
+        s, bm = self.scheduler, self.block_manager
         self.metrics.record_step(num_prompt_tokens=num_prompt_tokens, num_generation_tokens=num_generation_tokens,
                                  num_running=s.num_running, num_waiting=s.num_waiting,
-                                 kv_usage=self.block_manager.usage, num_preemptions_total=s.num_preemptions_total,
-                                 ttfts=ttfts, itls=itls)
+                                 kv_usage=bm.usage, num_preemptions_total=s.num_preemptions_total,
+                                 ttfts=ttfts, itls=itls, prefix_cache_queries_total=bm.num_prefix_query_tokens,
+                                 prefix_cache_hits_total=bm.num_prefix_hit_tokens)

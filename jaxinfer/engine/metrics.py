@@ -74,8 +74,11 @@ class EngineMetrics:
 
     def record_step(self, *, num_prompt_tokens: int, num_generation_tokens: int, num_running: int,
                     num_waiting: int, kv_usage: float, num_preemptions_total: int,
-                    ttfts: list[float], itls: list[float]):
+                    ttfts: list[float], itls: list[float], prefix_cache_queries_total: int = 0,
+                    prefix_cache_hits_total: int = 0):
         with self._lock:
+            self.prefix_cache_queries_total = prefix_cache_queries_total
+            self.prefix_cache_hits_total = prefix_cache_hits_total
             self.prompt_tokens_total += num_prompt_tokens
             self.generation_tokens_total += num_generation_tokens
             self.num_requests_running = num_running
