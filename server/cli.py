@@ -44,12 +44,13 @@ def serve(args: argparse.Namespace, make_engine) -> int:
     import uvicorn
 
     from jaxinfer.engine.async_engine import AsyncLLMEngine
+    from jaxinfer.loading.resolve import DEFAULT_MODEL
     from server.app import DEFAULT_MAX_BODY_BYTES, ServerSettings, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("jaxinfer.serve")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    names = tuple(args.served_model_name or [args.model or "jaxinfer"])
+    names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL])
     settings = ServerSettings(served_model_names=names, api_key=api_key, max_body_bytes=args.max_request_body_bytes or DEFAULT_MAX_BODY_BYTES,
                               shutdown_engine=True)
     if args.host not in LOOPBACK_HOSTS and api_key is None:
