@@ -31,7 +31,13 @@ def _run(params, token_ids, positions, caches, md, logits_indices):
     return llama.compute_logits(params, hidden[logits_indices]), caches
 
 
-def test_chunked_mixed_steps_match_reference(model):
+@pytest.mark.parametrize("positions_per_block", [512, 8])
+def test_chunked_mixed_steps_match_reference(model, monkeypatch, positions_per_block):
+    """512: the whole table in one block; 8: an online softmax over many blocks."""
+    import jaxinfer.models.paged_attention_xla as xla
+
+    monkeypatch.setattr(xla, "KV_POSITIONS_PER_BLOCK", positions_per_block)
+    _run.clear_cache()  # the block size is read at trace time
     config, params = model
     rng = np.random.default_rng(0)
     lengths = [1, PAGE - 1, PAGE, PAGE + 1, 17]

@@ -61,16 +61,24 @@ def grouped_attention(q_bsnh, k_bmkh, v_bmkh, mask_bsm, layer: LayerSpec):
     return o.reshape(b, s, n, h).astype(q_bsnh.dtype)
 
 
-def masked_softmax(logits, mask, layer: LayerSpec):
-    """Softmax over the last axis of scaled (and soft-capped) float32 logits where `mask` holds;
-    masked entries get probability 0 and fully masked rows all zeros (never NaN)."""
+def masked_exp(logits, mask, layer: LayerSpec):
+    """exp(logits - row max) of scaled (and soft-capped) float32 logits where `mask` holds.
+
+    Returns (row max [..., 1], unnormalised probabilities). Masked entries are 0; a fully
+    masked row has max -1e30 and all zeros, never NaN, so blocks of an online softmax combine.
+    """
     logits = logits * layer.scale
     if layer.logit_softcap is not None:
         logits = layer.logit_softcap * jnp.tanh(logits / layer.logit_softcap)
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, -1e30)
+    return row_max, jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+
+
+def masked_softmax(logits, mask, layer: LayerSpec):
+    """Softmax over the last axis where `mask` holds; fully masked rows are all zeros."""
+    _, p = masked_exp(logits, mask, layer)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     return p / jnp.where(denom == 0, 1.0, denom)
 
