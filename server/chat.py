@@ -59,7 +59,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     max_tokens = serving.completion_budget(len(ids), body.completion_limit, "messages")
     top_n = body.top_logprobs or 0
     params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=top_n if body.logprobs else None,
-                                     stream=body.stream)
+                                     stream=body.stream, prompt_logprobs=body.prompt_logprobs)
     request_id = new_id("chatcmpl")
     opened = await unless_disconnected(
         request, serving.open_streams([({"prompt": text, "prompt_token_ids": ids}, params)], request_id))
@@ -68,14 +68,16 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if body.stream:
         return EventStreamResponse(_stream(serving, body, header, opened, params))
     [(out, _)] = opened
+    fmt = serving.logprobs(body.return_tokens_as_token_ids)
     choices = []
     for c in out.outputs:
         choices.append({"index": c.index, "message": _message(c.text),
-                        "logprobs": serving.chat_logprobs(c, top_n) if body.logprobs else None,
+                        "logprobs": fmt.chat_logprobs(c, top_n) if body.logprobs else None,
                         "finish_reason": c.finish_reason, "stop_reason": serving.stop_reason(c, params)})
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     return JSONResponse({**header, "choices": choices, "usage": usage(len(ids), completion_tokens),
-                         "system_fingerprint": None, "prompt_logprobs": None})
+                         "system_fingerprint": None,
+                         "prompt_logprobs": fmt.prompt_logprobs(out, body.prompt_logprobs or 0)})
 
 
 def _message(content: str) -> dict[str, Any]:
@@ -85,13 +87,14 @@ def _message(content: str) -> dict[str, Any]:
 def _stream(serving: Serving, body: ChatCompletionRequest, header: dict[str, Any], opened, params):
     choices = StreamedChoices(opened, body.n, body.stream_options, body.logprobs)
     top_n = body.top_logprobs or 0
+    fmt = serving.logprobs(body.return_tokens_as_token_ids)
     # The first chunk of each choice names the role, as OpenAI's stream does.
     roles = [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
              for index in range(body.n)]
 
     def choice_of(i: int, index: int, c) -> dict[str, Any]:
         return {"index": index, "delta": {"content": c.text},
-                "logprobs": serving.chat_logprobs(c, top_n) if body.logprobs else None,
+                "logprobs": fmt.chat_logprobs(c, top_n) if body.logprobs else None,
                 "finish_reason": c.finish_reason, "stop_reason": serving.stop_reason(c, params)}
 
     return choices.events(header, choice_of, roles)

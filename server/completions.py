@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.errors import bad_request
+from server.logprobs import LogprobFormatter
 from server.protocol import MAX_PROMPTS, CompletionRequest
 from server.serving import Serving, StreamedChoices, new_id, usage
 from server.streaming import EventStreamResponse, unless_disconnected
@@ -56,14 +57,16 @@ def prepare_prompts(serving: Serving, body: CompletionRequest) -> list[tuple[str
 async def create_completion(body: CompletionRequest, request: Request):
     serving: Serving = request.app.state.serving
     model = serving.resolve_model(body.model)
-    if body.echo and body.logprobs is not None:
-        raise bad_request("echo together with logprobs needs prompt logprobs, which are not supported yet",
-                          "echo")
     prompts = await asyncio.to_thread(prepare_prompts, serving, body)
+    # Echoed prompts get logprobs too, as vLLM gives them: the prompt's, then the completion's.
+    prompt_logprobs = body.prompt_logprobs
+    if body.echo and body.logprobs is not None:
+        prompt_logprobs = max(body.logprobs, prompt_logprobs or 0)
     requests = []
     for text, ids in prompts:
         max_tokens = serving.completion_budget(len(ids), body.max_tokens, "prompt")
-        params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, stream=body.stream)
+        params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, stream=body.stream,
+                                         prompt_logprobs=prompt_logprobs)
         requests.append(({"prompt": text, "prompt_token_ids": ids}, params))
     request_id = new_id("cmpl")
     opened = await unless_disconnected(request, serving.open_streams(requests, request_id))
@@ -72,18 +75,31 @@ async def create_completion(body: CompletionRequest, request: Request):
     if body.stream:
         return EventStreamResponse(_stream(serving, body, header, opened, echoes, [p for _, p in requests]))
     choices, completion_tokens = [], 0
+    fmt = serving.logprobs(body.return_tokens_as_token_ids)
     for i, (out, _) in enumerate(opened):
         for c in out.outputs:
             completion_tokens += len(c.token_ids)
             logprobs = None
             if body.logprobs is not None:
-                logprobs = serving.completion_logprobs(c, len(echoes[i]))[0]
+                logprobs = _logprobs(fmt, out, c, body.echo, 0)[0]
             choices.append({"index": i * body.n + c.index, "text": echoes[i] + c.text, "logprobs": logprobs,
                             "finish_reason": c.finish_reason, "stop_reason": serving.stop_reason(c, requests[i][1]),
-                            "prompt_logprobs": None})
+                            "prompt_logprobs": fmt.prompt_logprobs(out, body.prompt_logprobs or 0)
+                            if body.prompt_logprobs is not None else None})
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     return JSONResponse({**header, "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
                          "system_fingerprint": None})
+
+
+def _logprobs(fmt: LogprobFormatter, out, c, with_prompt: bool, offset: int) -> tuple[dict[str, Any], int]:
+    """The choice's logprobs object, led by the prompt's tokens when the prompt is echoed with it."""
+    parts = []
+    if with_prompt:
+        part, offset = fmt.completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], offset)
+        parts.append(part)
+    part, offset = fmt.completion_logprobs(c.token_ids, c.logprobs or [], offset)
+    parts.append(part)
+    return {key: [v for p in parts for v in p[key]] for key in part}, offset
 
 
 def _echo_text(serving: Serving, text: str | None, ids: list[int], body: CompletionRequest) -> str:
@@ -98,13 +114,16 @@ def _stream(serving: Serving, body: CompletionRequest, header: dict[str, Any], o
     # The echoed prompt goes out with each choice's first chunk.
     pending_echo = {i * body.n + j: echoes[i] for i in range(len(opened)) for j in range(body.n)}
     offsets = dict.fromkeys(pending_echo, 0)
+    fmt = serving.logprobs(body.return_tokens_as_token_ids)
 
     def choice_of(i: int, index: int, c) -> dict[str, Any]:
-        echo = pending_echo.pop(index, "")
+        echo = pending_echo.pop(index, None)
         logprobs = None
         if body.logprobs is not None:
-            logprobs, offsets[index] = serving.completion_logprobs(c, offsets[index] + len(echo))
-        return {"index": index, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                "stop_reason": serving.stop_reason(c, params[i])}
+            first_output = opened[i][0]
+            logprobs, offsets[index] = _logprobs(fmt, first_output, c, body.echo and echo is not None,
+                                                 offsets[index])
+        return {"index": index, "text": (echo or "") + c.text, "logprobs": logprobs,
+                "finish_reason": c.finish_reason, "stop_reason": serving.stop_reason(c, params[i])}
 
     return choices.events(header, choice_of)

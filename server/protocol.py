@@ -74,6 +74,10 @@ class SamplingFields(StrictModel):
     spaces_between_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    prompt_logprobs: _int(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="vLLM's extension: top-n logprobs of each prompt token (not with stream)")
+    return_tokens_as_token_ids: bool = Field(
+        False, description="vLLM's extension: logprob tokens as 'token_id:N' instead of text")
     user: str | None = None
 
     @model_validator(mode="after")
@@ -88,6 +92,8 @@ class SamplingFields(StrictModel):
                 raise ValueError(f"stop[{i}]: a stop sequence is limited to {MAX_STOP_CHARS} characters")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs: not available when stream is true")
         return self
 
 
@@ -101,7 +107,6 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: _int(ge=1, le=MAX_N) | None = None
-    prompt_logprobs: _int(ge=0, le=MAX_LOGPROBS) | None = None
 
     @model_validator(mode="after")
     def _check_completion(self):
@@ -109,8 +114,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix: is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: only best_of equal to n is supported")
-        if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs: prompt logprobs are not supported yet")
         return self
 
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -16,13 +15,12 @@ from jaxinfer.engine.async_engine import EngineDeadError, QueueFullError
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from server.errors import OpenAIError, bad_request, error_body, overloaded, param_of_message
+from server.logprobs import LogprobFormatter
 from server.protocol import SamplingFields
 from server.streaming import SSE_DONE, merge, prepend, sse
 
 logger = logging.getLogger(__name__)
 
-# JSON has no -inf; vLLM reports impossible tokens with this floor instead.
-LOGPROB_FLOOR = -9999.0
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
@@ -93,7 +91,7 @@ class Serving:
         return max_tokens
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
-                        stream: bool) -> SamplingParams:
+                        stream: bool, prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams for a request; a 400 naming the field when a value is out of range."""
         bias = None
         if req.logit_bias:
@@ -115,6 +113,7 @@ class Serving:
                 seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
                 include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
                 max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs, logit_bias=bias,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
@@ -157,48 +156,15 @@ class Serving:
         return [t.result() for t in tasks]
 
     # -- formatting --------------------------------------------------------------------------
-    def token_text(self, token_id: int) -> str:
-        tok = self.info.tokenizer
-        if tok is None:
-            return f"token_id:{token_id}"
-        return tok.decode([token_id], skip_special_tokens=False)
+    def logprobs(self, as_token_ids: bool = False) -> LogprobFormatter:
+        """The logprob formatter for one request (vLLM's `return_tokens_as_token_ids`)."""
+        return LogprobFormatter(self.info.tokenizer, as_token_ids)
 
     def stop_reason(self, c: CompletionOutput, params: SamplingParams) -> str | int | None:
         """vLLM's stop_reason: the stop string or stop token id that ended the text; None for EOS."""
         if isinstance(c.stop_reason, int) and c.stop_reason not in params.stop_token_ids:
             return None
         return c.stop_reason
-
-    def completion_logprobs(self, c: CompletionOutput, offset: int) -> tuple[dict[str, Any], int]:
-        """OpenAI completions logprobs for the tokens of `c` (text offsets from `offset`); returns
-        the object and the offset after the last token."""
-        tokens, token_logprobs, top, offsets = [], [], [], []
-        for token_id, entry in zip(c.token_ids, c.logprobs or []):
-            text = self.token_text(token_id)
-            tokens.append(text)
-            token_logprobs.append(_finite(entry.get(token_id, LOGPROB_FLOOR)))
-            top.append({self.token_text(t): _finite(lp) for t, lp in entry.items()})
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
-                "text_offset": offsets}, offset
-
-    def chat_logprobs(self, c: CompletionOutput, top_n: int) -> dict[str, Any]:
-        """OpenAI chat logprobs ({"content": [...]}) for the tokens of `c`, `top_n` alternatives each."""
-        content = []
-        for token_id, entry in zip(c.token_ids, c.logprobs or []):
-            ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
-            content.append({**self._chat_token(token_id, entry.get(token_id, LOGPROB_FLOOR)),
-                            "top_logprobs": [self._chat_token(t, lp) for t, lp in ranked]})
-        return {"content": content}
-
-    def _chat_token(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text = self.token_text(token_id)
-        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8", errors="replace"))}
-
-
-def _finite(logprob: float) -> float:
-    return max(float(logprob), LOGPROB_FLOOR) if not math.isnan(logprob) else LOGPROB_FLOOR
 
 
 def engine_error(e: BaseException) -> BaseException:

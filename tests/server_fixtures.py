@@ -111,7 +111,7 @@ def write_checkpoint(directory: str | Path, seed: int = 0) -> Path:
 
 # Small buckets keep compilation short on the CPU.
 TEST_ENGINE_CONFIG = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, page_size=8,
-                          num_pages=160, compilation_cache_dir="")
+                          num_pages=160, enable_prefix_caching=True, compilation_cache_dir="")
 
 
 def make_engine(checkpoint: Path, **overrides):

@@ -86,7 +86,9 @@ BAD_INPUTS = [
      "stream is true"),
     ("reserved template variable", CHAT, chat(chat_template_kwargs={"messages": []}), 400, "chat_template_kwargs",
      "cannot be set"),
-    ("echo with logprobs", COMP, comp(echo=True, logprobs=1), 400, "echo", "not supported yet"),
+    ("prompt_logprobs while streaming", COMP, comp(prompt_logprobs=1, stream=True), 400, "prompt_logprobs",
+     "not available when stream"),
+    ("prompt_logprobs out of range", CHAT, chat(prompt_logprobs=21), 400, "prompt_logprobs", "less than or equal"),
     ("too many prompts", COMP, comp(prompt=["a"] * 65), 400, "prompt", "at most 64"),
     ("bool where a number belongs", COMP, comp(temperature=True), 400, "temperature", "number"),
 ]

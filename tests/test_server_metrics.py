@@ -72,6 +72,19 @@ def test_counters_and_histograms_move(stack):
     assert value(after, "vllm:kv_cache_usage_perc") == 0
 
 
+def test_prefix_cache_counters(stack):
+    prompt = list(range(10, 50))  # five full pages of 8 tokens
+    before = scrape(stack.url)
+    for _ in range(2):
+        r = httpx.post(stack.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200
+    after = scrape(stack.url)
+    queries = value(after, "vllm:prefix_cache_queries_total") - value(before, "vllm:prefix_cache_queries_total")
+    hits = value(after, "vllm:prefix_cache_hits_total") - value(before, "vllm:prefix_cache_hits_total")
+    assert queries >= 2 * len(prompt) - 2 and hits >= 32  # the second request found the first's full pages
+    assert hits == value(after, "jaxinfer:prefix_cache_hits_total") - value(before, "jaxinfer:prefix_cache_hits_total")
+
+
 def test_gauges_show_a_running_request(stack):
     body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0,
             "ignore_eos": True, "stream": True}

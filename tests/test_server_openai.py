@@ -155,6 +155,42 @@ def test_echo_prepends_prompt(client):
     assert r.choices[0].text == "Echo me" + plain.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, stack):
+    prompt = "The quick brown fox"
+    prompt_ids = stack.engine.tokenizer.encode(prompt)
+    kwargs = dict(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True)
+    r = client.completions.create(**kwargs).choices[0]
+    lp = r.logprobs
+    assert len(lp.tokens) == len(prompt_ids) + 4 and r.text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == r.text
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [x for c in chunks for x in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+
+def test_prompt_logprobs_score_what_generation_sampled(client):
+    """Scoring prompt + greedy continuation gives the continuation the logprobs it was sampled with."""
+    first = client.completions.create(model=MODEL_NAME, prompt=[5, 60, 61, 62], max_tokens=6, temperature=0,
+                                      logprobs=0, extra_body={"ignore_eos": True,
+                                                              "return_tokens_as_token_ids": True}).choices[0]
+    generated = first.logprobs.token_logprobs
+    ids = [5, 60, 61, 62] + [int(t.removeprefix("token_id:")) for t in first.logprobs.tokens]
+    scored = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=1, temperature=0,
+                                       extra_body={"prompt_logprobs": 3}).choices[0].model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(ids)
+    for position, expected in zip(range(4, len(ids)), generated):
+        entry = scored[position][str(ids[position])]
+        assert entry["logprob"] == pytest.approx(expected, abs=2e-3)
+        assert entry["rank"] == 1  # greedy picked the most likely token
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    assert chat.model_extra["prompt_logprobs"][0] is None
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+
+
 def test_max_tokens_omitted_fills_the_context(client, stack):
     r = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, temperature=0,
                                        extra_body={"ignore_eos": True, "min_tokens": 0})
