@@ -164,7 +164,7 @@ def main(argv=None):
         record["peer"] = peer
         record["ratio_vs_peer"] = record["output_tokens_per_s"] / record["peer"]["tokens_per_s"]
     os.makedirs(args.out, exist_ok=True)
-    name = f"engine_{args.mode}_{args.preset}_{record['device'].replace(' ', '_')}.json"
+    name = f"engine_{args.mode}_{args.attention_backend}_{args.preset}_{record['device'].replace(' ', '_')}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(record, f, indent=2)
     print(json.dumps({k: v for k, v in record.items() if k != "args"}, indent=2))
