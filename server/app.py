@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 import jaxinfer
@@ -59,7 +59,7 @@ def create_app(front, settings: ServerSettings = ServerSettings()) -> FastAPI:
 
     Args:
       front: an AsyncLLMEngine (or a fake with the same API) whose `engine` has `tokenizer`,
-        `max_model_len`, `model_config.vocab_size`, `eos_token_ids`, `metrics`, `scheduler` and
+        `max_model_len`, `model_config.vocab_size`, `model.path`, `metrics`, `scheduler` and
         `block_manager`.
       settings: names, API key and limits.
     """

@@ -22,7 +22,8 @@ _RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_p
 
 
 def _template_handles_tools(tok) -> bool:
-    return "tool_use" in tok.chat_templates or re.search(r"\btools\b", tok.chat_template or "") is not None
+    templates = getattr(tok, "chat_templates", {})
+    return "tool_use" in templates or re.search(r"\btools\b", tok.chat_template or "") is not None
 
 
 def render_chat(serving: Serving, body: ChatCompletionRequest) -> tuple[str, list[int]]:

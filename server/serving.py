@@ -1,5 +1,5 @@
 """What both generation endpoints share: the model's facts, admission checks, sampling parameters,
-opening engine streams with errors mapped to HTTP statuses, and logprob and usage formatting."""
+opening engine streams with errors mapped to HTTP statuses, and streamed choices with usage."""
 
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ class ModelInfo:
     tokenizer: Any  # jaxinfer.tokenizer.Tokenizer or None
     max_model_len: int
     vocab_size: int
-    eos_token_ids: tuple[int, ...]
     root: str
     created: int
 
@@ -42,8 +41,7 @@ class ModelInfo:
         if not served_names:
             raise ValueError("at least one served model name is needed")
         return cls(tuple(served_names), engine.tokenizer, int(engine.max_model_len),
-                   int(engine.model_config.vocab_size), tuple(engine.eos_token_ids),
-                   str(getattr(engine.model, "path", served_names[0])), int(time.time()))
+                   int(engine.model_config.vocab_size), str(getattr(engine.model, "path", served_names[0])), int(time.time()))
 
 
 class Serving:

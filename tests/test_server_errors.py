@@ -126,10 +126,6 @@ def test_bad_input_is_a_clear_4xx(stack, name, route, body, status, param, words
         check_error(post(client, route, body), status, param, words)
 
 
-def test_there_are_at_least_20_kinds():
-    assert len({b[0] for b in BAD_INPUTS}) >= 20
-
-
 GOOD = [
     (COMP, comp(prompt="The quick brown fox", max_tokens=24, temperature=0)),
     (COMP, comp(prompt=[[5, 9, 33], [40, 41]], max_tokens=16, temperature=0.9, seed=11, n=2)),

@@ -26,8 +26,8 @@ class FakeFront:
 
     def __init__(self, tokenizer, failure=None):
         self.engine = SimpleNamespace(
-            tokenizer=tokenizer, max_model_len=64, model_config=SimpleNamespace(vocab_size=tokenizer.vocab_size),
-            eos_token_ids=(0,), metrics=EngineMetrics(), model=SimpleNamespace(path="fake"),
+            tokenizer=tokenizer, max_model_len=256, model_config=SimpleNamespace(vocab_size=tokenizer.vocab_size),
+            metrics=EngineMetrics(), model=SimpleNamespace(path="fake"),
             scheduler=SimpleNamespace(num_running=0, num_waiting=0), block_manager=SimpleNamespace(usage=0.0))
         self.failure = failure
         self.closed_early: list[str] = []
@@ -157,6 +157,33 @@ def test_admission_is_all_or_nothing(tokenizer):
     r = request(front, "POST", "/v1/completions", json={"prompt": [[5, 6, 7, 8], [9, 10]], "max_tokens": 4})
     assert r.status_code == 400
     assert len(front.closed_early) == 1 and front.closed_early[0].endswith("-0")
+
+
+TOOLS_TEMPLATE = ("{% if tools %}{% for t in tools %}<tool>{{ t.function.name }}</tool>{% endfor %}{% endif %}"
+                  "{% for m in messages %}{{ m.role }}: {{ m.content or '' }}"
+                  "{% for c in m.tool_calls or [] %}[call {{ c.function.name }}]{% endfor %}\n{% endfor %}")
+
+
+def test_tools_reach_a_template_that_renders_them(tokenizer):
+    with_tools = Tokenizer(tokenizer.backend, tokenizer.special_tokens, TOOLS_TEMPLATE)
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    r = request(FakeFront(with_tools), "POST", "/v1/chat/completions",
+                json={"messages": messages, "tools": tools, "tool_choice": "auto", "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    rendered = with_tools.apply_chat_template(messages, tools=tools)
+    assert "<tool>get_weather</tool>" in rendered and "[call get_weather]" in rendered
+    assert r.json()["usage"]["prompt_tokens"] == len(with_tools.encode(rendered, add_special_tokens=False))
+
+
+def test_chat_without_a_template_is_400(tokenizer):
+    plain = Tokenizer(tokenizer.backend, tokenizer.special_tokens, None)
+    r = request(FakeFront(plain), "POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+    assert request(FakeFront(plain), "POST", "/v1/completions", json={"prompt": "x"}).status_code == 200
 
 
 def test_metrics_render_from_a_fake(tokenizer):

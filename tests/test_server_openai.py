@@ -41,7 +41,10 @@ def test_completion_matches_engine_tokens(client, stack):
     tok = stack.engine.tokenizer
     prompt_ids = tok.encode("The quick brown fox")
     assert r.usage.prompt_tokens == len(prompt_ids)
-    assert r.usage.completion_tokens == (12 if choice.finish_reason == "length" else r.usage.completion_tokens)
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 12
+    else:
+        assert choice.finish_reason == "stop" and r.usage.completion_tokens < 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     # The same request through token ids gives the same text.
     again = client.completions.create(model="alias", prompt=prompt_ids, max_tokens=12, temperature=0)
