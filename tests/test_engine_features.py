@@ -142,9 +142,12 @@ def test_abort_frees_pages(engine):
     for _ in range(3):
         engine.step()
     assert engine.block_manager.usage > 0
+    aborted = engine.metrics.snapshot().request_success_total.get("abort", 0)
     engine.abort_request("gone")
+    engine.abort_request("gone")  # twice, or unknown: a no-op
     out = run_all(engine, [])
     assert set(out) == {"kept"}
+    assert engine.metrics.snapshot().request_success_total["abort"] == aborted + 1
 
 
 def test_prefix_caching_keeps_outputs(model):

@@ -77,8 +77,12 @@ class AsyncLLMEngine:
         try:
             add = functools.partial(self.engine.add_request, priority=priority)
             await asyncio.wrap_future(self._submit(add, request_id, prompt, params))
-        except BaseException:
+        except BaseException as e:
             self._streams.pop(request_id, None)
+            if not isinstance(e, ValueError):
+                # Cancelled while the engine thread may already be adding it: abort, so no
+                # request runs on with nobody reading it (aborting an unknown id is a no-op).
+                self._submit_quietly(self.engine.abort_request, request_id)
             raise
         finished = False
         try:

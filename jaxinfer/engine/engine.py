@@ -213,10 +213,12 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         sub_ids = []
+        now = time.monotonic()
         for rid in request_ids:
             group = self._groups.pop(rid, None)
             if group is None:
                 continue
+            self.metrics.record_finished("abort", now - group.metrics.arrival_time)
             for c in group.completions:
                 sub_ids.append(c.request.request_id)
                 self._completions.pop(c.request.request_id, None)
