@@ -81,12 +81,11 @@ def _flash_kernel(cu_ref, q_ref, k_ref, v_ref, o_ref, *, block_q, block_k, num_r
             k_pos = j * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
             keys = pl.ds(q_begin + j * block_k, block_k)
             if masked:
-                # Rows past T are not read; rows of other sequences (maybe NaN) are read and
-                # then masked: logits to -inf, values to 0 (0 * NaN would poison p @ v).
+                # Rows past the sequence (other sequences' rows, maybe NaN, or past T) load as
+                # zeros, since 0 * NaN would poison p @ v; their logits are masked to -inf.
                 k_ok = (k_pos < seq_len) & (q_begin + k_pos < num_tokens)
                 k = plgpu.load(k_ref.at[keys], mask=k_ok[:, None], other=0)
                 v = plgpu.load(v_ref.at[keys], mask=k_ok[:, None], other=0)
-                v = jnp.where(k_ok[:, None], v, 0)
                 visible = k_ok[None, :] & row_ok[:, None]
                 if causal:
                     visible &= k_pos[None, :] <= q_pos[:, None]
@@ -150,10 +149,10 @@ def flash_attention(q, k, v, cu_seq_lens, *, scale, causal=True, sliding_window=
         _flash_kernel, block_q=block_sizes.block_q, block_k=block_sizes.block_k, num_rows=num_rows,
         search_steps=max(1, num_seqs.bit_length()), scale=float(scale), causal=bool(causal),
         sliding_window=sliding_window, logit_softcap=None if logit_softcap is None else float(logit_softcap))
-    # Query tiles are the fastest grid axis: the programs resident at once then share the K, V
-    # of one or two heads, which stay in L2. With heads fastest, each of the 132 resident
-    # programs streamed its own head's K, V from HBM: 302 TFLOP/s at P3 against 351 for the
-    # stock kernel (benchmarks/results/flash_attention_h100_2026-11-24_run1_head_major).
+    # Query tiles are the fastest grid axis, so the programs resident at once share the K, V of
+    # one or two heads in L2. Measured at P3 on the H100 it made no difference against heads
+    # fastest (296 vs 302 TFLOP/s, within run-to-run noise; benchmarks/results/flash_attention_*):
+    # the kernel is not bound by K, V traffic.
     head_spec = pl.BlockSpec((num_tokens, None, head_dim), lambda i, n: (0, n, 0))
     kv_spec = pl.BlockSpec((num_tokens, None, head_dim), lambda i, n: (0, n // group, 0))
     return pl.pallas_call(
