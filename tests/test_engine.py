@@ -66,8 +66,9 @@ def test_no_compiles_after_warmup(model):
         for i in range(12):
             n = int(rng.integers(1, 120))
             engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(3, 200, n).tolist()},
-                               SamplingParams(temperature=0.0 if i % 2 else 0.8, top_p=0.9, seed=i,
-                                              max_tokens=int(rng.integers(1, 128 - n + 1)), ignore_eos=True))
+                               SamplingParams(temperature=(0.0, 0.8, 1.2)[i % 3], top_p=0.9 if i % 4 else 1.0,
+                                              seed=i, max_tokens=int(rng.integers(1, 128 - n + 1)),
+                                              ignore_eos=True))
             for _ in range(int(rng.integers(0, 5))):
                 engine.step()
         while engine.has_unfinished_requests():

@@ -30,6 +30,14 @@ from jaxinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Sampler variants compiled at warm-up: the common cases. Penalties, logit bias, min-p and
+# logprobs compile on first use (their inner widths are bucketed, see SamplingBuckets).
+_WARM_SAMPLERS = {
+    "sample_greedy": SamplingParams(temperature=0.0),
+    "sample_temperature": SamplingParams(temperature=1.0, seed=0),
+    "sample_top_k_top_p": SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0),
+}
+
 # Copy-on-write page copies are applied in fixed-size batches so they compile once.
 COPY_BATCH = 8
 
@@ -108,7 +116,7 @@ class ModelRunner:
         greedy and random sampler per sequence-slot count."""
         plan = [("step", t) for t in self.rc.token_buckets]
         slots = sorted({self.rc.seq_slots(t) for t in self.rc.token_buckets})
-        plan += [(kind, s) for s in slots for kind in ("sample_greedy", "sample_random")]
+        plan += [(kind, s) for s in slots for kind in _WARM_SAMPLERS]
         plan.append(("copy", COPY_BATCH))
         return plan
 
@@ -122,9 +130,7 @@ class ModelRunner:
             elif kind == "copy":
                 self.copy_pages([])
             else:
-                params = SamplingParams(temperature=0.0) if kind == "sample_greedy" else \
-                    SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0)
-                rows = [SamplingRow(params, [0], [])] * size
+                rows = [SamplingRow(_WARM_SAMPLERS[kind], [0], [])] * size
                 logits = jnp.zeros((size, self.config.vocab_size), jnp.float32)
                 self._sample(logits, rows).token_ids.block_until_ready()
 
