@@ -147,6 +147,8 @@ def test_abort_frees_pages(engine):
     engine.abort_request("gone")  # twice, or unknown: a no-op
     out = run_all(engine, [])
     assert set(out) == {"kept"}
+    engine.step()  # an idle step still tells the runner which requests ended
+    assert engine.runner.num_cached_requests == 0
     assert engine.metrics.snapshot().request_success_total["abort"] == aborted + 1
 
 

@@ -236,6 +236,7 @@ class LLMEngine:
         """Schedules, runs and samples one step; returns outputs of requests that progressed."""
         out = self.scheduler.schedule()
         if out.total_num_scheduled_tokens == 0:
+            self.runner.execute(out, [])  # hands over finished ids, so the runner forgets them
             self._record_step(0, 0, [], [])
             return []
         now = time.monotonic()

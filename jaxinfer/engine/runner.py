@@ -111,6 +111,11 @@ class ModelRunner:
         self._batch: dict[str, _CachedRequest] = {}
 
     # -- warm-up ---------------------------------------------------------------------------
+    @property
+    def num_cached_requests(self) -> int:
+        """Requests in the persistent batch (finished ones leave at the next step)."""
+        return len(self._batch)
+
     def warmup_plan(self) -> list[tuple[str, int]]:
         """Every (kind, bucket) compiled at warm-up: the model step per token bucket and the
         greedy and random sampler per sequence-slot count."""
@@ -194,6 +199,8 @@ class ModelRunner:
           The sampled tokens (numpy, rows in `sampling_req_ids` order) and prompt logprobs.
         """
         self._apply_diff(out)
+        if out.total_num_scheduled_tokens == 0:
+            return StepResult()  # nothing to run, but finished requests were forgotten above
         if out.copy_ops:
             self.copy_pages(out.copy_ops)
         computed = {r.request_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
