@@ -88,6 +88,14 @@ def resolve_attention_backend(name: str, *, platform: str | None = None):
     return PagedAttentionPallas(platform="gpu", interpret=platform != "gpu")
 
 
+def _logprob_entry(token_id: int, lp, row: int, top_n: int) -> dict[int, float]:
+    """{token: logprob} for the chosen token, then the row's top-n alternatives."""
+    entry = {token_id: float(lp.token_logprobs[row])}
+    for j in range(top_n):
+        entry.setdefault(int(lp.top_ids[row, j]), float(lp.top_logprobs[row, j]))
+    return entry
+
+
 class LLMEngine:
     """Continuous-batching engine over one model replica.
 
@@ -240,19 +248,17 @@ class LLMEngine:
             self._record_step(0, 0, [], [])
             return []
         now = time.monotonic()
+        wanted = {}  # request id -> prompt logprobs top-n
         for rid in out.scheduled_req_ids:
-            m = self._completions[rid].group.metrics
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = now
+            c = self._completions[rid]
+            if c.group.metrics.first_scheduled_time is None:
+                c.group.metrics.first_scheduled_time = now
+            if c.index == 0 and c.params.prompt_logprobs is not None:
+                wanted[rid] = c.params.prompt_logprobs
         rows = []
         for rid in out.sampling_req_ids:
             c = self._completions[rid]
             rows.append(SamplingRow(c.params, c.request.prompt_token_ids, c.request.output_token_ids))
-        wanted = {}
-        for rid in out.scheduled_req_ids:
-            c = self._completions[rid]
-            if c.index == 0 and c.params.prompt_logprobs is not None:
-                wanted[rid] = c.params.prompt_logprobs
         result = self.runner.execute(out, rows, wanted)
         for rid, (first, lp) in result.prompt_logprobs.items():
             self._record_prompt_logprobs(self._completions[rid], first, lp)
@@ -273,10 +279,7 @@ class LLMEngine:
         if c.logprobs is None or sampled.logprobs is None:
             return
         lp = sampled.logprobs
-        entry = {int(sampled.token_ids[i]): float(lp.token_logprobs[i])}
-        for j in range(c.params.logprobs):
-            entry.setdefault(int(lp.top_ids[i, j]), float(lp.top_logprobs[i, j]))
-        c.logprobs.append(entry)
+        c.logprobs.append(_logprob_entry(int(sampled.token_ids[i]), lp, i, c.params.logprobs))
         c.cumulative_logprob += float(lp.token_logprobs[i])
 
     def _record_prompt_logprobs(self, c: _Completion, first: int, lp):
@@ -285,11 +288,7 @@ class LLMEngine:
         for j in range(len(lp.token_logprobs)):
             if first + j != len(scored):
                 continue
-            target = c.request.prompt_token_ids[first + j]
-            entry = {target: float(lp.token_logprobs[j])}
-            for k in range(c.params.prompt_logprobs):
-                entry.setdefault(int(lp.top_ids[j, k]), float(lp.top_logprobs[j, k]))
-            scored.append(entry)
+            scored.append(_logprob_entry(c.request.prompt_token_ids[first + j], lp, j, c.params.prompt_logprobs))
 
     def _process_outputs(self, tokens: dict[str, list[int]], num_prompt_tokens: int) -> list[RequestOutput]:
         now = time.monotonic()
