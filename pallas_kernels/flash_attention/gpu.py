@@ -30,7 +30,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import check_block_sizes
 from pallas_kernels.flash_attention.reference import check_flash_inputs
 from pallas_kernels.flash_attention.tuned_block_sizes import GpuFlashBlockSizes, gpu_flash_block_sizes
-from pallas_kernels.paged_attention.gpu import M_INIT, MIN_DOT_DIM, _dot, normalise, scaled_logits
+from pallas_kernels.paged_attention.gpu import (M_INIT, MIN_DOT_DIM, _dot, normalise, online_softmax_step,
+                                               scaled_logits)
 from pallas_kernels.ragged_paged_attention.gpu import find_sequence
 
 
@@ -96,12 +97,7 @@ def _flash_kernel(cu_ref, q_ref, k_ref, v_ref, o_ref, *, block_q, block_k, num_r
             s = scaled_logits(_dot(q, k, ((1,), (1,))), scale=scale, logit_softcap=logit_softcap)
             if masked:
                 s = jnp.where(visible, s, -jnp.inf)
-            m_next = jnp.maximum(m, jnp.max(s, axis=1))
-            alpha = jnp.exp2(m - m_next)
-            p = jnp.exp2(s - m_next[:, None])
-            l = l * alpha + jnp.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, ((1,), (0,)))
-            return acc, m_next, l
+            return online_softmax_step(acc, m, l, s, v)
 
         carry = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), M_INIT, jnp.float32),
                  jnp.zeros((block_q,), jnp.float32))

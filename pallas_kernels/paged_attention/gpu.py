@@ -50,6 +50,17 @@ def _dot(a, b, contract):
                            preferred_element_type=jnp.float32)
 
 
+def online_softmax_step(acc, m, l, s, v):
+    """One block of an online softmax in base 2: folds logits s [M, BK] (masked ones -inf) and
+    values v [BK, H] into (acc [M, H] unnormalised, m [M] running max, l [M] running sum)."""
+    m_next = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_next)
+    p = jnp.exp2(s - m_next[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, ((1,), (0,)))
+    return acc, m_next, l
+
+
 def load_block_pages(tables_ref, row, first_slot, num_slots, end_slot, num_pages):
     """Page ids of slots [first_slot, first_slot + num_slots) of table row `row`; slots at or
     past end_slot read as page 0 and ids are clamped into the cache, so a poisoned slot is
@@ -85,12 +96,7 @@ def flash_over_pages(q, k_ref, v_ref, tables_ref, table_row, *, kv_lo, kv_hi, pa
         v = jnp.where(in_range[:, None], v, 0)  # 0 * NaN would poison p @ v
         s = scaled_logits(_dot(q, k, ((1,), (1,))), scale=scale, logit_softcap=logit_softcap)
         s = jnp.where(in_range[None, :] & visible_fn(k_pos), s, -jnp.inf)
-        m_next = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_next)
-        p = jnp.exp2(s - m_next[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, ((1,), (0,)))
-        return acc, m_next, l
+        return online_softmax_step(acc, m, l, s, v)
 
     rows = q.shape[0]
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), M_INIT, jnp.float32),
