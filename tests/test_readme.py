@@ -1,0 +1,27 @@
+"""The README's Python quick start runs as written, on the demo model."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_offline_quick_start_runs(demo_gguf_path, capsys):
+    [block] = [b for b in python_blocks() if "from jaxinfer import LLM" in b]
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own documentation
+    texts = eval(capsys.readouterr().out)  # the block prints a list of the two completions
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    [chat] = namespace["chat"]
+    assert chat.finished and chat.outputs[0].token_ids
+    # Greedy, so the first completion is the reference loop's continuation of the prompt.
+    from jaxinfer.generate import generate
+
+    llm = namespace["llm"]
+    ids = llm.get_tokenizer().encode("The capital of France is")
+    [ref] = generate(llm.model.params, llm.model.config, [ids], 16, eos_token_ids=llm.get_tokenizer().eos_token_ids)
+    assert texts[0] == llm.get_tokenizer().decode(ref)
