@@ -1,8 +1,8 @@
 """A bounded soak: many concurrent streaming clients (some hanging up early) for a fixed time.
 
 No 5xx, every request that was not cut short completes in full, the engine ends idle with no KV
-pages held, and resident memory stays flat after warm-up. The defaults fit CI; the reliability
-goal's version (256 clients, 5 minutes) runs by hand:
+pages held, and resident memory stays flat after warm-up. CI runs 256 clients for 45 seconds;
+the reliability goal's version (256 clients, 5 minutes) runs by hand:
 
     JAXINFER_LOAD_CLIENTS=256 JAXINFER_LOAD_SECONDS=300 python -m pytest -q tests/test_server_load.py
 """
@@ -22,9 +22,12 @@ import pytest
 
 from tests.server_fixtures import MODEL_NAME, shared_stack
 
-CLIENTS = int(os.environ.get("JAXINFER_LOAD_CLIENTS", "64"))
-SECONDS = float(os.environ.get("JAXINFER_LOAD_SECONDS", "20"))
-WARMUP_FRACTION = 0.3  # memory is compared from the end of this share of the run
+CLIENTS = int(os.environ.get("JAXINFER_LOAD_CLIENTS", "256"))
+SECONDS = float(os.environ.get("JAXINFER_LOAD_SECONDS", "45"))
+# Memory is compared from the end of this share of the run. With 256 clients resident memory
+# climbs for about 16 s (connections, buffers: measured 354 -> 594 MB) and then stays flat
+# (+0.7% over the next 24 s), so the warm-up must outlast that ramp on a loaded machine.
+WARMUP_FRACTION = 0.6
 HANG_UP_RATE = 0.1  # share of requests whose client disconnects after the first chunk
 
 
@@ -103,7 +106,9 @@ def test_concurrent_streaming_clients(stack):
     print(dict(stats))
     assert not [k for k in stats if k.startswith("status") and k != "status 200"], stats
     assert stats["incomplete"] == 0, stats
-    assert stats["complete"] >= CLIENTS, stats  # every client finished at least one request
+    # Every client saw at least one request through (finished, or hung up on purpose); requests
+    # in flight at the deadline still run to the end.
+    assert stats["complete"] + stats["hung up"] >= CLIENTS, stats
     assert stats["hung up"] > 0
     assert stack.wait_idle(timeout=30) == 0.0
     after_warmup = [m for t, m in rss if t >= WARMUP_FRACTION * SECONDS]
