@@ -32,6 +32,8 @@ def _add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--enable-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", choices=("auto", "xla", "pallas"), default="auto")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="devices to split the model over (heads, mlp width, vocabulary)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -61,7 +63,7 @@ def _make_llm(args, warmup: bool):
                max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
                num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
                enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
-               seed=args.seed, warmup=warmup)
+               seed=args.seed, warmup=warmup, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _read_prompts(path: str) -> list:

@@ -24,7 +24,7 @@ class LLM:
         `kv_cache_memory_fraction`).
       **engine_kwargs: any EngineConfig field (max_model_len, max_num_seqs,
         max_num_batched_tokens, page_size, num_pages, enable_prefix_caching, seed,
-        attention_backend, ...).
+        attention_backend, tensor_parallel_size, ...).
     The functional model is reachable as `llm.model.config` / `llm.model.params`.
     """
 

@@ -33,6 +33,8 @@ class EngineConfig:
       seed: seeds requests that bring none, so a run is reproducible.
       compilation_cache_dir: JAX's persistent compilation cache ("" disables it).
       warmup: compile every shape bucket when the engine starts.
+      tensor_parallel_size: devices one model replica is split over (heads, mlp width and
+        vocabulary; see docs/sharding.md); the first that many of `jax.devices()` are used.
     """
 
     max_model_len: int | None = None
@@ -48,11 +50,12 @@ class EngineConfig:
     seed: int = 0
     compilation_cache_dir: str = dataclasses.field(default_factory=default_compilation_cache_dir)
     warmup: bool = True
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "tensor_parallel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")

@@ -69,18 +69,23 @@ class _Group:
         return all(c.finish_reason is not None for c in self.completions)
 
 
-def resolve_attention_backend(name: str, *, platform: str | None = None):
+def resolve_attention_backend(name: str, *, platform: str | None = None, tensor_parallel_size: int = 1):
     """The attention backend object for an EngineConfig.attention_backend value.
 
     "auto" takes the Pallas kernels on GPU and TPU and the portable XLA path on the CPU;
-    "pallas" on the CPU runs the GPU kernel in interpret mode (for tests).
+    "pallas" on the CPU runs the GPU kernel in interpret mode (for tests). The Pallas kernels
+    are per-device programs that XLA cannot partition, so with tensor parallelism "auto" takes
+    the XLA path (which XLA splits by kv heads) and "pallas" is refused.
     """
     from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
     from jaxinfer.models.paged_attention_xla import PagedAttentionXLA
 
     platform = platform or jax.default_backend()
     if name == "auto":
-        name = "xla" if platform == "cpu" else "pallas"
+        name = "xla" if platform == "cpu" or tensor_parallel_size > 1 else "pallas"
+    if name == "pallas" and tensor_parallel_size > 1:
+        raise ValueError(f"attention_backend='pallas' runs on one device; with tensor_parallel_size="
+                         f"{tensor_parallel_size} use 'xla' or 'auto'")
     if name == "xla":
         return PagedAttentionXLA()
     if platform == "tpu":
@@ -114,11 +119,14 @@ class LLMEngine:
         if config.compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size)
         param_dtype = jax.tree.leaves(model.params)[0].dtype
         kv_dtype = param_dtype if config.kv_cache_dtype == "auto" else jnp.dtype(config.kv_cache_dtype)
         num_pages = config.num_pages
         if num_pages is None:
             num_pages = pages_for_memory_fraction(mc, config.page_size, kv_dtype, config.kv_cache_memory_fraction)
+            if num_pages is not None and kv_sharding is not None and kv_sharding.spec[0] is not None:
+                num_pages *= mesh.shape["tp"]  # each device holds only its share of the kv heads
         if num_pages is None:
             num_pages = DEFAULT_HOST_KV_BYTES // KVCacheSpec.bytes_per_page(mc, config.page_size, kv_dtype)
         # A request must be able to fit on its own, or it could never finish.
@@ -144,8 +152,9 @@ class LLMEngine:
             mc, model.params, self.kv_spec,
             RunnerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                          max_model_len=self.max_model_len, page_size=config.page_size),
-            resolve_attention_backend(config.attention_backend), eos_token_ids=self.eos_token_ids,
-            kv_fill=kv_fill)
+            resolve_attention_backend(config.attention_backend, tensor_parallel_size=config.tensor_parallel_size),
+            eos_token_ids=self.eos_token_ids, kv_fill=kv_fill, kv_sharding=kv_sharding)
+        self.mesh = mesh
         self.metrics = EngineMetrics()
         self._groups: dict[str, _Group] = {}
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
@@ -153,6 +162,21 @@ class LLMEngine:
         self._ids = itertools.count()
         if config.warmup:
             self.runner.warmup()
+
+    @staticmethod
+    def _place_on_mesh(model, tp: int):
+        """With tp > 1: (mesh over the first tp devices, KV pool sharding), after placing the
+        model's parameters by the rules table (once: the model keeps the placed tree, so the
+        unsharded copy is freed). With tp == 1: (None, None) and the parameters stay as they are."""
+        if tp == 1:
+            return None, None
+        from sharding import is_placed, kv_cache_sharding, make_mesh, param_shardings
+
+        mesh = make_mesh(tp=tp)
+        shardings = param_shardings(model.config, mesh)
+        if not is_placed(model.params, shardings):
+            model.params = jax.device_put(model.params, shardings)
+        return mesh, kv_cache_sharding(model.config, mesh)
 
     # -- requests ---------------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

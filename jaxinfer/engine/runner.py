@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.kv_cache import KVCacheSpec, allocate_kv_cache
@@ -102,12 +103,23 @@ class ModelRunner:
         self.attention = attention
         self.eos_token_ids = tuple(eos_token_ids) or config.eos_token_ids
         self.kv_caches = allocate_kv_cache(kv_spec, sharding=kv_sharding, fill=kv_fill)
+        # On a mesh the steps pin their outputs: the KV pools keep their input sharding, so the
+        # donated buffers are reused in place, and logits come back replicated for the sampler.
+        # (Inputs need no annotation: jit follows the committed params and pools.)
+        step_out, all_out, copy_out = {}, {}, {}  # jit's out_shardings, only on a mesh
+        self._logits_sharding = None
+        if kv_sharding is not None:
+            self._logits_sharding = NamedSharding(kv_sharding.mesh, PartitionSpec())
+            # kv_sharding stands as a pytree prefix for every layer's pools.
+            step_out = dict(out_shardings=(self._logits_sharding, kv_sharding))
+            all_out = dict(out_shardings=(self._logits_sharding, self._logits_sharding, kv_sharding))
+            copy_out = dict(out_shardings=kv_sharding)
         self._step = jax.jit(functools.partial(_model_step, config=config, attention=attention),
-                             donate_argnames=("kv_caches",))
+                             donate_argnames=("kv_caches",), **step_out)
         self._step_all_logits = jax.jit(
             functools.partial(_model_step_all_logits, config=config, attention=attention),
-            donate_argnames=("kv_caches",))
-        self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
+            donate_argnames=("kv_caches",), **all_out)
+        self._copy = jax.jit(_copy_pages, donate_argnums=(0,), **copy_out)
         self._batch: dict[str, _CachedRequest] = {}
 
     # -- warm-up ---------------------------------------------------------------------------
@@ -137,6 +149,8 @@ class ModelRunner:
             else:
                 rows = [SamplingRow(_WARM_SAMPLERS[kind], [0], [])] * size
                 logits = jnp.zeros((size, self.config.vocab_size), jnp.float32)
+                if self._logits_sharding is not None:  # as the step leaves them: the sampler compiles for that
+                    logits = jax.device_put(logits, self._logits_sharding)
                 self._sample(logits, rows).token_ids.block_until_ready()
 
     # -- steps -----------------------------------------------------------------------------

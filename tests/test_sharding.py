@@ -1,0 +1,188 @@
+"""sharding/: the rules table in-process, and tensor-parallel engine runs on a simulated
+8-device CPU mesh in a subprocess (this process already started JAX with one device)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from jaxinfer.config import preset
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.engine import LLMEngine, resolve_attention_backend
+from jaxinfer.models import llama
+from jaxinfer.models.paged_attention_xla import PagedAttentionXLA
+from sharding import DEFAULT_RULES, kv_cache_sharding, logical_to_spec, make_mesh, param_shardings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Eight query heads and four kv heads: tp 2 and 4 split both, tp 8 splits the query heads and
+# replicates the kv heads (GQA with tp > kv heads).
+TP_OVERRIDES = dict(num_heads=8, num_kv_heads=4)
+
+
+def _mesh_shape(tp: int, dp: int = 1):
+    """Stands in for a Mesh where only axis sizes matter (this process has one device)."""
+    return SimpleNamespace(shape={"dp": dp, "tp": tp}, axis_names=("dp", "tp"))
+
+
+# -- the rules, in-process --------------------------------------------------------------------
+def test_logical_to_spec_splits_divisible_dims_only():
+    mesh = _mesh_shape(8)
+    assert logical_to_spec(("embed", "heads", "head_dim"), DEFAULT_RULES, mesh, (64, 8, 16)) == \
+        PartitionSpec(None, "tp", None)
+    # 4 kv heads do not split 8 ways: replicated.
+    assert tuple(logical_to_spec(("embed", "kv_heads", "head_dim"), DEFAULT_RULES, mesh, (64, 4, 16))) == \
+        (None, None, None)
+    assert tuple(logical_to_spec(("embed", "kv_heads", "head_dim"), DEFAULT_RULES, _mesh_shape(4),
+                                 (64, 4, 16))) == (None, "tp", None)
+    # A vocabulary of 250 does not split 8 ways either.
+    assert tuple(logical_to_spec(("vocab", "embed"), DEFAULT_RULES, mesh, (250, 64))) == (None, None)
+    assert tuple(logical_to_spec(("vocab", "embed"), DEFAULT_RULES, mesh, (256, 64))) == ("tp", None)
+
+
+def test_logical_to_spec_uses_a_mesh_axis_once_and_rejects_bad_input():
+    mesh = _mesh_shape(2)
+    assert tuple(logical_to_spec(("heads", "mlp"), DEFAULT_RULES, mesh, (8, 8))) == ("tp", None)
+    with pytest.raises(ValueError, match="logical axes"):
+        logical_to_spec(("embed",), DEFAULT_RULES, mesh, (4, 4))
+    with pytest.raises(KeyError, match="no rule"):
+        logical_to_spec(("experts",), DEFAULT_RULES, mesh, (4,))
+    with pytest.raises(ValueError, match="mesh has axes"):
+        logical_to_spec(("heads",), {"heads": "ep"}, mesh, (4,))
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(qkv_bias=True, o_bias=True, qk_norm=True),
+                                       dict(tie_word_embeddings=True)])
+def test_every_parameter_gets_a_spec_of_its_rank(overrides):
+    config = preset("tiny", **TP_OVERRIDES, **overrides)
+    shapes = llama.param_shapes(config)
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    for tp in (1, 2, 4, 8):
+        specs = jax.tree.map(lambda axes, shape: logical_to_spec(axes, DEFAULT_RULES, _mesh_shape(tp), shape),
+                             llama.param_axes(config), shapes, is_leaf=is_shape)
+        flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        flat_shapes = jax.tree.leaves(shapes, is_leaf=is_shape)
+        assert len(flat_specs) == len(flat_shapes)
+        for spec, shape in zip(flat_specs, flat_shapes):
+            assert len(spec) == len(shape)
+            for entry, dim in zip(spec, shape):
+                assert entry in (None, "tp") and (entry is None or dim % tp == 0)
+    # With a real (one-device) mesh: NamedShardings in the parameter tree's structure.
+    shardings = param_shardings(config, make_mesh(tp=1))
+    params = llama.init_params(config, jax.random.PRNGKey(0))
+    assert jax.tree.structure(shardings) == jax.tree.structure(params)
+    for s, p in zip(jax.tree.leaves(shardings), jax.tree.leaves(params)):
+        assert len(s.spec) == p.ndim
+    assert tuple(kv_cache_sharding(config, make_mesh(tp=1)).spec) == ("tp", None, None, None)
+
+
+def test_mesh_and_engine_errors():
+    with pytest.raises(ValueError, match="needs 2 devices"):
+        make_mesh(tp=2)
+    with pytest.raises(ValueError, match="exactly 1"):
+        make_mesh(tp=1, devices=jax.devices() * 2)
+    with pytest.raises(ValueError, match="positive integer"):
+        make_mesh(tp=0)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="tensor_parallel_size"):
+            EngineConfig(tensor_parallel_size=bad)
+    assert isinstance(resolve_attention_backend("auto", platform="gpu", tensor_parallel_size=2), PagedAttentionXLA)
+    with pytest.raises(ValueError, match="pallas"):
+        resolve_attention_backend("pallas", platform="gpu", tensor_parallel_size=2)
+    from tests.engine_fixtures import tiny_model
+
+    with pytest.raises(ValueError, match="needs 2 devices"):
+        LLMEngine(tiny_model(**TP_OVERRIDES), EngineConfig(tensor_parallel_size=2, num_pages=8, warmup=False,
+                                                           compilation_cache_dir=""))
+
+
+# -- tensor-parallel engine runs on 8 simulated devices ---------------------------------------
+def _shard_shapes(a) -> set[tuple[int, ...]]:
+    return {tuple(s.data.shape) for s in a.addressable_shards}
+
+
+def _check_placement(engine, tp: int):
+    """Parameters and KV pools are split as the rules say, on tp distinct devices."""
+    params = engine.runner.params
+    layer = params["layers"][0]
+    split = "tp" if tp > 1 else None
+    # 4 kv heads: split for tp <= 4, replicated on tp = 8.
+    kv_split, kv_heads = (split, 4 // tp) if tp <= 4 else (None, 4)
+    expected = {  # array -> (spec, shape of one shard)
+        "wq_dnh": (layer["wq_dnh"], (None, split, None), (64, 8 // tp, 16)),
+        "wk_dkh": (layer["wk_dkh"], (None, kv_split, None), (64, kv_heads, 16)),
+        "wo_nhd": (layer["wo_nhd"], (split, None, None), (8 // tp, 16, 64)),
+        "w_up_df": (layer["w_up_df"], (None, split), (64, 128 // tp)),
+        "w_down_fd": (layer["w_down_fd"], (split, None), (128 // tp, 64)),
+        "embed_vd": (params["embed_vd"], (split, None), (256 // tp, 64)),
+        "final_norm_d": (params["final_norm_d"], (None,), (64,)),
+    }
+    k_pages = engine.runner.kv_caches[0][0]
+    expected["k_pages"] = (k_pages, (kv_split, None, None, None), (kv_heads,) + tuple(k_pages.shape[1:]))
+    for name, (a, spec, shard) in expected.items():
+        if tp > 1:
+            assert tuple(a.sharding.spec) == spec, (name, a.sharding.spec)
+        assert _shard_shapes(a) == {shard}, (name, _shard_shapes(a))
+        assert len({s.device for s in a.addressable_shards}) == tp, name
+
+
+def _tp_engine_main():
+    """Runs in the subprocess: every tp against tp=1 and the reference loop."""
+    import warnings
+
+    from jaxinfer.generate import generate, prefill_logits
+    from jaxinfer.sampling_params import SamplingParams
+    from tests.engine_fixtures import tiny_model
+
+    # A donated KV pool that XLA cannot alias would be copied every step: fail instead.
+    warnings.filterwarnings("error", message=".*donated buffers were not usable.*")
+    assert jax.device_count() == 8, jax.devices()
+    model = tiny_model(**TP_OVERRIDES)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (5, 13, 20)]
+    max_tokens = 8
+    reference = generate(model.params, model.config, prompts, max_tokens)
+    ref_logprobs = jax.nn.log_softmax(prefill_logits(model.params, model.config, prompts[2]), axis=-1)
+    first = None
+    for tp in (1, 2, 4, 8):
+        engine = LLMEngine(tiny_model(**TP_OVERRIDES), EngineConfig(
+            tensor_parallel_size=tp, max_num_seqs=4, max_num_batched_tokens=32, page_size=8, num_pages=24,
+            max_model_len=64, warmup=False, compilation_cache_dir=""))
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                                         logprobs=1, prompt_logprobs=1 if i == 2 else None))
+        done = {}
+        while len(done) < len(prompts):
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        outs = [done[str(i)] for i in range(len(prompts))]
+        tokens = [o.outputs[0].token_ids for o in outs]
+        assert tokens == reference, (tp, tokens, reference)
+        sampled_lp = np.array([[d[t] for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                               for o in outs])
+        prompt_lp = np.array([d[t] for d, t in zip(outs[2].prompt_logprobs[1:], prompts[2][1:])])
+        want = np.array([ref_logprobs[j, t] for j, t in enumerate(prompts[2][1:])])
+        np.testing.assert_allclose(prompt_lp, want, rtol=1e-5, atol=1e-5)
+        if first is None:
+            first = (sampled_lp, prompt_lp)
+        else:
+            np.testing.assert_allclose(sampled_lp, first[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(prompt_lp, first[1], rtol=1e-5, atol=1e-6)
+        _check_placement(engine, tp)  # after the steps: donation kept the pools' sharding
+        print(f"tp={tp} ok", flush=True)
+
+
+def test_tensor_parallel_engine_matches_one_device():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}
+    proc = subprocess.run([sys.executable, "-c", "from tests.test_sharding import _tp_engine_main; _tp_engine_main()"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    assert [f"tp={tp} ok" for tp in (1, 2, 4, 8)] == proc.stdout.split("\n")[-5:-1], proc.stdout
