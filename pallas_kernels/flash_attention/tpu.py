@@ -29,7 +29,7 @@ from pallas_kernels.common import check_block_sizes
 from pallas_kernels.flash_attention.reference import check_flash_inputs
 from pallas_kernels.flash_attention.tuned_block_sizes import TpuFlashBlockSizes, tpu_flash_block_sizes
 from pallas_kernels.paged_attention.tpu import (M_INIT, PageBlockCopy, double_buffered_loop, flash_block,
-                                                interpret_params)
+                                                query_tile_call)
 from pallas_kernels.ragged_paged_attention.tpu import first_overlapping_sequence
 
 
@@ -129,20 +129,7 @@ def flash_attention(q, k, v, cu_seq_lens, *, scale, causal=True, sliding_window=
         _flash_kernel, scale=float(scale), causal=bool(causal), sliding_window=sliding_window,
         logit_softcap=None if logit_softcap is None else float(logit_softcap), num_seqs=num_seqs,
         search_steps=max(1, num_seqs.bit_length()))
-    q_spec = pl.BlockSpec((bq, None, group, head_dim), lambda h, i, *_: (i, h, 0, 0))
-    buf = pltpu.VMEM((2, block_k, head_dim), k.dtype)
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(num_kv_heads, padded_tokens // bq),
-            in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=q_spec,
-            scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2)),
-                            pltpu.VMEM((bq, group, head_dim), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct(q_tkgh.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret_params(interpret),
-        name="flash_attention",
-    )(cu_seq_lens, q_tkgh, k, v)
+    out = query_tile_call(kernel, q_tkgh, block_q=bq, kv_buffer=pltpu.VMEM((2, block_k, head_dim), k.dtype),
+                          num_scalar_prefetch=1, out_dtype=q.dtype, interpret=interpret,
+                          name="flash_attention")(cu_seq_lens, q_tkgh, k, v)
     return out[:num_tokens].reshape(q.shape)

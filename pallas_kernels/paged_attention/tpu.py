@@ -34,6 +34,33 @@ def interpret_params(interpret):
     return interpret or False
 
 
+def query_tile_call(kernel, q_tkgh, *, block_q, kv_buffer, num_scalar_prefetch, out_dtype, interpret, name):
+    """pallas_call over a (kv head, query tile) grid for kernels that stream K and V from HBM.
+
+    q_tkgh [T, K, G, H] with T a multiple of block_q; each program owns a [block_q, G, H] tile
+    of one kv head. K and V stay in HBM (the kernel copies them itself into two kv_buffer
+    double buffers with a (2, 2) DMA semaphore array); a float32 [block_q, G, H] accumulator
+    is the last scratch. Returns the call, to be applied to the scalar-prefetch operands, q,
+    then K and V.
+    """
+    num_tokens, num_kv_heads, group, head_dim = q_tkgh.shape
+    q_spec = pl.BlockSpec((block_q, None, group, head_dim), lambda h, i, *_: (i, h, 0, 0))
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=num_scalar_prefetch,
+            grid=(num_kv_heads, num_tokens // block_q),
+            in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=q_spec,
+            scratch_shapes=[kv_buffer, kv_buffer, pltpu.SemaphoreType.DMA((2, 2)),
+                            pltpu.VMEM((block_q, group, head_dim), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(q_tkgh.shape, out_dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=interpret_params(interpret),
+        name=name,
+    )
+
+
 class PageBlockCopy:
     """Async copies of the K and V pages of one block of table slots into one buffer slot."""
 

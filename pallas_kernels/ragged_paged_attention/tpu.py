@@ -23,7 +23,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import check_block_sizes, check_options, check_ragged_inputs, page_blocks
 from pallas_kernels.paged_attention.tpu import (M_INIT, PageBlockCopy, double_buffered_loop,
-                                                flash_block, interpret_params, pages_in_range)
+                                                flash_block, pages_in_range, query_tile_call)
 from pallas_kernels.ragged_paged_attention.tuned_block_sizes import (TpuRaggedBlockSizes,
                                                                      tpu_ragged_block_sizes)
 
@@ -124,20 +124,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
         pages_per_table=pages_per_seq, max_seqs=max_seqs,
         search_steps=max(1, max_seqs.bit_length()))
-    q_spec = pl.BlockSpec((bq, None, group, head_dim), lambda h, i, *_: (i, h, 0, 0))
     buf = pltpu.VMEM((2, block_sizes.pages_per_block, page_size, head_dim), k_pages.dtype)
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
-            grid=(num_kv_heads, padded_tokens // bq),
-            in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=q_spec,
-            scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2)),
-                            pltpu.VMEM((bq, group, head_dim), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct(q_tkgh.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret_params(interpret),
-        name="ragged_paged_attention",
-    )(kv_lens, block_tables.reshape(-1), cu_q_lens, num_seqs, q_tkgh, k_pages, v_pages)
+    out = query_tile_call(kernel, q_tkgh, block_q=bq, kv_buffer=buf, num_scalar_prefetch=4, out_dtype=q.dtype,
+                          interpret=interpret, name="ragged_paged_attention")(kv_lens, block_tables.reshape(-1), cu_q_lens, num_seqs, q_tkgh, k_pages, v_pages)
     return out[:num_tokens].reshape(q.shape) if padded_tokens != num_tokens else out.reshape(q.shape)
