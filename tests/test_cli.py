@@ -3,7 +3,6 @@
 import io
 import json
 
-import jax
 import pytest
 
 from jaxinfer.cli import main

@@ -9,10 +9,9 @@ everything else (eos, stop ids, lengths) ends it inside the scheduler.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +45,7 @@ class _Completion:
     detokenizer: IncrementalDetokenizer | None
     logprobs: list[dict[int, float]] | None
     cumulative_logprob: float = 0.0
-    text: str = ""
-    delta_text: str = ""
+    delta_text: str = ""  # text not yet reported (DELTA outputs)
     delta_start: int = 0  # output tokens already reported (DELTA outputs)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -159,7 +157,6 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
         self._seed_rng = np.random.default_rng(config.seed)
-        self._ids = itertools.count()
         if config.warmup:
             self.runner.warmup()
 
@@ -342,7 +339,6 @@ class LLMEngine:
                 elif req.is_finished:
                     delta += c.detokenizer.finish()
                 c.delta_text += delta
-                c.text += delta
             if req.is_finished and c.finish_reason is None:
                 c.finish_reason = req.finish_reason
                 if req.finish_reason == "stop":
@@ -372,7 +368,8 @@ class LLMEngine:
                 logprobs = c.logprobs[c.delta_start:] if c.logprobs is not None else None
                 c.delta_text, c.delta_start = "", len(ids)
             else:
-                text, token_ids, logprobs = c.text, list(ids), c.logprobs
+                text = c.detokenizer.output_text if c.detokenizer is not None else ""
+                token_ids, logprobs = list(ids), c.logprobs
             completions.append(CompletionOutput(
                 index=c.index, text=text, token_ids=list(token_ids), finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason, logprobs=list(logprobs) if logprobs is not None else None,
