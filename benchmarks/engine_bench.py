@@ -10,10 +10,8 @@ process, and writes a JSON record to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -21,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.record import run_header
 from jaxinfer.config import preset
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import LLMEngine
@@ -29,12 +28,6 @@ from jaxinfer.models import llama
 from jaxinfer.sampling_params import SamplingParams
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-
-
-def device_info():
-    d = jax.devices()[0]
-    return {"device": d.device_kind, "platform": d.platform, "jax": jax.__version__,
-            "python": platform.python_version()}
 
 
 def hbm_bandwidth() -> float | None:
@@ -148,8 +141,7 @@ def main(argv=None):
     read = {k: v for k, v in params.items() if k != "embed_vd" or config.tie_word_embeddings}
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(read))
     record = {
-        "benchmark": f"engine_{args.mode}", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv), **device_info(),
+        "benchmark": f"engine_{args.mode}", **run_header(),
         "preset": args.preset, "args": vars(args), "weights": "random bf16",
         "init_params_s": init_s, "engine_startup_s": startup_s, "seconds": elapsed, "ttft_s": ttft,
         "generated_tokens": gen_tokens, "output_tokens_per_s": gen_tokens / elapsed,

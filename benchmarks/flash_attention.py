@@ -19,7 +19,6 @@ Writes flash_attention.json and flash_attention.md under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.record import run_header
 from benchmarks.kernels import rel_err, time_call
 from pallas_kernels.flash_attention import flash_attention_dense, gpu
 from pallas_kernels.flash_attention.reference import flash_attention_reference
@@ -178,9 +178,7 @@ def main():
     if args.quick:
         args.iters, args.repeats, args.sets = 1, 2, 1
     rng = np.random.default_rng(int(time.time()))
-    report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  command="PYTHONPATH=. python " + " ".join(sys.argv))
+    report = run_header()
     print(report, flush=True)
     os.makedirs(args.out, exist_ok=True)
 

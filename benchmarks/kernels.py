@@ -19,7 +19,6 @@ Writes kernels.json and kernels.md under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.record import run_header
 from pallas_kernels.paged_attention import gpu as decode_gpu
 from pallas_kernels.paged_attention.reference import paged_attention_reference
 from pallas_kernels.paged_attention.tuned_block_sizes import GpuDecodeBlockSizes
@@ -328,9 +328,7 @@ def main():
     if args.quick:
         args.iters, args.repeats, args.sets = 2, 2, 1
     rng = np.random.default_rng(int(time.time()))
-    report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  command="PYTHONPATH=. python " + " ".join(sys.argv))
+    report = run_header()
     print(report, flush=True)
     os.makedirs(args.out, exist_ok=True)
 
