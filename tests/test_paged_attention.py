@@ -30,7 +30,7 @@ from pallas_kernels.paged_attention.tuned_block_sizes import (GpuDecodeBlockSize
 
 # Max |kernel - reference| / max |reference| per dtype: float32 kernels use exact float32
 # products; bfloat16 ones round the softmax weights to bfloat16 before p @ v.
-TOLERANCE = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.bfloat16): 2e-2}
+TOLERANCE = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 4e-3}
 POISON_SLOT = 2**30
 
 

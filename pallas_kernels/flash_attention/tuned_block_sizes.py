@@ -49,6 +49,43 @@ class TpuFlashBlockSizes:
         check_positive_ints(self, "block_q", "block_k")
 
 
+@dataclasses.dataclass(frozen=True)
+class MosaicFlashBlockSizes:
+    """Tiling of the Mosaic GPU flash-attention kernel (mosaic_gpu.py).
+
+    block_q: query rows per compute warpgroup (a CTA has two); a multiple of 64, the M of one
+      wgmma.
+    block_kv: keys per pipeline step; a multiple of 64.
+    num_stages: shared-memory slots for K and V blocks in flight (at least 2).
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    num_stages: int = 2
+
+    def __post_init__(self):
+        check_positive_ints(self, "block_q", "block_kv", "num_stages")
+        if self.block_q % 64 or self.block_kv % 64:
+            raise ValueError(f"block_q and block_kv must be multiples of 64, got {self}")
+        if self.num_stages < 2:
+            raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
+
+
+# head_dim -> Mosaic GPU tiling (bf16 and fp16 alike); Hopper only, so no device key. Shared
+# memory holds Q (2 * block_q rows) and num_stages K and V blocks, under the 227 KB limit.
+# 128: measured at P3 (benchmarks/results/flash_attention_h100_2026-11-25_*): 3 stages beat 2
+# by 2% in two runs, block_kv 64 is 13% slower. 256: the largest tiling that fits.
+_MOSAIC_TABLE: dict[int, MosaicFlashBlockSizes] = {
+    128: MosaicFlashBlockSizes(64, 128, 3),
+    256: MosaicFlashBlockSizes(64, 64, 2),
+}
+
+
+def mosaic_flash_block_sizes(*, head_dim: int, dtype) -> MosaicFlashBlockSizes:
+    del dtype  # the kernel takes 2-byte dtypes only, which tile alike
+    return _MOSAIC_TABLE.get(head_dim, MosaicFlashBlockSizes())
+
+
 # (device family, head_dim, dtype) -> (block_q, block_k, num_warps, num_stages).
 _GPU_TABLE: dict[tuple[str, int, str], tuple[int, int, int, int]] = {
     ("H100", 128, "bfloat16"): (128, 64, 8, 3),
