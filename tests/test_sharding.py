@@ -18,6 +18,7 @@ from jaxinfer.config import preset
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import LLMEngine, resolve_attention_backend
 from jaxinfer.models import llama
+from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
 from jaxinfer.models.paged_attention_xla import PagedAttentionXLA
 from sharding import DEFAULT_RULES, kv_cache_sharding, logical_to_spec, make_mesh, param_shardings
 
@@ -94,14 +95,31 @@ def test_mesh_and_engine_errors():
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="tensor_parallel_size"):
             EngineConfig(tensor_parallel_size=bad)
-    assert isinstance(resolve_attention_backend("auto", platform="gpu", tensor_parallel_size=2), PagedAttentionXLA)
-    with pytest.raises(ValueError, match="pallas"):
-        resolve_attention_backend("pallas", platform="gpu", tensor_parallel_size=2)
     from tests.engine_fixtures import tiny_model
 
     with pytest.raises(ValueError, match="needs 2 devices"):
         LLMEngine(tiny_model(**TP_OVERRIDES), EngineConfig(tensor_parallel_size=2, num_pages=8, warmup=False,
                                                            compilation_cache_dir=""))
+
+
+def test_pallas_backend_needs_kv_heads_split_by_tp():
+    # 4 kv heads: tp = 8 replicates the KV pools, which the per-device kernel cannot use.
+    mesh = _mesh_shape(8)
+    assert isinstance(resolve_attention_backend("auto", platform="gpu", mesh=mesh, num_kv_heads=4),
+                      PagedAttentionXLA)
+    with pytest.raises(ValueError, match="does not divide the model's 4 kv heads"):
+        resolve_attention_backend("pallas", platform="gpu", mesh=mesh, num_kv_heads=4)
+    for tp in (2, 4):
+        mesh = _mesh_shape(tp)
+        backend = resolve_attention_backend("auto", platform="gpu", mesh=mesh, num_kv_heads=4)
+        assert isinstance(backend, PagedAttentionPallas) and backend.mesh is mesh and not backend.interpret
+        assert resolve_attention_backend("auto", platform="tpu", mesh=mesh, num_kv_heads=4).platform == "tpu"
+        assert isinstance(resolve_attention_backend("auto", platform="cpu", mesh=mesh, num_kv_heads=4),
+                          PagedAttentionXLA)
+        backend = resolve_attention_backend("pallas", platform="cpu", mesh=mesh, num_kv_heads=4)
+        assert backend.interpret and backend.platform == "gpu" and backend.mesh is mesh
+    # tp = 1 needs no mesh inside the backend.
+    assert resolve_attention_backend("pallas", platform="gpu", mesh=_mesh_shape(1), num_kv_heads=4).mesh is None
 
 
 # -- tensor-parallel engine runs on 8 simulated devices ---------------------------------------
@@ -134,8 +152,13 @@ def _check_placement(engine, tp: int):
         assert len({s.device for s in a.addressable_shards}) == tp, name
 
 
+# (attention backend, tp) engine runs of the subprocess, checked against the first run and the
+# reference loop. Pallas runs in interpret mode here (slow), so only where it splits 4 kv heads.
+TP_RUNS = (("xla", 1), ("xla", 2), ("xla", 4), ("xla", 8), ("pallas", 2), ("pallas", 4))
+
+
 def _tp_engine_main():
-    """Runs in the subprocess: every tp against tp=1 and the reference loop."""
+    """Runs in the subprocess: every run of TP_RUNS against the first and the reference loop."""
     import warnings
 
     from jaxinfer.generate import generate, prefill_logits
@@ -152,10 +175,13 @@ def _tp_engine_main():
     reference = generate(model.params, model.config, prompts, max_tokens)
     ref_logprobs = jax.nn.log_softmax(prefill_logits(model.params, model.config, prompts[2]), axis=-1)
     first = None
-    for tp in (1, 2, 4, 8):
+    for attention_backend, tp in TP_RUNS:
         engine = LLMEngine(tiny_model(**TP_OVERRIDES), EngineConfig(
             tensor_parallel_size=tp, max_num_seqs=4, max_num_batched_tokens=32, page_size=8, num_pages=24,
-            max_model_len=64, warmup=False, compilation_cache_dir=""))
+            max_model_len=64, warmup=False, compilation_cache_dir="", attention_backend=attention_backend))
+        assert engine.runner.attention.name == attention_backend
+        if attention_backend == "pallas":  # per device, over the engine's mesh
+            assert engine.runner.attention.mesh is engine.mesh
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                                                          logprobs=1, prompt_logprobs=1 if i == 2 else None))
@@ -176,7 +202,7 @@ def _tp_engine_main():
             np.testing.assert_allclose(sampled_lp, first[0], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(prompt_lp, first[1], rtol=1e-5, atol=1e-6)
         _check_placement(engine, tp)  # after the steps: donation kept the pools' sharding
-        print(f"tp={tp} ok", flush=True)
+        print(f"{attention_backend} tp={tp} ok", flush=True)
 
 
 def test_tensor_parallel_engine_matches_one_device():
@@ -185,4 +211,5 @@ def test_tensor_parallel_engine_matches_one_device():
     proc = subprocess.run([sys.executable, "-c", "from tests.test_sharding import _tp_engine_main; _tp_engine_main()"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    assert [f"tp={tp} ok" for tp in (1, 2, 4, 8)] == proc.stdout.split("\n")[-5:-1], proc.stdout
+    want = [f"{backend} tp={tp} ok" for backend, tp in TP_RUNS]
+    assert want == proc.stdout.split("\n")[-len(TP_RUNS) - 1:-1], proc.stdout

@@ -67,28 +67,39 @@ class _Group:
         return all(c.finish_reason is not None for c in self.completions)
 
 
-def resolve_attention_backend(name: str, *, platform: str | None = None, tensor_parallel_size: int = 1):
+def resolve_attention_backend(name: str, *, platform: str | None = None, mesh=None,
+                              num_kv_heads: int | None = None):
     """The attention backend object for an EngineConfig.attention_backend value.
 
     "auto" takes the Pallas kernels on GPU and TPU and the portable XLA path on the CPU;
-    "pallas" on the CPU runs the GPU kernel in interpret mode (for tests). The Pallas kernels
-    are per-device programs that XLA cannot partition, so with tensor parallelism "auto" takes
-    the XLA path (which XLA splits by kv heads) and "pallas" is refused.
+    "pallas" on the CPU runs the GPU kernel in interpret mode (for tests).
+
+    mesh, num_kv_heads: the engine's mesh (None on one device) and the model's kv heads. The
+    Pallas kernels are per-device programs, so on a mesh they run per device over its "tp" axis
+    (shard_map), which needs the kv heads to split evenly over it. When tp does not divide
+    num_kv_heads the KV pools are replicated instead: "auto" takes the XLA path (which XLA
+    partitions itself) and "pallas" is refused.
     """
     from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
     from jaxinfer.models.paged_attention_xla import PagedAttentionXLA
 
     platform = platform or jax.default_backend()
+    tp = mesh.shape["tp"] if mesh is not None else 1
+    if tp > 1 and num_kv_heads is None:
+        raise ValueError("num_kv_heads is needed with a mesh")
+    splits_kv = tp == 1 or num_kv_heads % tp == 0
     if name == "auto":
-        name = "xla" if platform == "cpu" or tensor_parallel_size > 1 else "pallas"
-    if name == "pallas" and tensor_parallel_size > 1:
-        raise ValueError(f"attention_backend='pallas' runs on one device; with tensor_parallel_size="
-                         f"{tensor_parallel_size} use 'xla' or 'auto'")
+        name = "xla" if platform == "cpu" or not splits_kv else "pallas"
+    if name == "pallas" and not splits_kv:
+        raise ValueError(f"attention_backend='pallas' splits the kv heads over tensor_parallel_size={tp} "
+                         f"devices, which does not divide the model's {num_kv_heads} kv heads (the KV cache "
+                         "is replicated on every device); use 'xla' or 'auto'")
     if name == "xla":
         return PagedAttentionXLA()
+    mesh = mesh if tp > 1 else None
     if platform == "tpu":
-        return PagedAttentionPallas(platform="tpu")
-    return PagedAttentionPallas(platform="gpu", interpret=platform != "gpu")
+        return PagedAttentionPallas(platform="tpu", mesh=mesh)
+    return PagedAttentionPallas(platform="gpu", interpret=platform != "gpu", mesh=mesh)
 
 
 def _logprob_entry(token_id: int, lp, row: int, top_n: int) -> dict[int, float]:
@@ -150,7 +161,7 @@ class LLMEngine:
             mc, model.params, self.kv_spec,
             RunnerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                          max_model_len=self.max_model_len, page_size=config.page_size),
-            resolve_attention_backend(config.attention_backend, tensor_parallel_size=config.tensor_parallel_size),
+            resolve_attention_backend(config.attention_backend, mesh=mesh, num_kv_heads=mc.num_kv_heads),
             eos_token_ids=self.eos_token_ids, kv_fill=kv_fill, kv_sharding=kv_sharding)
         self.mesh = mesh
         self.metrics = EngineMetrics()

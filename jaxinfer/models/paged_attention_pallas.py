@@ -4,11 +4,23 @@ One kernel launch per layer serves the whole mixed step (prefill chunks and deco
 cache write stays a scatter in XLA, fused by the compiler into the step. The GPU variant uses
 the Triton lowering, the TPU variant Mosaic TPU; on the CPU either runs in interpret mode
 (tests only: it is slow).
+
+Tensor parallelism: a Pallas kernel is a per-device program that XLA cannot partition, so on a
+mesh the cache write and the kernel run inside `jax.shard_map` over the tp axis. Each device
+gets its N/tp query heads, its K/tp kv heads of this step's k/v and of the pools, and the whole
+(replicated) step metadata, and runs the unchanged kernel on them: query head n reads kv head
+n // G, and with K % tp == 0 a device's query heads and the kv heads they read are on the same
+device, with the same group size G = N/K. When tp does not divide K the pools are replicated
+(sharding/rules.py), the split would not line up, and the engine uses the XLA path instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfer.models.attention import LayerSpec
 from jaxinfer.models.paged_attention_xla import PagedMetadata, write_kv
@@ -16,17 +28,34 @@ from jaxinfer.models.paged_attention_xla import PagedMetadata, write_kv
 
 @dataclasses.dataclass(frozen=True)
 class PagedAttentionPallas:
-    """platform: "gpu" or "tpu" (which kernel); interpret: run it in Pallas interpret mode."""
+    """platform: "gpu" or "tpu" (which kernel); interpret: run it in Pallas interpret mode;
+    mesh, axis: with a mesh whose `axis` has more than one device, run per device over that
+    axis (the kv heads must split evenly over it)."""
 
     platform: str = "gpu"
     interpret: bool = False
     name: str = "pallas"
+    mesh: Mesh | None = None
+    axis: str = "tp"
 
     def __post_init__(self):
         if self.platform not in ("gpu", "tpu"):
             raise ValueError(f"platform must be gpu or tpu, got {self.platform!r}")
 
     def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: PagedMetadata, layer: LayerSpec):
+        run = functools.partial(self._attend, layer=layer)
+        if self.mesh is None or self.mesh.shape[self.axis] == 1:
+            return run(q_tnh, k_tkh, v_tkh, kv_cache, metadata)
+        if k_tkh.shape[1] % self.mesh.shape[self.axis]:
+            raise ValueError(f"{k_tkh.shape[1]} kv heads do not split over {self.mesh.shape[self.axis]} devices")
+        heads = PartitionSpec(None, self.axis, None)
+        pools = PartitionSpec(self.axis, None, None, None)
+        # check_vma off: a pallas_call does not say how its outputs vary over the mesh axis, so
+        # the check would reject the split out_specs.
+        return jax.shard_map(run, mesh=self.mesh, in_specs=(heads, heads, heads, pools, PartitionSpec()),
+                             out_specs=(heads, pools), check_vma=False)(q_tnh, k_tkh, v_tkh, kv_cache, metadata)
+
+    def _attend(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: PagedMetadata, layer: LayerSpec):
         if self.platform == "gpu":
             from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention
         else:
