@@ -86,6 +86,16 @@ if jax.default_backend() == "gpu" and mosaic_gpu.is_supported_device():
         def test_matches_reference(self, case):
             check_mosaic(case, interpret=False, seed=zlib.crc32(str(case).encode()))
 
+        def test_dense_dispatch_picks_it(self):
+            """flash_attention_dense with no kernel runs this one where it applies: bit for bit
+            the output of calling it directly."""
+            rng = np.random.default_rng(11)
+            q, k, v = (jnp.asarray(rng.standard_normal((1, 512, n, 128)), jnp.bfloat16) for n in (8, 2, 2))
+            assert mosaic_gpu.applies(q, k, v)
+            out = flash_attention_dense(q, k, v, scale=0.088)
+            np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(
+                mosaic_gpu.flash_attention_dense(q, k, v, scale=0.088), np.float32))
+
 
 @pytest.mark.parametrize("opts", [dict(causal=True), dict(causal=False),
                                   dict(causal=True, sliding_window=300, logit_softcap=30.0)], ids=str)
