@@ -28,8 +28,8 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.common import check_block_sizes
 from pallas_kernels.flash_attention.reference import check_flash_inputs
 from pallas_kernels.flash_attention.tuned_block_sizes import TpuFlashBlockSizes, tpu_flash_block_sizes
-from pallas_kernels.paged_attention.tpu import (M_INIT, PageBlockCopy, double_buffered_loop, flash_block,
-                                                query_tile_call)
+from pallas_kernels.paged_attention.tpu import (PageBlockCopy, double_buffered_loop, flash_block, query_tile_call,
+                                                softmax_state, store_heads)
 from pallas_kernels.ragged_paged_attention.tpu import first_overlapping_sequence
 
 
@@ -87,12 +87,8 @@ def _flash_kernel(cu_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, out_ac
             return tuple(flash_block(carries[g], q_ref[:, g, :], k_buf[buffer], v, visible, scale=scale,
                                      logit_softcap=logit_softcap) for g in range(group))
 
-        init = tuple((jnp.zeros((bq, head_dim), jnp.float32), jnp.full((bq, 1), M_INIT, jnp.float32),
-                      jnp.zeros((bq, 1), jnp.float32)) for _ in range(group))
-        carries = double_buffered_loop(0, num_blocks, block_copy, compute, init)
-        for g, (acc, _, l) in enumerate(carries):
-            out = acc / jnp.where(l == 0, 1.0, l)
-            out_acc[:, g, :] = jnp.where(in_seq, out, out_acc[:, g, :])
+        init = tuple(softmax_state(bq, head_dim) for _ in range(group))
+        store_heads(out_acc, double_buffered_loop(0, num_blocks, block_copy, compute, init), in_seq)
         return seq + 1
 
     first = first_overlapping_sequence(cu_ref, row_start, jnp.int32(num_seqs), search_steps)

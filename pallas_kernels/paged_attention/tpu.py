@@ -103,6 +103,20 @@ def flash_block(carry, q, k, v, visible, *, scale, logit_softcap):
     return acc * alpha + pv, m_next, l
 
 
+def softmax_state(rows, head_dim):
+    """A fresh online-softmax carry (acc [rows, H], running max [rows, 1], sum [rows, 1])."""
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), M_INIT, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))
+
+
+def store_heads(out_acc, carries, rows_mask):
+    """Each query head g's normalised output into out_acc[:, g, :] on the rows where rows_mask
+    [BQ, 1] is set; a row that saw no key stays 0 rather than 0 / 0."""
+    for g, (acc, _, l) in enumerate(carries):
+        out = acc / jnp.where(l == 0, 1.0, l)
+        out_acc[:, g, :] = jnp.where(rows_mask, out, out_acc[:, g, :])
+
+
 def pages_in_range(k_buf, v_buf, buffer, slot0, page_size, kv_lo, kv_hi):
     """The block's K, V [BK, H] from the buffer, values outside [kv_lo, kv_hi) zeroed, and the
     positions of its keys [1, BK]."""
@@ -166,8 +180,7 @@ def _decode_kernel(seq_lens_ref, tables_ref, q_ref, k_hbm, v_hbm, *refs, scale, 
         visible = jnp.broadcast_to((k_pos >= first) & (k_pos < seq_len), (group, k.shape[0]))
         return flash_block(carry, q, k, v, visible, scale=scale, logit_softcap=logit_softcap)
 
-    init = (jnp.zeros((group, head_dim), jnp.float32), jnp.full((group, 1), M_INIT, jnp.float32),
-            jnp.zeros((group, 1), jnp.float32))
+    init = softmax_state(group, head_dim)
     acc, m, l = double_buffered_loop(block_lo, block_hi, block_copy, compute, init)
     safe_l = jnp.where(l == 0, 1.0, l)
     if num_splits == 1:

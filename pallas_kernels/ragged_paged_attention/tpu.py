@@ -22,8 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import check_block_sizes, check_options, check_ragged_inputs, page_blocks
-from pallas_kernels.paged_attention.tpu import (M_INIT, PageBlockCopy, double_buffered_loop,
-                                                flash_block, pages_in_range, query_tile_call)
+from pallas_kernels.paged_attention.tpu import (PageBlockCopy, double_buffered_loop, flash_block,
+                                                pages_in_range, query_tile_call, softmax_state, store_heads)
 from pallas_kernels.ragged_paged_attention.tuned_block_sizes import (TpuRaggedBlockSizes,
                                                                      tpu_ragged_block_sizes)
 
@@ -81,12 +81,8 @@ def _ragged_kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, q_ref, k_hbm, 
             return tuple(flash_block(carries[g], q_ref[:, g, :], k, v, visible, scale=scale,
                                      logit_softcap=logit_softcap) for g in range(group))
 
-        init = tuple((jnp.zeros((bq, head_dim), jnp.float32), jnp.full((bq, 1), M_INIT, jnp.float32),
-                      jnp.zeros((bq, 1), jnp.float32)) for _ in range(group))
-        carries = double_buffered_loop(0, num_blocks, block_copy, compute, init)
-        for g, (acc, _, l) in enumerate(carries):
-            out = acc / jnp.where(l == 0, 1.0, l)
-            out_acc[:, g, :] = jnp.where(in_seq, out, out_acc[:, g, :])
+        init = tuple(softmax_state(bq, head_dim) for _ in range(group))
+        store_heads(out_acc, double_buffered_loop(0, num_blocks, block_copy, compute, init), in_seq)
         return seq + 1
 
     first = first_overlapping_sequence(cu_ref, row_start, num_seqs, search_steps)
