@@ -18,8 +18,6 @@ Writes flash_attention.json and flash_attention.md under --out.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.record import run_header
+from benchmarks.record import kernel_bench_parser, report_saver, run_header
 from benchmarks.kernels import rel_err, timings
 from pallas_kernels.flash_attention import flash_attention_dense, gpu, mosaic_gpu
 from pallas_kernels.flash_attention.reference import flash_attention_reference
@@ -241,26 +239,16 @@ def markdown(report):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
-    parser.add_argument("--sweep", action="store_true", help="also time a sweep of tilings at P3")
+    parser = kernel_bench_parser(__doc__.split("\n")[0], iters=30)
     parser.add_argument("--lengths", default="4096,2048,1024", help="sequence lengths; the first gets the sweep")
     parser.add_argument("--timing-only", action="store_true", help="skip the correctness checks")
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sets", type=int, default=2, help="input sets rotated between calls")
     args = parser.parse_args()
     if args.quick:
         args.iters, args.repeats, args.sets = 1, 2, 1
     rng = np.random.default_rng(int(time.time()))
     report = run_header()
     print(report, flush=True)
-    os.makedirs(args.out, exist_ok=True)
-
-    def save():  # after every stage, so a run cut short still leaves its numbers
-        with open(os.path.join(args.out, "flash_attention.json"), "w") as f:
-            json.dump(report, f, indent=1)
+    save = report_saver(report, args.out, "flash_attention.json")
 
     report["correctness"] = [] if args.timing_only else check_correctness(rng, interpret=args.quick)
     for r in report["correctness"]:

@@ -18,8 +18,6 @@ Writes kernels.json and kernels.md under --out.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.record import run_header
+from benchmarks.record import kernel_bench_parser, report_saver, run_header
 from pallas_kernels.paged_attention import gpu as decode_gpu
 from pallas_kernels.paged_attention.reference import paged_attention_reference
 from pallas_kernels.paged_attention.tuned_block_sizes import GpuDecodeBlockSizes
@@ -365,25 +363,15 @@ def markdown(report):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
-    parser.add_argument("--sweep", action="store_true", help="also time a sweep of tilings")
+    parser = kernel_bench_parser(__doc__.split("\n")[0], iters=100)
     parser.add_argument("--page-sizes", default="16,32,64")
-    parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sets", type=int, default=2, help="input sets rotated between calls")
     args = parser.parse_args()
     if args.quick:
         args.iters, args.repeats, args.sets = 2, 2, 1
     rng = np.random.default_rng(int(time.time()))
     report = run_header()
     print(report, flush=True)
-    os.makedirs(args.out, exist_ok=True)
-
-    def save():  # after every stage, so a run cut short still leaves its numbers
-        with open(os.path.join(args.out, "kernels.json"), "w") as f:
-            json.dump(report, f, indent=1)
+    save = report_saver(report, args.out, "kernels.json")
 
     print("correctness", flush=True)
     report["correctness"] = check_correctness(rng, interpret=args.quick)

@@ -1,8 +1,12 @@
-"""The header every benchmark record starts with: what ran it, where and when."""
+"""What every benchmark record shares: the header (what ran it, where and when), the common
+command-line options of the kernel benchmarks, and saving the record as it grows."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
+import os
 import platform
 import sys
 
@@ -15,3 +19,27 @@ def run_header() -> dict:
     return dict(device=d.device_kind, platform=d.platform, jax=jax.__version__, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="PYTHONPATH=. python " + " ".join(sys.argv))
+
+
+def kernel_bench_parser(description: str, *, iters: int) -> argparse.ArgumentParser:
+    """The options every kernel benchmark takes; scripts add their own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
+    parser.add_argument("--sweep", action="store_true", help="also time a sweep of tilings")
+    parser.add_argument("--iters", type=int, default=iters, help="back-to-back calls per repeat")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sets", type=int, default=2, help="input sets rotated between calls")
+    return parser
+
+
+def report_saver(report: dict, out_dir: str, filename: str):
+    """A function writing `report` as JSON to out_dir/filename, for calling after every stage so
+    that a run cut short still leaves its numbers."""
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save():
+        with open(os.path.join(out_dir, filename), "w") as f:
+            json.dump(report, f, indent=1)
+
+    return save
