@@ -13,23 +13,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from jaxinfer.config import ModelConfig
-from jaxinfer.models import model_module
+from jaxinfer.models import param_dtype
 from jaxinfer.models.attention import ContiguousAttention, ContiguousMetadata
 
 _BACKEND = ContiguousAttention()
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_caches",))
-def _step(params, config: ModelConfig, token_ids_bs, positions_bs, last_index_b, kv_caches):
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv_cache",))
+def _step(graphdef, params, token_ids_bs, positions_bs, last_index_b, kv_cache):
     """One forward over B x S tokens; returns float32 logits at each row's `last_index_b` token."""
-    model = model_module(config)
+    model = nnx.merge(graphdef, params)
     b, s = token_ids_bs.shape
-    hidden, kv_caches = model.forward(params, config, token_ids_bs.reshape(-1),
-                                      jnp.maximum(positions_bs, 0).reshape(-1), kv_caches,
-                                      ContiguousMetadata(positions_bs), _BACKEND)
+    hidden, kv_cache = model(token_ids_bs.reshape(-1), jnp.maximum(positions_bs, 0).reshape(-1), kv_cache,
+                             ContiguousMetadata(positions_bs), _BACKEND)
     last = hidden.reshape(b, s, -1)[jnp.arange(b), last_index_b]
-    return model.compute_logits(params, last), kv_caches
+    return model.compute_logits(last), kv_cache
+
+
+def _split(model) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graph definition, state) of a model given as an NNX module or a LoadedModel."""
+    if isinstance(model, nnx.Module):
+        return nnx.split(model)
+    return model.graphdef, model.params
+
+
+def _new_cache(config: ModelConfig, params, batch: int, max_len: int):
+    return _BACKEND.init_cache(config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim,
+                               param_dtype(params))
 
 
 def _next_pow2(n: int, smallest: int = 16) -> int:
@@ -42,30 +55,29 @@ def _pick(logits_bv, temperature: float, key):
     return jax.random.categorical(key, logits_bv / temperature, axis=-1).astype(jnp.int32)
 
 
-def prefill_logits(params, config: ModelConfig, prompt: Sequence[int]) -> np.ndarray:
-    """Float32 logits [len(prompt), V] for every prompt position (parity tests use this)."""
-    model = model_module(config)
+def prefill_logits(model, prompt: Sequence[int]) -> np.ndarray:
+    """Float32 logits [len(prompt), V] for every prompt position (parity tests use this).
+
+    model: an NNX model or a LoadedModel."""
+    graphdef, params = _split(model)
     n = len(prompt)
-    caches = [_BACKEND.init_cache(1, n, config.num_kv_heads, config.head_dim, params["embed_vd"].dtype)
-              for _ in range(config.num_layers)]
 
     @jax.jit
-    def run(params, tokens, caches):
+    def run(params, tokens, cache):
         positions = jnp.arange(n, dtype=jnp.int32)
-        hidden, _ = model.forward(params, config, tokens, positions, caches,
-                                  ContiguousMetadata(positions[None]), _BACKEND)
-        return model.compute_logits(params, hidden)
+        module = nnx.merge(graphdef, params)
+        hidden, _ = module(tokens, positions, cache, ContiguousMetadata(positions[None]), _BACKEND)
+        return module.compute_logits(hidden)
 
-    return np.asarray(run(params, jnp.asarray(prompt, jnp.int32), caches))
+    return np.asarray(run(params, jnp.asarray(prompt, jnp.int32), _new_cache(model.config, params, 1, n)))
 
 
-def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, eos_token_ids: Sequence[int] = (), seed: int = 0) -> list[list[int]]:
     """Generates up to `max_new_tokens` tokens for each prompt.
 
     Args:
-      params: parameter tree on the device.
-      config: model configuration.
+      model: an NNX model or a LoadedModel (parameters on the device).
       prompts: token ids per prompt (non-empty).
       max_new_tokens: tokens to generate per prompt.
       temperature: 0 for greedy decoding, else softmax sampling at this temperature.
@@ -86,12 +98,11 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
         positions[i, :len(p)] = np.arange(len(p))
-    dtype = params["embed_vd"].dtype
-    caches = [_BACKEND.init_cache(b, max_len, config.num_kv_heads, config.head_dim, dtype)
-              for _ in range(config.num_layers)]
+    graphdef, params = _split(model)
+    cache = _new_cache(model.config, params, b, max_len)
     key = jax.random.PRNGKey(seed)
-    logits, caches = _step(params, config, jnp.asarray(tokens), jnp.asarray(positions),
-                           jnp.asarray(lengths - 1), caches)
+    logits, cache = _step(graphdef, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(lengths - 1),
+                          cache)
     eos = set(int(t) for t in eos_token_ids)
     outputs: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
@@ -105,7 +116,7 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
                 done[i] = int(next_ids[i]) in eos
         if done.all() or step == max_new_tokens - 1:
             break
-        logits, caches = _step(params, config, jnp.asarray(next_ids[:, None]), jnp.asarray(pos[:, None]),
-                               jnp.zeros(b, jnp.int32), caches)
+        logits, cache = _step(graphdef, params, jnp.asarray(next_ids[:, None]), jnp.asarray(pos[:, None]),
+                              jnp.zeros(b, jnp.int32), cache)
         pos += 1
     return outputs

@@ -18,14 +18,17 @@ class LLM:
     """An engine over one model, for batch generation in a script or notebook.
 
     Args:
-      model: HF directory, .gguf file, hub id, alias (None: the demo model), or a LoadedModel.
+      model: HF directory, .gguf file, hub id, alias (None: the demo model), a LoadedModel, or a
+        Flax NNX model of a supported family built or fine-tuned in JAX (`jaxinfer.models`;
+        pass its `tokenizer` to generate from text).
       dtype: "float32", "bfloat16" or "auto" (bfloat16 on accelerators, float32 on the CPU).
       gpu_memory_utilization: share of free device memory for the KV cache (vLLM's name for
         `kv_cache_memory_fraction`).
       **engine_kwargs: any EngineConfig field (max_model_len, max_num_seqs,
         max_num_batched_tokens, page_size, num_pages, enable_prefix_caching, seed,
         attention_backend, tensor_parallel_size, ...).
-    The functional model is reachable as `llm.model.config` / `llm.model.params`.
+    The functional model is reachable as `llm.model.config`, `llm.model.graphdef` and
+    `llm.model.params` (the NNX state; `nnx.merge(graphdef, params)` rebuilds the module).
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", gpu_memory_utilization: float | None = None,
@@ -42,8 +45,12 @@ class LLM:
         if gpu_memory_utilization is not None:
             engine_kwargs["kv_cache_memory_fraction"] = gpu_memory_utilization
         config = EngineConfig(**engine_kwargs)
+        from flax import nnx
+
         if isinstance(model, LoadedModel):
             self.model = model
+        elif isinstance(model, nnx.Module):
+            self.model = LoadedModel.from_module(model)
         else:
             self.model = load_model(model, dtype=None if dtype == "auto" else getattr(jnp, dtype))
         if tokenizer is not None:

@@ -1,6 +1,7 @@
 """The one table from logical axes to mesh axes, and the shardings it gives.
 
-Layers name logical roles only (`jaxinfer/models/llama.py: param_axes`); this table decides
+Layers name logical roles only (Flax sharding metadata on each `nnx.Param` of
+`jaxinfer/models/llama.py`); this table decides
 which mesh axis each role is split over. Megatron-style tensor parallelism: attention heads,
 kv heads, the mlp width and the vocabulary are split over "tp"; the model width and the head
 dim are replicated, so each attention head and each mlp column lives whole on one device and
@@ -24,6 +25,7 @@ from jaxinfer.config import ModelConfig
 
 # logical axis -> mesh axis name, or None for replicated.
 DEFAULT_RULES: Mapping[str, str | None] = {
+    "layers": None,
     "vocab": "tp",
     "heads": "tp",
     "kv_heads": "tp",
@@ -70,35 +72,43 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, str | None],
     return PartitionSpec(*entries)
 
 
+def logical_axes(state):
+    """The logical axis names of every parameter of a model state (Flax sharding metadata), as
+    PartitionSpecs of names in the state's structure."""
+    from flax import nnx
+
+    return nnx.get_partition_spec(state)
+
+
 def param_shardings(config: ModelConfig, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
-    """A NamedSharding for every parameter, in the parameter tree's structure.
+    """A NamedSharding for every parameter, in the model state's structure.
 
     Args:
-      config: the model configuration (gives the tree, the logical axes and the shapes).
+      config: the model configuration (gives the module, its logical axes and shapes).
       mesh: the device mesh.
       rules: logical axis -> mesh axis (default: DEFAULT_RULES).
     """
-    from jaxinfer.models import model_module
+    from jaxinfer.models import abstract_model
 
-    model = model_module(config)
-    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731  (leaves are tuples of names or ints)
-    return jax.tree.map(lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape)),
-                        model.param_axes(config), model.param_shapes(config), is_leaf=is_axes)
+    _, state = abstract_model(config)
+    return jax.tree.map(lambda names, shaped: NamedSharding(mesh, logical_to_spec(tuple(names), rules, mesh,
+                                                                                   shaped.shape)),
+                        logical_axes(state), state, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def kv_cache_sharding(config: ModelConfig, mesh: Mesh,
                       rules: Mapping[str, str | None] = DEFAULT_RULES) -> NamedSharding:
-    """The sharding of every KV page pool [K, P, page_size, H]: kv heads (axis 0) by the rules,
-    pages, offsets and head dim replicated. Pages must stay whole on each device because the
-    block manager hands out page ids that every shard indexes alike."""
+    """The sharding of the stacked KV page pools [K, L, P, page_size, H]: kv heads (axis 0) by
+    the rules, layers, pages, offsets and head dim replicated. Pages must stay whole on each
+    device because the block manager hands out page ids that every shard indexes alike."""
     head = logical_to_spec(("kv_heads",), rules, mesh, (config.num_kv_heads,))
-    return NamedSharding(mesh, PartitionSpec(*head, None, None, None))
+    return NamedSharding(mesh, PartitionSpec(*head, None, None, None, None))
 
 
 def is_placed(tree, shardings) -> bool:
     """Whether every array of `tree` already has the matching sharding of `shardings`."""
     leaves = jax.tree.leaves(tree)
-    targets = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    targets = jax.tree.leaves(shardings)
     if len(leaves) != len(targets):
         raise ValueError(f"{len(leaves)} arrays for {len(targets)} shardings: the trees do not match")
     return all(isinstance(a, jax.Array) and a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(leaves, targets))

@@ -6,15 +6,21 @@ from pathlib import Path
 
 import jax
 
+from flax import nnx
+
 from jaxinfer.config import preset
 from jaxinfer.loading.loader import LoadedModel
-from jaxinfer.models import llama
+from jaxinfer.models import create_model
+
+
+def peaked(state):
+    """Weights times 4 (norms unchanged): next-token distributions get peaked, so greedy runs are
+    decided by clear margins and batched and one-at-a-time runs compare token for token."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 4, state)
 
 
 def tiny_model(seed: int = 0, **overrides) -> LoadedModel:
     config = preset("tiny", eos_token_ids=(2,), **overrides)
-    params = llama.init_params(config, jax.random.PRNGKey(seed))
-    # Larger weights make next-token distributions peaked, so greedy runs are decided by clear
-    # margins and batched and one-at-a-time runs can be compared token for token.
-    params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)
-    return LoadedModel(config=config, params=params, tokenizer=None, path=Path("."))
+    graphdef, state = nnx.split(create_model(config, seed=seed))
+    return LoadedModel(config=config, params=peaked(state), tokenizer=None, path=Path("."), graphdef=graphdef)

@@ -35,7 +35,7 @@ def test_token_ids_json_matches_reference(checkpoint, loaded, capsys):
                            "--max-tokens", "12", "--json")
     assert code == 0
     record = json.loads(out)
-    [ref] = generate(loaded.params, loaded.config, [[5, 6, 7, 8]], 12, eos_token_ids=loaded.tokenizer.eos_token_ids)
+    [ref] = generate(loaded, [[5, 6, 7, 8]], 12, eos_token_ids=loaded.tokenizer.eos_token_ids)
     assert record["prompt_token_ids"] == [5, 6, 7, 8] and record["token_ids"] == ref
     assert record["text"] == loaded.tokenizer.decode(ref) and record["finish_reason"] in ("stop", "length")
 
@@ -83,7 +83,7 @@ def test_interactive_chat_streams_replies(checkpoint, loaded, capsys, monkeypatc
     # The first reply is the greedy continuation of the templated first turn.
     text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
-    [ref] = generate(loaded.params, loaded.config, [ids], 5, eos_token_ids=loaded.tokenizer.eos_token_ids)
+    [ref] = generate(loaded, [ids], 5, eos_token_ids=loaded.tokenizer.eos_token_ids)
     eos = set(loaded.tokenizer.eos_token_ids)
     assert replies[0] == loaded.tokenizer.decode([t for t in ref if t not in eos])
 

@@ -45,7 +45,7 @@ def test_random_arrivals_with_preemption_match_reference(model):
     assert engine.scheduler.num_preemptions_total > 0, "the pool was meant to force preemption"
     assert engine.block_manager.usage == 0
     for i, p in enumerate(prompts):
-        [ref] = generate(model.params, model.config, [p], max_tokens[i])
+        [ref] = generate(model, [p], max_tokens[i])
         assert done[i].token_ids == ref, _divergence(model, p, ref, done[i].token_ids)
         assert done[i].finish_reason == "length"
 
@@ -55,7 +55,7 @@ def _divergence(model, prompt, ref, got):
     from jaxinfer.generate import prefill_logits
 
     k = next(j for j, (a, b) in enumerate(zip(ref, got)) if a != b)
-    row = np.sort(prefill_logits(model.params, model.config, prompt + ref[:k])[-1])
+    row = np.sort(prefill_logits(model, prompt + ref[:k])[-1])
     return f"prompt of {len(prompt)} tokens: tokens differ at output {k}, reference margin {row[-1] - row[-2]:.3g}"
 
 

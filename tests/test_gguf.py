@@ -359,10 +359,11 @@ def test_demo_config_matches_hf(demo_checkpoint, demo_hf_model):
 def test_demo_params_match_hf_state_dict(demo_loaded, demo_hf_model):
     config, params = demo_loaded
     reference = _hf_params(config, demo_hf_model.state_dict())
-    for key in ("embed_vd", "final_norm_d"):
+    for key in ("embed", "final_norm"):
         np.testing.assert_array_equal(params[key], reference[key])
     for layer in (0, 13, config.num_layers - 1):
-        _assert_trees_equal(params["layers"][layer], reference["layers"][layer])
+        _assert_trees_equal({k: v[layer] for k, v in params["layers"].items()},
+                            {k: v[layer] for k, v in reference["layers"].items()})
 
 
 _CHATS = [
@@ -386,11 +387,12 @@ def one_torch_thread():
 def test_demo_greedy_tokens_match_hf_generate(demo_checkpoint, demo_loaded, demo_hf_model, monkeypatch,
                                               one_torch_thread):
     from jaxinfer.generate import generate
+    from jaxinfer.loading.loader import LoadedModel
     from jaxinfer.tokenizer import Tokenizer
 
     config, params = demo_loaded
     tokenizer = Tokenizer.from_gguf(demo_checkpoint.reader)
-    device_params = jax.device_put(params)
+    model = LoadedModel(config, jax.device_put(params), tokenizer, demo_checkpoint.path)
     # Without EOS, so that all 48 tokens are compared even after the answer ends (HF falls back to
     # the model's generation config for an eos_token_id of None, so it is cleared there too).
     monkeypatch.setattr(demo_hf_model.generation_config, "eos_token_id", None)
@@ -398,7 +400,7 @@ def test_demo_greedy_tokens_match_hf_generate(demo_checkpoint, demo_loaded, demo
                                                   pad_token_id=tokenizer.pad_token_id)
     for chat in _CHATS:
         prompt = tokenizer.encode(tokenizer.apply_chat_template(chat), add_special_tokens=False)
-        ours = generate(device_params, config, [prompt], max_new_tokens=48, temperature=0.0, eos_token_ids=())[0]
+        ours = generate(model, [prompt], max_new_tokens=48, temperature=0.0, eos_token_ids=())[0]
         with torch.no_grad():
             ids = torch.tensor([prompt])
             hf = demo_hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=hf_generation)

@@ -21,7 +21,7 @@ def test_generate_strings_and_ids_in_order(llm):
     assert [o.prompt for o in outs] == ["The quick brown fox", None, "Paris is the capital"]
     for prompt, out in zip(prompts, outs):
         ids = tok.encode(prompt) if isinstance(prompt, str) else prompt["prompt_token_ids"]
-        [ref] = generate(llm.model.params, llm.model.config, [ids], 8)
+        [ref] = generate(llm.model, [ids], 8)
         c = out.outputs[0]
         assert out.finished and out.prompt_token_ids == ids and c.token_ids == ref
         assert c.text == tok.decode(ref) and c.finish_reason == "length"

@@ -42,7 +42,7 @@ def test_bfloat16_checkpoint_loads(saved_llama, tmp_path):
     model.to(torch.float32)
     config, params = load_hf_directory(tmp_path)
     ref = model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
-    np.testing.assert_array_equal(params["embed_vd"], ref)
+    np.testing.assert_array_equal(params["embed"], ref)
 
 
 def test_missing_directory_and_config(tmp_path):

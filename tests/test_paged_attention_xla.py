@@ -1,17 +1,22 @@
 """The paged XLA backend inside the model against the contiguous reference: chunked prefills and
 decodes mixed in one step, permuted pages, and a NaN-poisoned pool."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from jaxinfer.config import preset
 from jaxinfer.engine.kv_cache import KVCacheSpec, allocate_kv_cache
 from jaxinfer.engine.step_inputs import SeqChunk, build_step_inputs
 from jaxinfer.generate import prefill_logits
-from jaxinfer.models import llama
+from jaxinfer.models import create_model
 from jaxinfer.models.paged_attention_xla import PagedAttentionXLA
+from tests.engine_fixtures import peaked
 
 PAGE = 4
 
@@ -19,26 +24,30 @@ PAGE = 4
 @pytest.fixture(scope="module")
 def model():
     config = preset("tiny", sliding_windows=(None, 6))
-    params = llama.init_params(config, jax.random.PRNGKey(0))
-    params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)  # peaked logits
-    return config, params
+    model = create_model(config)
+    nnx.update(model, peaked(nnx.state(model)))
+    return config, model
 
 
-@jax.jit
-def _run(params, token_ids, positions, caches, md, logits_indices):
-    config = preset("tiny", sliding_windows=(None, 6))
-    hidden, caches = llama.forward(params, config, token_ids, positions, caches, md, PagedAttentionXLA())
-    return llama.compute_logits(params, hidden[logits_indices]), caches
+@functools.partial(jax.jit, static_argnums=0)
+def _run(graphdef, state, token_ids, positions, caches, md, logits_indices):
+    model = nnx.merge(graphdef, state)
+    hidden, caches = model(token_ids, positions, caches, md, PagedAttentionXLA())
+    return model.compute_logits(hidden[logits_indices]), caches
 
 
-@pytest.mark.parametrize("positions_per_block", [512, 8])
-def test_chunked_mixed_steps_match_reference(model, monkeypatch, positions_per_block):
-    """512: the whole table in one block; 8: an online softmax over many blocks."""
+@pytest.mark.parametrize("positions_per_block,queries_per_block", [(512, 512), (8, 8), (8, 12)])
+def test_chunked_mixed_steps_match_reference(model, monkeypatch, positions_per_block, queries_per_block):
+    """512: the whole table and the step's 32 tokens in one block each; 8: an online softmax
+    over many cache blocks and the in-step attention in 4 query blocks; 12: query blocks that
+    do not divide the step (its last block is padded)."""
     import jaxinfer.models.paged_attention_xla as xla
 
     monkeypatch.setattr(xla, "KV_POSITIONS_PER_BLOCK", positions_per_block)
-    _run.clear_cache()  # the block size is read at trace time
+    monkeypatch.setattr(xla, "QUERIES_PER_BLOCK", queries_per_block)
+    _run.clear_cache()  # the block sizes are read at trace time
     config, params = model
+    graphdef, state = nnx.split(params)
     rng = np.random.default_rng(0)
     lengths = [1, PAGE - 1, PAGE, PAGE + 1, 17]
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in lengths]
@@ -62,7 +71,7 @@ def test_chunked_mixed_steps_match_reference(model, monkeypatch, positions_per_b
         rows = np.concatenate([[0], inputs.metadata.cu_q_lens_s1[1:len(chunks) + 1]])
         # Logits for every valid token so each step is checked, not just the last.
         idx = np.arange(32, dtype=np.int32)
-        logits, caches = _run(params, inputs.token_ids_t, inputs.positions_t, caches,
+        logits, caches = _run(graphdef, state, inputs.token_ids_t, inputs.positions_t, caches,
                               jax.tree.map(jnp.asarray, inputs.metadata), idx)
         logits = np.asarray(logits)
         for j, i in enumerate(owners):
@@ -70,6 +79,6 @@ def test_chunked_mixed_steps_match_reference(model, monkeypatch, positions_per_b
             computed[i] += len(chunks[j].token_ids)
     for p, parts in zip(prompts, got):
         ours = np.concatenate(parts)
-        ref = prefill_logits(params, config, p)
+        ref = prefill_logits(params, p)
         assert np.isfinite(ours).all()
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -23,5 +23,5 @@ def test_offline_quick_start_runs(demo_gguf_path, capsys):
 
     llm = namespace["llm"]
     ids = llm.get_tokenizer().encode("The capital of France is")
-    [ref] = generate(llm.model.params, llm.model.config, [ids], 16, eos_token_ids=llm.get_tokenizer().eos_token_ids)
+    [ref] = generate(llm.model, [ids], 16, eos_token_ids=llm.get_tokenizer().eos_token_ids)
     assert texts[0] == llm.get_tokenizer().decode(ref)

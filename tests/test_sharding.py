@@ -17,10 +17,14 @@ from jax.sharding import PartitionSpec
 from jaxinfer.config import preset
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import LLMEngine, resolve_attention_backend
-from jaxinfer.models import llama
+from flax import nnx
+
+from jaxinfer.models import abstract_model, create_model
+from jaxinfer.models.llama import param_value
 from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
 from jaxinfer.models.paged_attention_xla import PagedAttentionXLA
 from sharding import DEFAULT_RULES, kv_cache_sharding, logical_to_spec, make_mesh, param_shardings
+from sharding.rules import logical_axes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,25 +68,23 @@ def test_logical_to_spec_uses_a_mesh_axis_once_and_rejects_bad_input():
                                        dict(tie_word_embeddings=True)])
 def test_every_parameter_gets_a_spec_of_its_rank(overrides):
     config = preset("tiny", **TP_OVERRIDES, **overrides)
-    shapes = llama.param_shapes(config)
-    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    _, state = abstract_model(config)
+    names = jax.tree.leaves(logical_axes(state), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    shapes = [x.shape for x in jax.tree.leaves(state)]
+    assert len(names) == len(shapes)
     for tp in (1, 2, 4, 8):
-        specs = jax.tree.map(lambda axes, shape: logical_to_spec(axes, DEFAULT_RULES, _mesh_shape(tp), shape),
-                             llama.param_axes(config), shapes, is_leaf=is_shape)
-        flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-        flat_shapes = jax.tree.leaves(shapes, is_leaf=is_shape)
-        assert len(flat_specs) == len(flat_shapes)
-        for spec, shape in zip(flat_specs, flat_shapes):
+        for axes, shape in zip(names, shapes):
+            spec = logical_to_spec(tuple(axes), DEFAULT_RULES, _mesh_shape(tp), shape)
             assert len(spec) == len(shape)
             for entry, dim in zip(spec, shape):
                 assert entry in (None, "tp") and (entry is None or dim % tp == 0)
-    # With a real (one-device) mesh: NamedShardings in the parameter tree's structure.
+    # With a real (one-device) mesh: NamedShardings in the model state's structure.
     shardings = param_shardings(config, make_mesh(tp=1))
-    params = llama.init_params(config, jax.random.PRNGKey(0))
-    assert jax.tree.structure(shardings) == jax.tree.structure(params)
-    for s, p in zip(jax.tree.leaves(shardings), jax.tree.leaves(params)):
+    _, real = nnx.split(create_model(config))
+    assert jax.tree.structure(shardings) == jax.tree.structure(real)
+    for s, p in zip(jax.tree.leaves(shardings), jax.tree.leaves(real)):
         assert len(s.spec) == p.ndim
-    assert tuple(kv_cache_sharding(config, make_mesh(tp=1)).spec) == ("tp", None, None, None)
+    assert tuple(kv_cache_sharding(config, make_mesh(tp=1)).spec) == ("tp", None, None, None, None)
 
 
 def test_mesh_and_engine_errors():
@@ -130,21 +132,20 @@ def _shard_shapes(a) -> set[tuple[int, ...]]:
 def _check_placement(engine, tp: int):
     """Parameters and KV pools are split as the rules say, on tp distinct devices."""
     params = engine.runner.params
-    layer = params["layers"][0]
+    layers = params["layers"]
     split = "tp" if tp > 1 else None
-    # 4 kv heads: split for tp <= 4, replicated on tp = 8.
+    # 4 kv heads: split for tp <= 4, replicated on tp = 8. Two layers, 8 q heads (E = 2 + 2).
     kv_split, kv_heads = (split, 4 // tp) if tp <= 4 else (None, 4)
     expected = {  # array -> (spec, shape of one shard)
-        "wq_dnh": (layer["wq_dnh"], (None, split, None), (64, 8 // tp, 16)),
-        "wk_dkh": (layer["wk_dkh"], (None, kv_split, None), (64, kv_heads, 16)),
-        "wo_nhd": (layer["wo_nhd"], (split, None, None), (8 // tp, 16, 64)),
-        "w_up_df": (layer["w_up_df"], (None, split), (64, 128 // tp)),
-        "w_down_fd": (layer["w_down_fd"], (split, None), (128 // tp, 64)),
-        "embed_vd": (params["embed_vd"], (split, None), (256 // tp, 64)),
-        "final_norm_d": (params["final_norm_d"], (None,), (64,)),
+        "w_qkv": (param_value(layers["w_qkv"]), (None, None, kv_split, None, None), (2, 64, kv_heads, 4, 16)),
+        "w_o": (param_value(layers["w_o"]), (None, split, None, None), (2, 8 // tp, 16, 64)),
+        "w_gate_up": (param_value(layers["w_gate_up"]), (None, None, None, split), (2, 64, 2, 128 // tp)),
+        "w_down": (param_value(layers["w_down"]), (None, split, None), (2, 128 // tp, 64)),
+        "embed": (param_value(params["embed"]), (split, None), (256 // tp, 64)),
+        "final_norm": (param_value(params["final_norm"]), (None,), (64,)),
     }
-    k_pages = engine.runner.kv_caches[0][0]
-    expected["k_pages"] = (k_pages, (kv_split, None, None, None), (kv_heads,) + tuple(k_pages.shape[1:]))
+    k_pages = engine.runner.kv_cache[0]
+    expected["k_pages"] = (k_pages, (kv_split, None, None, None, None), (kv_heads,) + tuple(k_pages.shape[1:]))
     for name, (a, spec, shard) in expected.items():
         if tp > 1:
             assert tuple(a.sharding.spec) == spec, (name, a.sharding.spec)
@@ -172,8 +173,8 @@ def _tp_engine_main():
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 256, n).tolist() for n in (5, 13, 20)]
     max_tokens = 8
-    reference = generate(model.params, model.config, prompts, max_tokens)
-    ref_logprobs = jax.nn.log_softmax(prefill_logits(model.params, model.config, prompts[2]), axis=-1)
+    reference = generate(model, prompts, max_tokens)
+    ref_logprobs = jax.nn.log_softmax(prefill_logits(model, prompts[2]), axis=-1)
     first = None
     for attention_backend, tp in TP_RUNS:
         engine = LLMEngine(tiny_model(**TP_OVERRIDES), EngineConfig(

@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+LINEAR_KERNELS = ("auto", "xla", "pallas")
 # On devices that report no memory statistics (the CPU), the KV cache gets this many bytes.
 DEFAULT_HOST_KV_BYTES = 256 * 1024 * 1024
 
@@ -30,6 +31,8 @@ class EngineConfig:
       scheduling_policy: "fcfs" or "priority".
       enable_prefix_caching: reuse KV pages of identical prompt prefixes.
       attention_backend: "auto" (Pallas on GPU/TPU, XLA on CPU), "xla" or "pallas".
+      linear_kernel: the projections' kernel: "auto" (the Pallas skinny matmul for decode-sized
+        steps on one GPU, XLA's dot elsewhere), "xla" or "pallas".
       seed: seeds requests that bring none, so a run is reproducible.
       compilation_cache_dir: JAX's persistent compilation cache ("" disables it).
       warmup: compile every shape bucket when the engine starts.
@@ -47,6 +50,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     enable_prefix_caching: bool = False
     attention_backend: str = "auto"
+    linear_kernel: str = "auto"
     seed: int = 0
     compilation_cache_dir: str = dataclasses.field(default_factory=default_compilation_cache_dir)
     warmup: bool = True
@@ -71,3 +75,5 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS}, got {self.linear_kernel!r}")

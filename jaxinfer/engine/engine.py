@@ -25,6 +25,8 @@ from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.engine.request import Request
 from jaxinfer.engine.runner import ModelRunner, RunnerConfig
 from jaxinfer.engine.sampling import SamplingRow
+from jaxinfer.models import param_dtype
+from jaxinfer.models.linear import Linear
 from jaxinfer.engine.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
@@ -102,6 +104,21 @@ def resolve_attention_backend(name: str, *, platform: str | None = None, mesh=No
     return PagedAttentionPallas(platform="gpu", interpret=platform != "gpu", mesh=mesh)
 
 
+def resolve_linear(name: str, *, platform: str | None = None, mesh=None) -> Linear:
+    """The projection hook for an EngineConfig.linear_kernel value.
+
+    "auto" takes the Pallas skinny-matmul kernel for decode-sized steps on one GPU and XLA's
+    dot elsewhere; "pallas" on the CPU runs the kernel in interpret mode (tests). On a mesh
+    the projections stay XLA's (a Pallas kernel is a per-device program XLA cannot partition).
+    """
+    platform = platform or jax.default_backend()
+    if name == "auto":
+        name = "pallas" if platform == "gpu" and mesh is None else "xla"
+    if name == "pallas" and mesh is not None:
+        raise ValueError("linear_kernel='pallas' runs on one device; use 'xla' or 'auto' with tensor parallelism")
+    return Linear(kernel=name, interpret=name == "pallas" and platform != "gpu")
+
+
 def _logprob_entry(token_id: int, lp, row: int, top_n: int) -> dict[int, float]:
     """{token: logprob} for the chosen token, then the row's top-n alternatives."""
     entry = {token_id: float(lp.token_logprobs[row])}
@@ -129,8 +146,8 @@ class LLMEngine:
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size)
-        param_dtype = jax.tree.leaves(model.params)[0].dtype
-        kv_dtype = param_dtype if config.kv_cache_dtype == "auto" else jnp.dtype(config.kv_cache_dtype)
+        weights_dtype = param_dtype(model.params)
+        kv_dtype = weights_dtype if config.kv_cache_dtype == "auto" else jnp.dtype(config.kv_cache_dtype)
         num_pages = config.num_pages
         if num_pages is None:
             num_pages = pages_for_memory_fraction(mc, config.page_size, kv_dtype, config.kv_cache_memory_fraction)
@@ -158,11 +175,11 @@ class LLMEngine:
                             policy=config.scheduling_policy),
             self.block_manager)
         self.runner = ModelRunner(
-            mc, model.params, self.kv_spec,
+            mc, model.graphdef, model.params, self.kv_spec,
             RunnerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                          max_model_len=self.max_model_len, page_size=config.page_size),
             resolve_attention_backend(config.attention_backend, mesh=mesh, num_kv_heads=mc.num_kv_heads),
-            eos_token_ids=self.eos_token_ids, kv_fill=kv_fill, kv_sharding=kv_sharding)
+            linear=resolve_linear(config.linear_kernel, mesh=mesh), eos_token_ids=self.eos_token_ids, kv_fill=kv_fill, kv_sharding=kv_sharding)
         self.mesh = mesh
         self.metrics = EngineMetrics()
         self._groups: dict[str, _Group] = {}

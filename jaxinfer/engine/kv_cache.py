@@ -1,9 +1,12 @@
-"""The device KV cache: one pair of page pools per layer.
+"""The device KV cache: one pair of page pools, every layer stacked.
 
-Layout per layer: `k_pages`, `v_pages`, each [K, P, page_size, H] (kv heads major). A kv head's
-page is one contiguous [page_size, H] tile, which is what a decode kernel program reads, and
-tensor parallelism shards axis 0. Page 0 is scratch: padding tokens write there and unused
-block-table entries point there, so no index is ever out of bounds.
+Layout: `k_pages`, `v_pages`, each [K, L, P, page_size, H] (kv head, then layer major). A kv
+head's page is one contiguous [page_size, H] tile, which is what a decode kernel program reads;
+the layer axis lets the model's layer scan carry the whole cache and update a layer's slice in
+place, and since a kv head's layers are contiguous, a kernel sees layer l's page p as page
+l * P + p of a [K, L * P, page_size, H] view (a free reshape). Tensor parallelism shards axis 0.
+Page 0 is scratch: padding tokens write there and unused block-table entries point there, so
+no index is ever out of bounds.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ class KVCacheSpec:
             raise ValueError(f"the KV cache needs at least 2 pages (page 0 is scratch), got {self.num_pages}")
 
     @property
-    def page_shape(self) -> tuple[int, int, int, int]:
-        return (self.num_kv_heads, self.num_pages, self.page_size, self.head_dim)
+    def pool_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_kv_heads, self.num_layers, self.num_pages, self.page_size, self.head_dim)
 
     @staticmethod
     def bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
@@ -57,9 +60,9 @@ def pages_for_memory_fraction(config: ModelConfig, page_size: int, dtype, fracti
     return int(free * fraction) // KVCacheSpec.bytes_per_page(config, page_size, dtype)
 
 
-def allocate_kv_cache(spec: KVCacheSpec, sharding=None, fill: float = 0.0) -> list[tuple[jax.Array, jax.Array]]:
-    """Allocates the page pools; `fill=nan` poisons them (tests: nothing unwritten may be read)."""
+def allocate_kv_cache(spec: KVCacheSpec, sharding=None, fill: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Allocates the (k, v) page pools; `fill=nan` poisons them (tests: nothing unwritten may be read)."""
     def pool():
-        return jnp.full(spec.page_shape, fill, dtype=spec.dtype, device=sharding)
+        return jnp.full(spec.pool_shape, fill, dtype=spec.dtype, device=sharding)
 
-    return [(pool(), pool()) for _ in range(spec.num_layers)]
+    return pool(), pool()

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
@@ -25,8 +26,8 @@ from jaxinfer.engine.sampling import (Logprobs, SamplerOutput, SamplingBuckets, 
 from jaxinfer.engine.sampling import prompt_logprobs as score_prompt
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.engine.step_inputs import SeqChunk, StepInputs, bucket_for, build_step_inputs, pow2_buckets
-from jaxinfer.models import model_module
 from jaxinfer.models.attention import AttentionBackend
+from jaxinfer.models.linear import XLA_LINEAR, Linear
 from jaxinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -69,40 +70,46 @@ class RunnerConfig:
         return min(token_bucket, self.max_num_seqs)
 
 
-def _model_step(params, token_ids_t, positions_t, kv_caches, metadata, logits_indices_s, *, config, attention):
-    model = model_module(config)
-    hidden, kv_caches = model.forward(params, config, token_ids_t, positions_t, kv_caches, metadata, attention)
-    return model.compute_logits(params, hidden[logits_indices_s]), kv_caches
+def _model_step(state, token_ids_t, positions_t, kv_cache, metadata, logits_indices_s, *, graphdef, attention,
+                linear):
+    """One forward over the step's tokens; logits of the rows that sample. A pure function of
+    the model state: the module is rebuilt from its graph definition at trace time only."""
+    model = nnx.merge(graphdef, state)
+    hidden, kv_cache = model(token_ids_t, positions_t, kv_cache, metadata, attention, linear)
+    return model.compute_logits(hidden[logits_indices_s], linear), kv_cache
 
 
-def _model_step_all_logits(params, token_ids_t, positions_t, kv_caches, metadata, logits_indices_s, *, config,
-                           attention):
+def _model_step_all_logits(state, token_ids_t, positions_t, kv_cache, metadata, logits_indices_s, *, graphdef,
+                           attention, linear):
     """As _model_step, plus logits of every token (prompt logprobs); compiled only on use."""
-    model = model_module(config)
-    hidden, kv_caches = model.forward(params, config, token_ids_t, positions_t, kv_caches, metadata, attention)
-    all_logits = model.compute_logits(params, hidden)
-    return all_logits[logits_indices_s], all_logits, kv_caches
+    model = nnx.merge(graphdef, state)
+    hidden, kv_cache = model(token_ids_t, positions_t, kv_cache, metadata, attention, linear)
+    all_logits = model.compute_logits(hidden, linear)
+    return all_logits[logits_indices_s], all_logits, kv_cache
 
 
-def _copy_pages(kv_caches, src_c, dst_c):
-    return [(k.at[:, dst_c].set(k[:, src_c]), v.at[:, dst_c].set(v[:, src_c])) for k, v in kv_caches]
+def _copy_pages(kv_cache, src_c, dst_c):
+    """Copies pages src -> dst in every layer of the stacked pools [K, L, P, page_size, H]."""
+    return tuple(pages.at[:, :, dst_c].set(pages[:, :, src_c]) for pages in kv_cache)
 
 
 class ModelRunner:
     """Runs steps of the model over the paged KV cache and samples their next tokens."""
 
-    def __init__(self, config: ModelConfig, params, kv_spec: KVCacheSpec, runner_config: RunnerConfig,
-                 attention: AttentionBackend, *, eos_token_ids: Sequence[int] = (), kv_fill: float = 0.0,
-                 kv_sharding=None):
+    def __init__(self, config: ModelConfig, graphdef, params, kv_spec: KVCacheSpec, runner_config: RunnerConfig,
+                 attention: AttentionBackend, *, linear: Linear = XLA_LINEAR, eos_token_ids: Sequence[int] = (),
+                 kv_fill: float = 0.0, kv_sharding=None):
         if kv_spec.page_size != runner_config.page_size:
             raise ValueError("KV cache and runner disagree on page_size")
         self.config = config
+        self.graphdef = graphdef
         self.params = params
+        self.linear = linear
         self.kv_spec = kv_spec
         self.rc = runner_config
         self.attention = attention
         self.eos_token_ids = tuple(eos_token_ids) or config.eos_token_ids
-        self.kv_caches = allocate_kv_cache(kv_spec, sharding=kv_sharding, fill=kv_fill)
+        self.kv_cache = allocate_kv_cache(kv_spec, sharding=kv_sharding, fill=kv_fill)
         # On a mesh the steps pin their outputs: the KV pools keep their input sharding, so the
         # donated buffers are reused in place, and logits come back replicated for the sampler.
         # (Inputs need no annotation: jit follows the committed params and pools.)
@@ -114,11 +121,10 @@ class ModelRunner:
             step_out = dict(out_shardings=(self._logits_sharding, kv_sharding))
             all_out = dict(out_shardings=(self._logits_sharding, self._logits_sharding, kv_sharding))
             copy_out = dict(out_shardings=kv_sharding)
-        self._step = jax.jit(functools.partial(_model_step, config=config, attention=attention),
-                             donate_argnames=("kv_caches",), **step_out)
-        self._step_all_logits = jax.jit(
-            functools.partial(_model_step_all_logits, config=config, attention=attention),
-            donate_argnames=("kv_caches",), **all_out)
+        static = dict(graphdef=graphdef, attention=attention, linear=linear)
+        self._step = jax.jit(functools.partial(_model_step, **static), donate_argnames=("kv_cache",), **step_out)
+        self._step_all_logits = jax.jit(functools.partial(_model_step_all_logits, **static),
+                                        donate_argnames=("kv_cache",), **all_out)
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,), **copy_out)
         self._batch: dict[str, _CachedRequest] = {}
 
@@ -162,7 +168,7 @@ class ModelRunner:
             batch += [(0, 0)] * (COPY_BATCH - len(batch))  # page 0 onto itself: a no-op
             src = np.array([s for s, _ in batch], np.int32)
             dst = np.array([d for _, d in batch], np.int32)
-            self.kv_caches = self._copy(self.kv_caches, src, dst)
+            self.kv_cache = self._copy(self.kv_cache, src, dst)
 
     def _run_model(self, chunks: Sequence[SeqChunk], token_bucket: int | None = None,
                    logits_indices: Sequence[int] | None = None, all_logits: bool = False):
@@ -170,12 +176,12 @@ class ModelRunner:
         t = token_bucket or bucket_for(n_tok, self.rc.token_buckets)
         inputs: StepInputs = build_step_inputs(chunks, t, self.rc.seq_slots(t), self.rc.pages_per_seq,
                                                self.rc.page_size, logits_indices)
-        args = (self.params, inputs.token_ids_t, inputs.positions_t, self.kv_caches, inputs.metadata,
+        args = (self.params, inputs.token_ids_t, inputs.positions_t, self.kv_cache, inputs.metadata,
                 inputs.logits_indices_s)
         if all_logits:
-            logits, every, self.kv_caches = self._step_all_logits(*args)
+            logits, every, self.kv_cache = self._step_all_logits(*args)
             return logits, every
-        logits, self.kv_caches = self._step(*args)
+        logits, self.kv_cache = self._step(*args)
         return logits
 
     def _sample(self, logits_sv, rows: Sequence[SamplingRow | None]):

@@ -1,13 +1,15 @@
-"""Maps HF transformers tensor names and layouts onto the parameter tree of `models/llama.py`.
+"""Maps HF transformers tensor names and layouts onto the Llama module's state, and back.
 
 Every format loader (safetensors, GGUF) ends here: it provides a `get(name)` that returns the
 HF-named tensor as a numpy array in HF's layout (torch `Linear` weights are [out, in]), and
-`params_from_hf` reshapes each into the axis-lettered layout.
+`params_from_hf` fuses and stacks them into the module's layout (see models/llama.py: q|k|v
+grouped by kv head, gate|up side by side, every layer stacked on a leading axis).
+`hf_state_dict` is the inverse, for exporting a model built or fine-tuned in JAX.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -15,9 +17,9 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError
-from jaxinfer.models.llama import Params
 
 GetTensor = Callable[[str], np.ndarray]
+Tree = dict[str, Any]
 
 
 def _np_dtype(dtype) -> np.dtype:
@@ -32,8 +34,22 @@ def _expect(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def params_from_hf(config: ModelConfig, get: GetTensor, names: set[str], dtype=jnp.float32) -> Params:
-    """Builds the parameter tree from HF-named tensors.
+def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Per-layer shape of each stacked parameter present in this config."""
+    d, k, h, f, e = c.hidden_size, c.num_kv_heads, c.head_dim, c.intermediate_size, c.q_per_kv + 2
+    shapes = {"attn_norm": (d,), "w_qkv": (d, k, e, h), "w_o": (c.num_heads, h, d), "mlp_norm": (d,),
+              "w_gate_up": (d, 2, f), "w_down": (f, d)}
+    if c.qkv_bias:
+        shapes["b_qkv"] = (k, e, h)
+    if c.o_bias:
+        shapes["b_o"] = (d,)
+    if c.qk_norm:
+        shapes.update(q_norm=(h,), k_norm=(h,))
+    return shapes
+
+
+def params_from_hf(config: ModelConfig, get: GetTensor, names: set[str], dtype=jnp.float32) -> Tree:
+    """Builds the module's state, as a nested dict of host arrays, from HF-named tensors.
 
     Args:
       config: the model configuration.
@@ -41,51 +57,90 @@ def params_from_hf(config: ModelConfig, get: GetTensor, names: set[str], dtype=j
       names: every tensor name the checkpoint holds (to tell tied heads and spot omissions).
       dtype: target dtype of the parameters.
     Returns:
-      The parameter tree as host numpy arrays of `dtype` (device placement is the caller's).
+      {"embed", "layers": {...}, "final_norm", "lm_head"?} of numpy arrays of `dtype`
+      (`models.state_from_tree` turns it into the module's state).
     """
-    d, n, k, h, f, v = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-                        config.intermediate_size, config.vocab_size)
+    c = config
+    d, n, k, h, f, v, g = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
+                           c.vocab_size, c.q_per_kv)
     target = _np_dtype(dtype)
 
     def load(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in names:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        return _expect(name, np.asarray(get(name)), shape)
+        # Through float32 so every source dtype (f16, bf16, dequantized blocks) converts alike.
+        return _expect(name, np.asarray(get(name)), shape).astype(np.float32)
 
     def cast(x: np.ndarray) -> np.ndarray:
-        # Go through float32 so that every source dtype (f16, bf16, dequantized blocks) converts alike.
-        return np.ascontiguousarray(x.astype(np.float32).astype(target))
+        return np.ascontiguousarray(x.astype(target))
 
-    params: Params = {"embed_vd": cast(load("model.embed_tokens.weight", (v, d)))}
-    layers = []
-    for i in range(config.num_layers):
+    # Stacked arrays are allocated once and filled layer by layer: peak host memory stays at
+    # the model plus one layer.
+    layers = {name: np.empty((c.num_layers, *shape), target) for name, shape in _layer_shapes(c).items()}
+    for i in range(c.num_layers):
         p = f"model.layers.{i}."
-        lp = {
-            "attn_norm_d": cast(load(p + "input_layernorm.weight", (d,))),
-            "wq_dnh": cast(load(p + "self_attn.q_proj.weight", (n * h, d)).reshape(n, h, d).transpose(2, 0, 1)),
-            "wk_dkh": cast(load(p + "self_attn.k_proj.weight", (k * h, d)).reshape(k, h, d).transpose(2, 0, 1)),
-            "wv_dkh": cast(load(p + "self_attn.v_proj.weight", (k * h, d)).reshape(k, h, d).transpose(2, 0, 1)),
-            "wo_nhd": cast(load(p + "self_attn.o_proj.weight", (d, n * h)).reshape(d, n, h).transpose(1, 2, 0)),
-            "mlp_norm_d": cast(load(p + "post_attention_layernorm.weight", (d,))),
-            "w_gate_df": cast(load(p + "mlp.gate_proj.weight", (f, d)).T),
-            "w_up_df": cast(load(p + "mlp.up_proj.weight", (f, d)).T),
-            "w_down_fd": cast(load(p + "mlp.down_proj.weight", (d, f)).T),
-        }
-        if config.qkv_bias:
-            lp["bq_nh"] = cast(load(p + "self_attn.q_proj.bias", (n * h,)).reshape(n, h))
-            lp["bk_kh"] = cast(load(p + "self_attn.k_proj.bias", (k * h,)).reshape(k, h))
-            lp["bv_kh"] = cast(load(p + "self_attn.v_proj.bias", (k * h,)).reshape(k, h))
-        if config.o_bias:
-            lp["bo_d"] = cast(load(p + "self_attn.o_proj.bias", (d,)))
-        if config.qk_norm:
-            lp["q_norm_h"] = cast(load(p + "self_attn.q_norm.weight", (h,)))
-            lp["k_norm_h"] = cast(load(p + "self_attn.k_norm.weight", (h,)))
-        layers.append(lp)
-    params["layers"] = layers
-    params["final_norm_d"] = cast(load("model.norm.weight", (d,)))
-    if not config.tie_word_embeddings:
-        if "lm_head.weight" in names:
-            params["lm_head_vd"] = cast(load("lm_head.weight", (v, d)))
-        else:
+        wq = load(p + "self_attn.q_proj.weight", (n * h, d)).reshape(k, g, h, d)
+        wk = load(p + "self_attn.k_proj.weight", (k * h, d)).reshape(k, 1, h, d)
+        wv = load(p + "self_attn.v_proj.weight", (k * h, d)).reshape(k, 1, h, d)
+        layers["w_qkv"][i] = np.concatenate([wq, wk, wv], axis=1).transpose(3, 0, 1, 2)  # [D, K, E, H]
+        layers["w_o"][i] = load(p + "self_attn.o_proj.weight", (d, n * h)).reshape(d, n, h).transpose(1, 2, 0)
+        layers["w_gate_up"][i, :, 0] = load(p + "mlp.gate_proj.weight", (f, d)).T
+        layers["w_gate_up"][i, :, 1] = load(p + "mlp.up_proj.weight", (f, d)).T
+        layers["w_down"][i] = load(p + "mlp.down_proj.weight", (d, f)).T
+        layers["attn_norm"][i] = load(p + "input_layernorm.weight", (d,))
+        layers["mlp_norm"][i] = load(p + "post_attention_layernorm.weight", (d,))
+        if c.qkv_bias:
+            bq = load(p + "self_attn.q_proj.bias", (n * h,)).reshape(k, g, h)
+            bk = load(p + "self_attn.k_proj.bias", (k * h,)).reshape(k, 1, h)
+            bv = load(p + "self_attn.v_proj.bias", (k * h,)).reshape(k, 1, h)
+            layers["b_qkv"][i] = np.concatenate([bq, bk, bv], axis=1)
+        if c.o_bias:
+            layers["b_o"][i] = load(p + "self_attn.o_proj.bias", (d,))
+        if c.qk_norm:
+            layers["q_norm"][i] = load(p + "self_attn.q_norm.weight", (h,))
+            layers["k_norm"][i] = load(p + "self_attn.k_norm.weight", (h,))
+    tree: Tree = {"embed": cast(load("model.embed_tokens.weight", (v, d))), "layers": layers,
+                  "final_norm": cast(load("model.norm.weight", (d,)))}
+    if not c.tie_word_embeddings:
+        if "lm_head.weight" not in names:
             raise CheckpointError("checkpoint has no 'lm_head.weight' but tie_word_embeddings is false")
-    return params
+        tree["lm_head"] = cast(load("lm_head.weight", (v, d)))
+    return tree
+
+
+def hf_state_dict(config: ModelConfig, tree: Tree) -> dict[str, np.ndarray]:
+    """The HF transformers state dict (numpy, float32) of a module state given as a nested dict
+    of arrays (`nnx.to_pure_dict(state)`): the inverse of `params_from_hf`."""
+    c = config
+    d, n, k, h, g = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.q_per_kv
+
+    def f32(x) -> np.ndarray:
+        return np.asarray(x, np.float32)
+
+    layers = {name: f32(x) for name, x in tree["layers"].items()}
+    out = {"model.embed_tokens.weight": f32(tree["embed"]), "model.norm.weight": f32(tree["final_norm"])}
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = f32(tree["lm_head"])
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        qkv = layers["w_qkv"][i].transpose(1, 2, 3, 0)  # [K, E, H, D]
+        out[p + "self_attn.q_proj.weight"] = qkv[:, :g].reshape(n * h, d)
+        out[p + "self_attn.k_proj.weight"] = qkv[:, g].reshape(k * h, d)
+        out[p + "self_attn.v_proj.weight"] = qkv[:, g + 1].reshape(k * h, d)
+        out[p + "self_attn.o_proj.weight"] = layers["w_o"][i].transpose(2, 0, 1).reshape(d, n * h)
+        out[p + "mlp.gate_proj.weight"] = layers["w_gate_up"][i][:, 0].T
+        out[p + "mlp.up_proj.weight"] = layers["w_gate_up"][i][:, 1].T
+        out[p + "mlp.down_proj.weight"] = layers["w_down"][i].T
+        out[p + "input_layernorm.weight"] = layers["attn_norm"][i]
+        out[p + "post_attention_layernorm.weight"] = layers["mlp_norm"][i]
+        if c.qkv_bias:
+            b = layers["b_qkv"][i]
+            out[p + "self_attn.q_proj.bias"] = b[:, :g].reshape(n * h)
+            out[p + "self_attn.k_proj.bias"] = b[:, g].reshape(k * h)
+            out[p + "self_attn.v_proj.bias"] = b[:, g + 1].reshape(k * h)
+        if c.o_bias:
+            out[p + "self_attn.o_proj.bias"] = layers["b_o"][i]
+        if c.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = layers["q_norm"][i]
+            out[p + "self_attn.k_norm.weight"] = layers["k_norm"][i]
+    return {name: np.ascontiguousarray(x) for name, x in out.items()}

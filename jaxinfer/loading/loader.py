@@ -16,10 +16,40 @@ from jaxinfer.errors import CheckpointError
 
 @dataclasses.dataclass
 class LoadedModel:
+    """A model ready for the engine: its config, its state (parameters, on the device) and the
+    graph definition the state merges into (see jaxinfer/models/__init__.py).
+
+    `params` may also be given as a nested dict of arrays in the state's structure; it is
+    turned into the module's state here. `graphdef` defaults to the config's model class.
+    """
+
     config: ModelConfig
-    params: Any  # the parameter tree (see jaxinfer/models/llama.py)
+    params: Any  # nnx.State of the model (see jaxinfer/models/llama.py)
     tokenizer: Any | None  # jaxinfer.tokenizer.Tokenizer, or None when the checkpoint has none
     path: Path
+    graphdef: Any = None
+
+    def __post_init__(self):
+        from flax import nnx
+
+        from jaxinfer.models import abstract_model, state_from_tree
+
+        if not isinstance(self.params, nnx.State):
+            self.graphdef, self.params = state_from_tree(self.config, self.params)
+        elif self.graphdef is None:
+            self.graphdef, _ = abstract_model(self.config)
+
+    @classmethod
+    def from_module(cls, module, tokenizer=None, path: str | os.PathLike = ".") -> "LoadedModel":
+        """Wraps a Flax NNX model built or fine-tuned in JAX (a supported family's module)."""
+        from flax import nnx
+
+        config = getattr(module, "config", None)
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"{type(module).__name__} carries no jaxinfer ModelConfig as `.config`; build it "
+                             "from a supported family's module (jaxinfer.models)")
+        graphdef, state = nnx.split(module)
+        return cls(config=config, params=state, tokenizer=tokenizer, path=Path(path), graphdef=graphdef)
 
 
 def load_hf_directory(directory: str | os.PathLike, dtype=jnp.float32):
@@ -52,7 +82,7 @@ def load_model(ref: str | None = None, dtype=None, *, load_tokenizer: bool = Tru
       ref: the model reference; None means the default demo model.
       dtype: parameter dtype; default bfloat16 on accelerators and float32 on the CPU.
       load_tokenizer: also load the tokenizer (and chat template).
-      sharding: optional pytree of shardings matching the parameter tree (see `sharding/`).
+      sharding: optional shardings as a nested dict in the state's structure (see `sharding/`).
     """
     from jaxinfer.loading.resolve import resolve_model
 

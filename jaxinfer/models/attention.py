@@ -1,10 +1,12 @@
 """The attention interface between models and KV-cache backends.
 
 A model computes q, k, v for a flat batch of T tokens and hands them to an attention backend
-together with that layer's KV cache and the step's metadata. The backend writes the new k, v
-into its cache and returns the attention output. Models never see the cache layout, so the
+together with the KV cache of every layer (stacked on a leading layer axis), the index of the
+layer, and the step's metadata. The backend writes the new k, v into that layer's slice of the
+cache, in place, and returns the attention output. Models never see the cache layout, so the
 contiguous reference cache, the paged cache and the Pallas kernels plug in without touching
-model code.
+model code. The layer index may be traced (layers run in `lax.scan`): backends index the
+stacked cache with it inside their gathers, scatters and kernels, never by slicing out a copy.
 
 Glossary for shapes: T tokens in the step, B sequences, S tokens per sequence in a step,
 M cache positions, N query heads, K kv heads, G = N // K query heads per kv head, H head dim.
@@ -21,28 +23,29 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """Static per-layer attention settings (hashable: part of the jitted function's identity)."""
+    """Static attention settings of a run of layers (hashable: part of the jitted function's
+    identity). Layers that share them run in one scan."""
 
-    index: int
     scale: float
     sliding_window: int | None = None  # a query at position p sees keys at positions > p - window
     logit_softcap: float | None = None
 
 
 class AttentionBackend(Protocol):
-    """Writes this step's k, v into `kv_cache` and attends over the cache.
+    """Writes this step's k, v into layer `layer_idx` of `kv_cache` and attends over it.
 
     Args:
       q_tnh: queries [T, N, H] (RoPE applied).
       k_tkh, v_tkh: this step's keys and values [T, K, H].
-      kv_cache: the backend's cache for this layer (any pytree).
+      kv_cache: the backend's cache of every layer (any pytree of arrays with a leading layer axis).
       metadata: the backend's step metadata (a pytree of arrays; sizes static).
       layer: static settings of the layer.
+      layer_idx: the layer's index (int32 scalar, may be traced).
     Returns:
       (o_tnh [T, N, H], updated kv_cache)
     """
 
-    def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache: Any, metadata: Any, layer: LayerSpec): ...
+    def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache: Any, metadata: Any, layer: LayerSpec, layer_idx): ...
 
 
 def grouped_attention(q_bsnh, k_bmkh, v_bmkh, mask_bsm, layer: LayerSpec):
@@ -105,27 +108,28 @@ class ContiguousMetadata:
 
 @dataclasses.dataclass(frozen=True)
 class ContiguousAttention:
-    """Reference backend: a dense cache per sequence, k and v of shape [B, M, K, H].
+    """Reference backend: a dense cache per sequence, k and v of shape [L, B, M, K, H].
 
     Simple and obviously right; the engine's paged backends are tested against it.
     """
 
-    def init_cache(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
-        shape = (batch, max_len, num_kv_heads, head_dim)
+    def init_cache(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
         return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-    def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: ContiguousMetadata, layer: LayerSpec):
+    def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: ContiguousMetadata, layer: LayerSpec, layer_idx):
         k_cache, v_cache = kv_cache
         positions = metadata.positions_bs
         b, s = positions.shape
-        m = k_cache.shape[1]
+        m = k_cache.shape[2]
         # Padding tokens are routed to an out-of-bounds row and dropped by the scatter.
         write_pos = jnp.where(positions >= 0, positions, m)
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
-        k_cache = k_cache.at[rows, write_pos].set(k_tkh.reshape(b, s, *k_tkh.shape[1:]), mode="drop")
-        v_cache = v_cache.at[rows, write_pos].set(v_tkh.reshape(b, s, *v_tkh.shape[1:]), mode="drop")
+        k_cache = k_cache.at[layer_idx, rows, write_pos].set(k_tkh.reshape(b, s, *k_tkh.shape[1:]), mode="drop")
+        v_cache = v_cache.at[layer_idx, rows, write_pos].set(v_tkh.reshape(b, s, *v_tkh.shape[1:]), mode="drop")
         kv_len = jnp.max(positions, axis=1) + 1  # [B]
         mask = visible_mask(positions[:, :, None], jnp.arange(m)[None, None, :], kv_len[:, None, None],
                             layer.sliding_window)
-        o = grouped_attention(q_tnh.reshape(b, s, *q_tnh.shape[1:]), k_cache, v_cache, mask, layer)
+        o = grouped_attention(q_tnh.reshape(b, s, *q_tnh.shape[1:]), k_cache[layer_idx], v_cache[layer_idx],
+                              mask, layer)
         return o.reshape(q_tnh.shape), (k_cache, v_cache)

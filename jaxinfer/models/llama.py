@@ -1,114 +1,213 @@
-"""Functional Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3).
+"""Llama-family decoder as a Flax NNX module (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3).
 
-The model is a pure function of a parameter pytree. Parameters are plain arrays named with
-axis letters (glossary below); `param_axes` gives each one's logical axis names, which
-`sharding/` maps to mesh axes, so sharding needs no change here.
+Built for decode speed: q|k|v is one weight and gate|up another, so a layer runs four
+projections, not seven; every layer's weights are stacked on a leading axis and the layers run
+in `lax.scan` (one compiled layer body, a handful of arrays per step instead of hundreds).
+Every projection goes through the `Linear` hook (models/linear.py). Parameters carry their
+logical axis names as Flax sharding metadata; `sharding/` maps them to mesh
+axes. The engine splits the module once into graph definition and state and jits its step as a
+pure function of the state (`nnx.merge` inside the step).
 
-Glossary: V vocab, D model width, N query heads, K kv heads, H head dim, F mlp width,
-T tokens in the step (a flat, ragged batch).
+Glossary: V vocab, D model width, N query heads, K kv heads, G = N / K query heads per kv
+head, E = G + 2 (a kv head's G queries, its key and its value), H head dim, F mlp width,
+L layers, T tokens in the step (a flat, ragged batch).
 
-Parameter tree:
-  embed_vd                       [V, D]
-  layers: list of dicts, one per layer:
-    attn_norm_d                  [D]
-    wq_dnh, wk_dkh, wv_dkh       [D, N, H], [D, K, H], [D, K, H]
-    bq_nh, bk_kh, bv_kh          (qkv_bias) [N, H], [K, H], [K, H]
-    q_norm_h, k_norm_h           (qk_norm) [H]
-    wo_nhd                       [N, H, D]
-    bo_d                         (o_bias) [D]
-    mlp_norm_d                   [D]
-    w_gate_df, w_up_df           [D, F]
-    w_down_fd                    [F, D]
-  final_norm_d                   [D]
-  lm_head_vd                     [V, D] (absent when embeddings are tied)
+Parameters:
+  embed            [V, D]            (vocab, embed)
+  layers.attn_norm [L, D]
+  layers.w_qkv     [L, D, K, E, H]   grouped by kv head, so tensor parallelism splits K
+  layers.b_qkv     [L, K, E, H]      (qkv_bias)
+  layers.q_norm    [L, H], layers.k_norm [L, H]  (qk_norm)
+  layers.w_o       [L, N, H, D]
+  layers.b_o       [L, D]            (o_bias)
+  layers.mlp_norm  [L, D]
+  layers.w_gate_up [L, D, 2, F]      gate and up side by side, so tensor parallelism splits F
+  layers.w_down    [L, F, D]
+  final_norm       [D]
+  lm_head          [V, D]            (absent when embeddings are tied)
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+import itertools
 
 import jax
+import flax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax import lax
 
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.models.attention import AttentionBackend, LayerSpec
-
-Params = dict[str, Any]
+from jaxinfer.models.linear import XLA_LINEAR, Linear, select_layer
 
 # Logical axis names; sharding/rules.py maps them to mesh axes.
-VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP = "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"
+LAYERS, VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP = "layers", "vocab", "embed", "heads", "kv_heads", \
+    "head_dim", "mlp"
 
 
-def layer_param_axes(config: ModelConfig) -> dict[str, tuple[str, ...]]:
-    axes = {
-        "attn_norm_d": (EMBED,),
-        "wq_dnh": (EMBED, HEADS, HEAD_DIM),
-        "wk_dkh": (EMBED, KV_HEADS, HEAD_DIM),
-        "wv_dkh": (EMBED, KV_HEADS, HEAD_DIM),
-        "wo_nhd": (HEADS, HEAD_DIM, EMBED),
-        "mlp_norm_d": (EMBED,),
-        "w_gate_df": (EMBED, MLP),
-        "w_up_df": (EMBED, MLP),
-        "w_down_fd": (MLP, EMBED),
-    }
-    if config.qkv_bias:
-        axes.update(bq_nh=(HEADS, HEAD_DIM), bk_kh=(KV_HEADS, HEAD_DIM), bv_kh=(KV_HEADS, HEAD_DIM))
-    if config.o_bias:
-        axes["bo_d"] = (EMBED,)
-    if config.qk_norm:
-        axes.update(q_norm_h=(HEAD_DIM,), k_norm_h=(HEAD_DIM,))
-    return axes
+def _sharding_metadata_key() -> str:
+    """Flax's name for a variable's logical axes: `out_sharding` from 0.12, `sharding_names` before."""
+    major, minor = (int(p) for p in flax.__version__.split(".")[:2])
+    return "out_sharding" if (major, minor) >= (0, 12) else "sharding_names"
 
 
-def param_axes(config: ModelConfig) -> Params:
-    """Logical axis names of every parameter, in the same tree structure as the parameters."""
-    axes: Params = {
-        "embed_vd": (VOCAB, EMBED),
-        "layers": [layer_param_axes(config) for _ in range(config.num_layers)],
-        "final_norm_d": (EMBED,),
-    }
-    if not config.tie_word_embeddings:
-        axes["lm_head_vd"] = (VOCAB, EMBED)
-    return axes
+_SHARDING_KEY = _sharding_metadata_key()
 
 
-def param_shapes(config: ModelConfig) -> Params:
-    """Shape of every parameter, in the parameter tree structure."""
-    size = {VOCAB: config.vocab_size, EMBED: config.hidden_size, HEADS: config.num_heads,
-            KV_HEADS: config.num_kv_heads, HEAD_DIM: config.head_dim, MLP: config.intermediate_size}
-    return jax.tree.map(lambda axes: tuple(size[a] for a in axes), param_axes(config),
-                        is_leaf=lambda x: isinstance(x, tuple))
+def _param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+    # Eager sharding off: a model is built on one device (or abstractly) and placed afterwards
+    # by the rules table, which also knows when a dimension does not split.
+    return nnx.Param(value, eager_sharding=False, **{_SHARDING_KEY: axes})
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def _normal(key, shape, dtype):
-    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+def param_value(var: nnx.Param | None):
+    """The value of a parameter (None stays None); `get_value` where Flax has it."""
+    if var is None:
+        return None
+    return var.get_value() if hasattr(var, "get_value") else var.value
 
 
-def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters (for tests and benchmarks): normal(0, 0.02) weights, unit norms.
+class _Init:
+    """Random weights normal(0, 0.02), norms one: for tests and benchmarks."""
 
-    One small jitted draw per leaf: an 8B model compiles a dozen tiny programs, not one huge one.
+    def __init__(self, rngs: nnx.Rngs, dtype):
+        self.rngs, self.dtype = rngs, jnp.dtype(dtype)
+
+    def normal(self, shape, axes):
+        return _param((0.02 * jax.random.normal(self.rngs.params(), shape, jnp.float32)).astype(self.dtype), axes)
+
+    def ones(self, shape, axes):
+        return _param(jnp.ones(shape, self.dtype), axes)
+
+
+LAYER_PARAMS = ("attn_norm", "w_qkv", "b_qkv", "q_norm", "k_norm", "w_o", "b_o", "mlp_norm", "w_gate_up", "w_down")
+
+
+class DecoderLayers(nnx.Module):
+    """Every decoder layer, weights stacked on a leading layer axis."""
+
+    def __init__(self, config: ModelConfig, init: _Init):
+        c = config
+        L, D, K, H, F = c.num_layers, c.hidden_size, c.num_kv_heads, c.head_dim, c.intermediate_size
+        E = c.q_per_kv + 2
+        self.attn_norm = init.ones((L, D), (LAYERS, EMBED))
+        self.w_qkv = init.normal((L, D, K, E, H), (LAYERS, EMBED, KV_HEADS, None, HEAD_DIM))
+        self.b_qkv = init.normal((L, K, E, H), (LAYERS, KV_HEADS, None, HEAD_DIM)) if c.qkv_bias else None
+        self.q_norm = init.ones((L, H), (LAYERS, HEAD_DIM)) if c.qk_norm else None
+        self.k_norm = init.ones((L, H), (LAYERS, HEAD_DIM)) if c.qk_norm else None
+        self.w_o = init.normal((L, c.num_heads, H, D), (LAYERS, HEADS, HEAD_DIM, EMBED))
+        self.b_o = init.normal((L, D), (LAYERS, EMBED)) if c.o_bias else None
+        self.mlp_norm = init.ones((L, D), (LAYERS, EMBED))
+        self.w_gate_up = init.normal((L, D, 2, F), (LAYERS, EMBED, None, MLP))
+        self.w_down = init.normal((L, F, D), (LAYERS, MLP, EMBED))
+
+
+class LlamaForCausalLM(nnx.Module):
+    """The decoder and its LM head.
+
+    Args:
+      config: the model configuration.
+      dtype: parameter dtype.
+      rngs: random streams for the initial weights (tests, benchmarks, training from scratch);
+        checkpoint loading builds the module abstractly and fills the state instead.
+      scan_layers: run runs of layers with equal attention settings in `lax.scan` (the
+        default) or unrolled in Python (one program per layer; compiles slower).
     """
-    shapes = param_shapes(config)
-    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
-    keys = jax.random.split(key, len(flat))
-    out = []
-    for (path, shape), k in zip(flat, keys):
-        if "norm" in jax.tree_util.keystr(path):
-            out.append(jnp.ones(shape, dtype))
-        else:
-            out.append(_normal(k, shape, jnp.dtype(dtype)))
-    return jax.tree.unflatten(treedef, out)
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, scan_layers: bool = True):
+        self.config = config
+        self.scan_layers = scan_layers
+        init = _Init(rngs, dtype)
+        D = config.hidden_size
+        self.embed = init.normal((config.vocab_size, D), (VOCAB, EMBED))
+        self.layers = DecoderLayers(config, init)
+        self.final_norm = init.ones((D,), (EMBED,))
+        self.lm_head = None if config.tie_word_embeddings else init.normal((config.vocab_size, D), (VOCAB, EMBED))
+
+    def __call__(self, token_ids_t, positions_t, kv_cache, metadata, attention: AttentionBackend,
+                 linear: Linear = XLA_LINEAR):
+        """Runs the decoder over a flat batch of tokens.
+
+        Args:
+          token_ids_t: int32 [T] token ids.
+          positions_t: int32 [T] positions (RoPE); padding tokens may carry any position.
+          kv_cache: the attention backend's cache of every layer (leading layer axis).
+          metadata: the attention backend's step metadata.
+          attention: the attention backend (static).
+          linear: the projection hook (static).
+        Returns:
+          (hidden_td [T, D] after the final norm, updated kv_cache)
+        """
+        c = self.config
+        x = param_value(self.embed)[token_ids_t]
+        weights = {name: param_value(getattr(self.layers, name)) for name in LAYER_PARAMS}
+        inv_freq = jnp.asarray(np.asarray(rope_inv_freq(c), np.float32))
+
+        def layer_fn(carry, i, spec):
+            x, kv = carry
+            x, kv = _decoder_layer(weights, c, i, spec, x, positions_t, kv, metadata, attention, linear, inv_freq)
+            return (x, kv), None
+
+        carry = (x, kv_cache)
+        for start, stop, spec in layer_runs(c):
+            if self.scan_layers and stop - start > 1:
+                carry, _ = lax.scan(lambda cr, i, spec=spec: layer_fn(cr, i, spec), carry,
+                                    jnp.arange(start, stop, dtype=jnp.int32))
+            else:
+                for i in range(start, stop):
+                    carry, _ = layer_fn(carry, i, spec)
+        x, kv_cache = carry
+        return rms_norm(x, param_value(self.final_norm), c.rms_norm_eps), kv_cache
+
+    def compute_logits(self, hidden_td, linear: Linear = XLA_LINEAR):
+        """Float32 logits [T, V] from final hidden states [T, D]."""
+        head = param_value(self.lm_head if self.lm_head is not None else self.embed)
+        return linear(hidden_td, head, transpose=True, out_dtype=jnp.float32)
 
 
-def layer_specs(config: ModelConfig) -> tuple[LayerSpec, ...]:
+def layer_runs(config: ModelConfig) -> list[tuple[int, int, LayerSpec]]:
+    """Maximal runs [start, stop) of consecutive layers with equal static attention settings;
+    each run is one scan (a model with one setting throughout is one scan)."""
     scale = config.head_dim ** -0.5
-    return tuple(LayerSpec(index=i, scale=scale, sliding_window=w)
-                 for i, w in enumerate(config.sliding_windows))
+    specs = [LayerSpec(scale=scale, sliding_window=w) for w in config.sliding_windows]
+    runs, start = [], 0
+    for spec, group in itertools.groupby(specs):
+        n = len(list(group))
+        runs.append((start, start + n, spec))
+        start += n
+    return runs
+
+
+def _decoder_layer(w, c: ModelConfig, i, spec: LayerSpec, x_td, positions_t, kv_cache, metadata,
+                   attention: AttentionBackend, linear: Linear, inv_freq):
+    """One pre-norm decoder layer (attention then SwiGLU MLP), layer i of the stacked weights."""
+    t = x_td.shape[0]
+    K, G, H, D = c.num_kv_heads, c.q_per_kv, c.head_dim, c.hidden_size
+    L = w["w_qkv"].shape[0]
+
+    h = rms_norm(x_td, select_layer(w["attn_norm"], i), c.rms_norm_eps)
+    qkv = linear(h, w["w_qkv"].reshape(L, D, -1), i).reshape(t, K, G + 2, H)
+    if w["b_qkv"] is not None:
+        qkv = qkv + select_layer(w["b_qkv"], i)
+    q = qkv[:, :, :G].reshape(t, K * G, H)
+    k, v = qkv[:, :, G], qkv[:, :, G + 1]
+    if w["q_norm"] is not None:
+        q = rms_norm(q, select_layer(w["q_norm"], i), c.rms_norm_eps)
+        k = rms_norm(k, select_layer(w["k_norm"], i), c.rms_norm_eps)
+    q = rope(q, positions_t, inv_freq)
+    k = rope(k, positions_t, inv_freq)
+    o_tnh, kv_cache = attention(q, k, v, kv_cache, metadata, spec, i)
+    attn_out = linear(o_tnh.reshape(t, -1), w["w_o"].reshape(L, -1, D), i)
+    if w["b_o"] is not None:
+        attn_out = attn_out + select_layer(w["b_o"], i)
+    x_td = x_td + attn_out
+
+    h = rms_norm(x_td, select_layer(w["mlp_norm"], i), c.rms_norm_eps)
+    gate_up = linear(h, w["w_gate_up"].reshape(L, D, -1), i).reshape(t, 2, -1)
+    mlp_out = linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], w["w_down"], i)
+    return x_td + mlp_out, kv_cache
 
 
 def rms_norm(x, weight, eps: float):
@@ -128,63 +227,3 @@ def rope(x_thh, positions_t, inv_freq):
     x2 = x_thh[..., half:].astype(jnp.float32)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_thh.dtype)
-
-
-def _attention_block(lp, x_td, positions_t, kv_cache, metadata, attention, config, layer, inv_freq):
-    dt = x_td.dtype
-    q = jnp.einsum("td,dnh->tnh", x_td, lp["wq_dnh"], preferred_element_type=dt)
-    k = jnp.einsum("td,dkh->tkh", x_td, lp["wk_dkh"], preferred_element_type=dt)
-    v = jnp.einsum("td,dkh->tkh", x_td, lp["wv_dkh"], preferred_element_type=dt)
-    if config.qkv_bias:
-        q, k, v = q + lp["bq_nh"], k + lp["bk_kh"], v + lp["bv_kh"]
-    if config.qk_norm:
-        q = rms_norm(q, lp["q_norm_h"], config.rms_norm_eps)
-        k = rms_norm(k, lp["k_norm_h"], config.rms_norm_eps)
-    q = rope(q, positions_t, inv_freq)
-    k = rope(k, positions_t, inv_freq)
-    o_tnh, kv_cache = attention(q, k, v, kv_cache, metadata, layer)
-    out = jnp.einsum("tnh,nhd->td", o_tnh, lp["wo_nhd"], preferred_element_type=dt)
-    if config.o_bias:
-        out = out + lp["bo_d"]
-    return out, kv_cache
-
-
-def _mlp_block(lp, x_td):
-    dt = x_td.dtype
-    gate = jnp.einsum("td,df->tf", x_td, lp["w_gate_df"], preferred_element_type=dt)
-    up = jnp.einsum("td,df->tf", x_td, lp["w_up_df"], preferred_element_type=dt)
-    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp["w_down_fd"], preferred_element_type=dt)
-
-
-def forward(params: Params, config: ModelConfig, token_ids_t, positions_t, kv_caches: list,
-            metadata, attention: AttentionBackend):
-    """Runs the decoder over a flat batch of tokens.
-
-    Args:
-      params: the parameter tree (see module docstring).
-      config: static model configuration.
-      token_ids_t: int32 [T] token ids.
-      positions_t: int32 [T] positions (RoPE); padding tokens may carry any position.
-      kv_caches: one cache pytree per layer, in the attention backend's layout.
-      metadata: the attention backend's step metadata.
-      attention: the attention backend (static).
-    Returns:
-      (hidden_td [T, D] after the final norm, updated kv_caches)
-    """
-    inv_freq = jnp.asarray(np.asarray(rope_inv_freq(config), np.float32))
-    x = params["embed_vd"][token_ids_t]
-    new_caches = []
-    for lp, layer, cache in zip(params["layers"], layer_specs(config), kv_caches):
-        h = rms_norm(x, lp["attn_norm_d"], config.rms_norm_eps)
-        attn_out, cache = _attention_block(lp, h, positions_t, cache, metadata, attention, config,
-                                           layer, inv_freq)
-        x = x + attn_out
-        x = x + _mlp_block(lp, rms_norm(x, lp["mlp_norm_d"], config.rms_norm_eps))
-        new_caches.append(cache)
-    return rms_norm(x, params["final_norm_d"], config.rms_norm_eps), new_caches
-
-
-def compute_logits(params: Params, hidden_td):
-    """Float32 logits [T, V] from final hidden states [T, D]."""
-    head = params.get("lm_head_vd", params["embed_vd"])
-    return jnp.einsum("td,vd->tv", hidden_td, head, preferred_element_type=jnp.float32)

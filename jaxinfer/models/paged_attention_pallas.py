@@ -1,7 +1,10 @@
 """Attention backend over the paged cache with the Pallas ragged paged attention kernels.
 
 One kernel launch per layer serves the whole mixed step (prefill chunks and decodes); the
-cache write stays a scatter in XLA, fused by the compiler into the step. The GPU variant uses
+cache write stays a scatter in XLA, fused by the compiler into the step. The kernel sees the
+stacked pools [K, L, P, page_size, H] as [K, L * P, page_size, H] (a free reshape: a kv head's
+layers are contiguous) with the layer's block tables offset by layer * P, so it reads the
+layer's pages in place, whatever the layer index is at run time. The GPU variant uses
 the Triton lowering, the TPU variant Mosaic TPU; on the CPU either runs in interpret mode
 (tests only: it is slow).
 
@@ -20,6 +23,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfer.models.attention import LayerSpec
@@ -42,27 +46,32 @@ class PagedAttentionPallas:
         if self.platform not in ("gpu", "tpu"):
             raise ValueError(f"platform must be gpu or tpu, got {self.platform!r}")
 
-    def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: PagedMetadata, layer: LayerSpec):
+    def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: PagedMetadata, layer: LayerSpec, layer_idx):
         run = functools.partial(self._attend, layer=layer)
+        layer_idx = jnp.asarray(layer_idx, jnp.int32)
         if self.mesh is None or self.mesh.shape[self.axis] == 1:
-            return run(q_tnh, k_tkh, v_tkh, kv_cache, metadata)
+            return run(q_tnh, k_tkh, v_tkh, kv_cache, metadata, layer_idx)
         if k_tkh.shape[1] % self.mesh.shape[self.axis]:
             raise ValueError(f"{k_tkh.shape[1]} kv heads do not split over {self.mesh.shape[self.axis]} devices")
         heads = PartitionSpec(None, self.axis, None)
-        pools = PartitionSpec(self.axis, None, None, None)
+        pools = PartitionSpec(self.axis, None, None, None, None)
         # check_vma off: a pallas_call does not say how its outputs vary over the mesh axis, so
         # the check would reject the split out_specs.
-        return jax.shard_map(run, mesh=self.mesh, in_specs=(heads, heads, heads, pools, PartitionSpec()),
-                             out_specs=(heads, pools), check_vma=False)(q_tnh, k_tkh, v_tkh, kv_cache, metadata)
+        return jax.shard_map(run, mesh=self.mesh,
+                             in_specs=(heads, heads, heads, pools, PartitionSpec(), PartitionSpec()),
+                             out_specs=(heads, pools), check_vma=False)(q_tnh, k_tkh, v_tkh, kv_cache, metadata,
+                                                                        layer_idx)
 
-    def _attend(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: PagedMetadata, layer: LayerSpec):
+    def _attend(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: PagedMetadata, layer_idx, layer: LayerSpec):
         if self.platform == "gpu":
             from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention
         else:
             from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention
-        k_pages, v_pages = write_kv(*kv_cache, k_tkh, v_tkh, metadata.slot_mapping_t)
-        o = ragged_paged_attention(q_tnh, k_pages, v_pages, metadata.kv_lens_s, metadata.block_tables_sw,
-                                   metadata.cu_q_lens_s1, metadata.num_seqs, scale=layer.scale,
-                                   sliding_window=layer.sliding_window, logit_softcap=layer.logit_softcap,
-                                   interpret=self.interpret)
+        k_pages, v_pages = write_kv(*kv_cache, k_tkh, v_tkh, metadata.slot_mapping_t, layer_idx)
+        kh, num_layers, num_pages = k_pages.shape[:3]
+        flat = (kh, num_layers * num_pages, *k_pages.shape[3:])
+        o = ragged_paged_attention(q_tnh, k_pages.reshape(flat), v_pages.reshape(flat), metadata.kv_lens_s,
+                                   metadata.block_tables_sw + layer_idx * num_pages, metadata.cu_q_lens_s1,
+                                   metadata.num_seqs, scale=layer.scale, sliding_window=layer.sliding_window,
+                                   logit_softcap=layer.logit_softcap, interpret=self.interpret)
         return o, (k_pages, v_pages)

@@ -1,0 +1,90 @@
+"""The one linear hook every projection of every model passes through.
+
+`Linear.__call__(x, w, layer)` computes y[T, N] = x[T, K] @ w[K, N], where w is a layer's weight
+or a stack [L, K, N] of every layer's weights with `layer` selecting one (the models run their
+layers in `lax.scan` over stacked weights). It dispatches on the weight's type, so quantized
+formats plug in here without touching model files: today a plain array (float32, bfloat16);
+the quantized types register themselves in `WEIGHT_HANDLERS`.
+
+For dense weights the hook picks the kernel: XLA's dot, or at few tokens on a GPU the Pallas
+skinny-matmul kernel (pallas_kernels/matmul), which reads the stacked weight in place, where
+XLA's dot on `w[layer]` is free to copy the slice first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# weight type -> handler(linear, x_tk, w, layer, transpose, out_dtype) -> y_tn; filled by quantization modules.
+WEIGHT_HANDLERS: dict[type, Callable[..., jax.Array]] = {}
+
+
+def select_layer(w: jax.Array, layer) -> jax.Array:
+    """w itself, or w[layer] of a stacked weight (a dynamic index when `layer` is traced)."""
+    if layer is None:
+        return w
+    if isinstance(layer, int):
+        return w[layer]
+    return lax.dynamic_index_in_dim(w, layer, axis=0, keepdims=False)
+
+
+def dense_dot(x_tk, w, *, transpose: bool = False, out_dtype=None):
+    """x @ w (w [K, N]) or x @ w.T (w [N, K]), accumulating in float32, in out_dtype (default x's)."""
+    contract = ((x_tk.ndim - 1,), (1 if transpose else 0,))
+    precision = lax.Precision.HIGHEST if x_tk.dtype == jnp.float32 else None
+    y = lax.dot_general(x_tk, w, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x_tk.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """How projections run (static: part of the jitted step's identity).
+
+    kernel: "xla" (XLA's dot always) or "pallas" (the skinny-matmul kernel for steps of at most
+      `max_kernel_tokens` tokens, XLA above that).
+    interpret: run the Pallas kernel in interpret mode (tests on the CPU).
+    """
+
+    kernel: str = "xla"
+    interpret: bool = False
+    max_kernel_tokens: int = 64
+
+    def __post_init__(self):
+        if self.kernel not in ("xla", "pallas"):
+            raise ValueError(f"kernel must be 'xla' or 'pallas', got {self.kernel!r}")
+
+    def __call__(self, x_tk: jax.Array, w: Any, layer=None, *, transpose: bool = False,
+                 out_dtype=None) -> jax.Array:
+        """y = x @ w[layer] (w [L, K, N]) or x @ w (w [K, N]); with transpose, w is [.., N, K].
+
+        Args:
+          x_tk: activations [T, K].
+          w: the weight: an array, or a quantized weight type registered in WEIGHT_HANDLERS.
+          layer: None, or the index into a stacked weight (int or traced int32 scalar).
+          transpose: the weight is stored [N, K] (the LM head reads the embedding table so).
+          out_dtype: the result's dtype (default: x's; the LM head asks for float32 logits).
+        """
+        handler = WEIGHT_HANDLERS.get(type(w))
+        if handler is not None:
+            return handler(self, x_tk, w, layer, transpose, out_dtype)
+        if self._use_kernel(x_tk, w, transpose, out_dtype):
+            from pallas_kernels.matmul import skinny_matmul
+
+            return skinny_matmul(x_tk, w, layer, interpret=self.interpret)
+        return dense_dot(x_tk, select_layer(w, layer), transpose=transpose, out_dtype=out_dtype)
+
+    def _use_kernel(self, x_tk, w, transpose: bool, out_dtype) -> bool:
+        if self.kernel != "pallas" or transpose or x_tk.ndim != 2 or x_tk.shape[0] > self.max_kernel_tokens:
+            return False
+        if out_dtype is not None and jnp.dtype(out_dtype) != x_tk.dtype:
+            return False
+        k, n = w.shape[-2:]
+        return k % 16 == 0 and n % 16 == 0 and x_tk.dtype == w.dtype
+
+
+XLA_LINEAR = Linear()
