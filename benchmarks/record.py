@@ -4,21 +4,18 @@ command-line options of the kernel benchmarks, and saving the record as it grows
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
-import jax
+from jaxinfer.bench.offline import run_header as offline_run_header
 
 
 def run_header() -> dict:
     """Device, versions, UTC date and the command line of this run."""
-    d = jax.devices()[0]
-    return dict(device=d.device_kind, platform=d.platform, jax=jax.__version__, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="PYTHONPATH=. python " + " ".join(sys.argv))
+    header = offline_run_header()
+    header["command"] = "PYTHONPATH=. python " + " ".join(sys.argv)
+    return header
 
 
 def kernel_bench_parser(description: str, *, iters: int) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""The `jaxinfer` command line: generate, chat, serve, bench serve (more subcommands join as they land)."""
+"""The `jaxinfer` command line: generate, chat, serve, bench (serve, latency, throughput, startup)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def _add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--enable-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", choices=("auto", "xla", "pallas"), default="auto")
+    p.add_argument("--linear-kernel", choices=("auto", "xla", "pallas"), default="auto",
+                   help="projections: the Pallas skinny matmul for decode-sized steps (auto: on one GPU) or XLA")
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="layers in lax.scan over stacked weights (default: on accelerators) or unrolled")
+    p.add_argument("--compilation-cache-dir", default=None,
+                   help="JAX's persistent compilation cache (default: under $JAXINFER_CACHE_DIR; '' disables)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices to split the model over (heads, mlp width, vocabulary)")
     p.add_argument("--seed", type=int, default=0)
@@ -63,7 +69,10 @@ def _make_llm(args, warmup: bool):
                max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
                num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
                enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
-               seed=args.seed, warmup=warmup, tensor_parallel_size=args.tensor_parallel_size)
+               linear_kernel=args.linear_kernel, scan_layers=args.scan_layers, seed=args.seed, warmup=warmup,
+               tensor_parallel_size=args.tensor_parallel_size,
+               **({"compilation_cache_dir": args.compilation_cache_dir} if args.compilation_cache_dir is not None
+                  else {}))
 
 
 def _read_prompts(path: str) -> list:
@@ -210,6 +219,9 @@ def _add_server_commands(sub) -> None:
     bs = bench_sub.add_parser("serve", help="client-side benchmark of an OpenAI-compatible server")
     add_bench_serve_args(bs)
     bs.set_defaults(func=cmd_bench_serve)
+    from jaxinfer.bench.offline import add_args as add_offline_bench_args
+
+    add_offline_bench_args(bench_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

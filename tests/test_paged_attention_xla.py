@@ -32,18 +32,20 @@ def model():
 @functools.partial(jax.jit, static_argnums=0)
 def _run(graphdef, state, token_ids, positions, caches, md, logits_indices):
     model = nnx.merge(graphdef, state)
-    hidden, caches = model(token_ids, positions, caches, md, PagedAttentionXLA())
-    return model.compute_logits(hidden[logits_indices]), caches
+    hidden, pending = model(token_ids, positions, caches, md, PagedAttentionXLA())
+    # The backend stages the step's writes: the pools are written after the step.
+    return model.compute_logits(hidden[logits_indices]), PagedAttentionXLA.commit(caches, pending, md.slot_mapping_t)
 
 
-@pytest.mark.parametrize("positions_per_block,queries_per_block", [(512, 512), (8, 8), (8, 12)])
-def test_chunked_mixed_steps_match_reference(model, monkeypatch, positions_per_block, queries_per_block):
-    """512: the whole table and the step's 32 tokens in one block each; 8: an online softmax
-    over many cache blocks and the in-step attention in 4 query blocks; 12: query blocks that
-    do not divide the step (its last block is padded)."""
+@pytest.mark.parametrize("gather_budget,queries_per_block", [(32 * 24, 512), (32 * 4, 8), (32 * 4, 12)])
+def test_chunked_mixed_steps_match_reference(model, monkeypatch, gather_budget, queries_per_block):
+    """The step has 32 tokens and tables of 6 pages of 4. 32 x 24: the whole table and the
+    step's tokens in one block each; 32 x 4: an online softmax over many one-page cache blocks
+    and the in-step attention in 4 query blocks; 12: query blocks that do not divide the step
+    (its last block is padded)."""
     import jaxinfer.models.paged_attention_xla as xla
 
-    monkeypatch.setattr(xla, "KV_POSITIONS_PER_BLOCK", positions_per_block)
+    monkeypatch.setattr(xla, "KV_GATHER_BUDGET", gather_budget)
     monkeypatch.setattr(xla, "QUERIES_PER_BLOCK", queries_per_block)
     _run.clear_cache()  # the block sizes are read at trace time
     config, params = model

@@ -33,6 +33,10 @@ class EngineConfig:
       attention_backend: "auto" (Pallas on GPU/TPU, XLA on CPU), "xla" or "pallas".
       linear_kernel: the projections' kernel: "auto" (the Pallas skinny matmul for decode-sized
         steps on one GPU, XLA's dot elsewhere), "xla" or "pallas".
+      scan_layers: run the layers in `lax.scan` over stacked weights (True), or unrolled over
+        per-layer arrays (False; compiles 6x slower, but XLA's CPU backend copies each layer's
+        weights out of a stack before a dot); None: on the CPU, one-token steps unrolled over
+        views of the stacked weights and larger steps scanned; elsewhere scanned.
       seed: seeds requests that bring none, so a run is reproducible.
       compilation_cache_dir: JAX's persistent compilation cache ("" disables it).
       warmup: compile every shape bucket when the engine starts.
@@ -51,6 +55,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     attention_backend: str = "auto"
     linear_kernel: str = "auto"
+    scan_layers: bool | None = None
     seed: int = 0
     compilation_cache_dir: str = dataclasses.field(default_factory=default_compilation_cache_dir)
     warmup: bool = True

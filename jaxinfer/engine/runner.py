@@ -42,6 +42,9 @@ _WARM_SAMPLERS = {
 
 # Copy-on-write page copies are applied in fixed-size batches so they compile once.
 COPY_BATCH = 8
+# Largest step that runs unrolled when the runner has per-layer views: a batch-1 decode, where
+# reading the weights is the whole cost; unrolled steps compile 6x slower than scanned ones.
+UNROLLED_MAX_TOKENS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +101,25 @@ class ModelRunner:
 
     def __init__(self, config: ModelConfig, graphdef, params, kv_spec: KVCacheSpec, runner_config: RunnerConfig,
                  attention: AttentionBackend, *, linear: Linear = XLA_LINEAR, eos_token_ids: Sequence[int] = (),
-                 kv_fill: float = 0.0, kv_sharding=None):
+                 kv_fill: float = 0.0, kv_sharding=None, unrolled_params=None):
         if kv_spec.page_size != runner_config.page_size:
             raise ValueError("KV cache and runner disagree on page_size")
         self.config = config
         self.graphdef = graphdef
         self.params = params
+        # Per-layer views of `params` for steps of at most UNROLLED_MAX_TOKENS tokens, which then
+        # run their layers unrolled (see EngineConfig.scan_layers); None: every step uses params.
+        self.unrolled_params = unrolled_params
         self.linear = linear
         self.kv_spec = kv_spec
         self.rc = runner_config
         self.attention = attention
         self.eos_token_ids = tuple(eos_token_ids) or config.eos_token_ids
         self.kv_cache = allocate_kv_cache(kv_spec, sharding=kv_sharding, fill=kv_fill)
+        # A backend that stages its writes (the XLA one) gets the pools read-only and returns
+        # the step's new k, v, written by a second, donated call; the others update the donated
+        # pools in place inside the step.
+        self._stages_writes = getattr(attention, "stages_writes", False)
         # On a mesh the steps pin their outputs: the KV pools keep their input sharding, so the
         # donated buffers are reused in place, and logits come back replicated for the sampler.
         # (Inputs need no annotation: jit follows the committed params and pools.)
@@ -117,14 +127,21 @@ class ModelRunner:
         self._logits_sharding = None
         if kv_sharding is not None:
             self._logits_sharding = NamedSharding(kv_sharding.mesh, PartitionSpec())
-            # kv_sharding stands as a pytree prefix for every layer's pools.
-            step_out = dict(out_shardings=(self._logits_sharding, kv_sharding))
-            all_out = dict(out_shardings=(self._logits_sharding, self._logits_sharding, kv_sharding))
+            # kv_sharding stands as a pytree prefix for the k and v pools; staged writes
+            # [L, T, K, H] split their kv heads as the pools do.
+            kv_out = kv_sharding
+            if self._stages_writes:
+                kv_out = NamedSharding(kv_sharding.mesh, PartitionSpec(None, None, kv_sharding.spec[0], None))
+            step_out = dict(out_shardings=(self._logits_sharding, kv_out))
+            all_out = dict(out_shardings=(self._logits_sharding, self._logits_sharding, kv_out))
             copy_out = dict(out_shardings=kv_sharding)
         static = dict(graphdef=graphdef, attention=attention, linear=linear)
-        self._step = jax.jit(functools.partial(_model_step, **static), donate_argnames=("kv_cache",), **step_out)
+        donate = () if self._stages_writes else ("kv_cache",)
+        self._step = jax.jit(functools.partial(_model_step, **static), donate_argnames=donate, **step_out)
         self._step_all_logits = jax.jit(functools.partial(_model_step_all_logits, **static),
-                                        donate_argnames=("kv_cache",), **all_out)
+                                        donate_argnames=donate, **all_out)
+        if self._stages_writes:
+            self._commit = jax.jit(attention.commit, donate_argnums=(0,), **copy_out)
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,), **copy_out)
         self._batch: dict[str, _CachedRequest] = {}
 
@@ -176,13 +193,19 @@ class ModelRunner:
         t = token_bucket or bucket_for(n_tok, self.rc.token_buckets)
         inputs: StepInputs = build_step_inputs(chunks, t, self.rc.seq_slots(t), self.rc.pages_per_seq,
                                                self.rc.page_size, logits_indices)
-        args = (self.params, inputs.token_ids_t, inputs.positions_t, self.kv_cache, inputs.metadata,
+        params = self.params
+        if self.unrolled_params is not None and t <= UNROLLED_MAX_TOKENS:
+            params = self.unrolled_params
+        args = (params, inputs.token_ids_t, inputs.positions_t, self.kv_cache, inputs.metadata,
                 inputs.logits_indices_s)
         if all_logits:
-            logits, every, self.kv_cache = self._step_all_logits(*args)
-            return logits, every
-        logits, self.kv_cache = self._step(*args)
-        return logits
+            logits, every, kv_out = self._step_all_logits(*args)
+        else:
+            (logits, kv_out), every = self._step(*args), None
+        if self._stages_writes:
+            kv_out = self._commit(self.kv_cache, kv_out, inputs.metadata.slot_mapping_t)
+        self.kv_cache = kv_out
+        return (logits, every) if all_logits else logits
 
     def _sample(self, logits_sv, rows: Sequence[SamplingRow | None]):
         md = SamplingMetadata.build(rows, batch_size=logits_sv.shape[0], vocab_size=self.config.vocab_size,

@@ -13,7 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.models.llama import LlamaForCausalLM
+from jaxinfer.models.llama import LlamaForCausalLM, param_value
+
+__all__ = ["LlamaForCausalLM", "abstract_model", "create_model", "layer_views", "layers_are_stacked", "model_class",
+           "param_dtype", "param_value", "state_from_tree", "unstack_layers"]
 
 
 def model_class(config: ModelConfig) -> type[nnx.Module]:
@@ -45,3 +48,38 @@ def state_from_tree(config: ModelConfig, tree, dtype=None) -> tuple[nnx.GraphDef
 def param_dtype(state) -> jnp.dtype:
     """The dtype of the model's weights (its first parameter's)."""
     return jnp.dtype(jax.tree.leaves(state)[0].dtype)
+
+
+def unstack_layers(state: nnx.State) -> nnx.State:
+    """The state with every stacked layer parameter [L, ...] split into a tuple of L arrays, so
+    the model runs its layers unrolled, each on its own arrays (see LlamaForCausalLM). The
+    stacked arrays are not kept: drop other references to them to free their memory."""
+    def split(path, x):
+        if path and getattr(path[0], "key", None) == "layers":
+            return tuple(x[i] for i in range(x.shape[0]))
+        return x
+
+    return jax.tree_util.tree_map_with_path(split, state)
+
+
+def layer_views(state: nnx.State) -> nnx.State:
+    """Per-layer arrays that share the stacked arrays' memory (CPU only: a host buffer's
+    slices can be aliased without a copy), in the form `unstack_layers` gives. The stacked
+    state must be kept alive and never donated while the views are used."""
+    import numpy as np
+
+    def split(path, x):
+        if path and getattr(path[0], "key", None) == "layers":
+            host = np.asarray(x)  # the CPU buffer itself, no copy
+            (device,) = x.devices()
+            return tuple(jax.device_put(host[i], device, may_alias=True) for i in range(x.shape[0]))
+        return x
+
+    if jax.default_backend() != "cpu" or any(len(x.devices()) > 1 for x in jax.tree.leaves(state)):
+        raise ValueError("zero-copy layer views exist for one CPU device only; use unstack_layers")
+    return jax.tree_util.tree_map_with_path(split, state)
+
+
+def layers_are_stacked(state: nnx.State) -> bool:
+    """Whether the layer parameters are stacked arrays (not per-layer tuples)."""
+    return not isinstance(param_value(state["layers"]["w_qkv"]), tuple)

@@ -34,6 +34,10 @@ class LayerSpec:
 class AttentionBackend(Protocol):
     """Writes this step's k, v into layer `layer_idx` of `kv_cache` and attends over it.
 
+    The model calls `open_step` before its first layer and `close_step` after its last: a
+    backend that never reads this step's keys back from the cache may stage the layers' new
+    k, v in a small buffer and write them all at once at the end (see PagedAttentionXLA).
+
     Args:
       q_tnh: queries [T, N, H] (RoPE applied).
       k_tkh, v_tkh: this step's keys and values [T, K, H].
@@ -46,6 +50,21 @@ class AttentionBackend(Protocol):
     """
 
     def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache: Any, metadata: Any, layer: LayerSpec, layer_idx): ...
+
+    def open_step(self, kv_cache: Any, num_tokens: int) -> Any: ...
+
+    def close_step(self, kv_cache: Any, metadata: Any) -> Any: ...
+
+
+class WritesInPlace:
+    """Backends that write each layer's k, v into the cache as the layer runs: the step's
+    cache goes in and out of the layers unchanged in form."""
+
+    def open_step(self, kv_cache, num_tokens: int):
+        return kv_cache
+
+    def close_step(self, kv_cache, metadata):
+        return kv_cache
 
 
 def grouped_attention(q_bsnh, k_bmkh, v_bmkh, mask_bsm, layer: LayerSpec):
@@ -107,7 +126,7 @@ class ContiguousMetadata:
 
 
 @dataclasses.dataclass(frozen=True)
-class ContiguousAttention:
+class ContiguousAttention(WritesInPlace):
     """Reference backend: a dense cache per sequence, k and v of shape [L, B, M, K, H].
 
     Simple and obviously right; the engine's paged backends are tested against it.

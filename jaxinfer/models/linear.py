@@ -24,11 +24,12 @@ from jax import lax
 WEIGHT_HANDLERS: dict[type, Callable[..., jax.Array]] = {}
 
 
-def select_layer(w: jax.Array, layer) -> jax.Array:
-    """w itself, or w[layer] of a stacked weight (a dynamic index when `layer` is traced)."""
+def select_layer(w, layer) -> jax.Array:
+    """w itself, or w[layer] of a stacked weight (a dynamic index when `layer` is traced) or of
+    a tuple of per-layer weights."""
     if layer is None:
         return w
-    if isinstance(layer, int):
+    if isinstance(layer, int) or isinstance(w, (tuple, list)):
         return w[layer]
     return lax.dynamic_index_in_dim(w, layer, axis=0, keepdims=False)
 

@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxinfer.models.attention import LayerSpec
+from jaxinfer.models.attention import LayerSpec, WritesInPlace
 from jaxinfer.models.paged_attention_xla import PagedMetadata, write_kv
 
 
 @dataclasses.dataclass(frozen=True)
-class PagedAttentionPallas:
+class PagedAttentionPallas(WritesInPlace):
     """platform: "gpu" or "tpu" (which kernel); interpret: run it in Pallas interpret mode;
     mesh, axis: with a mesh whose `axis` has more than one device, run per device over that
     axis (the kv heads must split evenly over it)."""

@@ -1,0 +1,67 @@
+"""Bytes and FLOPs a model must move and compute: the floors the benchmarks report against.
+
+A decode step reads every weight once (the embedding table only for the rows it looks up,
+unless it doubles as the LM head) plus each sequence's cached keys and values; a prefill
+computes 2 FLOPs per weight per token plus attention. Times are these over the device's
+bandwidth and matrix peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxinfer.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCost:
+    """Per-model constants for the floors (weights in `weight_bytes_per_param` bytes each)."""
+
+    config: ModelConfig
+    weight_bytes_per_param: float
+    kv_bytes_per_element: float
+
+    @property
+    def decode_weight_bytes(self) -> float:
+        """Weights one decode step reads (every projection and the LM head; no embedding rows)."""
+        c = self.config
+        params = c.num_params() - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+        return params * self.weight_bytes_per_param
+
+    def kv_bytes(self, tokens: int) -> float:
+        """Bytes of cached keys and values of `tokens` positions (all layers)."""
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * tokens * self.kv_bytes_per_element
+
+    @property
+    def matmul_flops_per_token(self) -> float:
+        """2 FLOPs per weight a token passes through (no embedding lookup, no LM head)."""
+        c = self.config
+        embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+        return 2.0 * (c.num_params() - embed)
+
+    def prefill_flops(self, prompt_len: int) -> float:
+        """One prompt's prefill: its projections, causal attention (q.k and p.v over half the
+        square) and the LM head for its last token."""
+        c = self.config
+        attention = 2 * 2 * c.num_layers * c.num_heads * c.head_dim * prompt_len * (prompt_len + 1) / 2
+        return self.matmul_flops_per_token * prompt_len + attention + 2 * c.vocab_size * c.hidden_size
+
+    def decode_step_bytes(self, batch: int, context: int) -> float:
+        return self.decode_weight_bytes + batch * self.kv_bytes(context)
+
+    def generation_floor_s(self, *, batch: int, input_len: int, output_len: int, bytes_per_s: float,
+                           flops_per_s: float) -> dict:
+        """Floor of `batch` prompts of input_len tokens each generating output_len tokens: the
+        prefill as compute (or bytes, whichever is larger) and each decode step as bytes (or
+        compute at large batches)."""
+        prefill = max(batch * self.prefill_flops(input_len) / flops_per_s,
+                      self.decode_step_bytes(batch, input_len) / bytes_per_s)
+        decode = 0.0
+        for step in range(1, output_len):
+            context = input_len + step
+            decode += max(self.decode_step_bytes(batch, context) / bytes_per_s,
+                          batch * (self.matmul_flops_per_token + 2 * self.config.vocab_size *
+                                   self.config.hidden_size) / flops_per_s)
+        return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode,
+                "decode_step_s": decode / max(1, output_len - 1)}

@@ -1,0 +1,66 @@
+"""Pure-jnp reference for the skinny (decode) matmul y[T, N] = x[T, K] @ w[K, N], and the input
+checks it shares with the kernel.
+
+Glossary for shapes: T tokens, K input features (contracted), N output features, L stacked
+layers. A stacked weight w_lkn [L, K, N] comes with an int32 `layer` selecting w_lkn[layer].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_matmul_inputs(x, w, layer):
+    """Static checks of x [T, K] against w [K, N] or w [L, K, N] (then `layer` is required).
+
+    Returns (num_tokens, k, n, layer as int32 [1] or None). `layer` may be a Python int or an
+    integer scalar array, traced or not.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"x must be [num_tokens, k], got shape {x.shape}")
+    if w.ndim not in (2, 3):
+        raise ValueError(f"w must be [k, n] or stacked [num_layers, k, n], got shape {w.shape}")
+    for name, a in (("x", x), ("w", w)):
+        if jnp.dtype(a.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype {a.dtype} is not one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x dtype {x.dtype} must equal w dtype {w.dtype}")
+    num_tokens, k = x.shape
+    if w.shape[-2] != k:
+        raise ValueError(f"x has k = {k} features but w has {w.shape[-2]} rows (shape {w.shape})")
+    if num_tokens < 1 or k < 1 or w.shape[-1] < 1:
+        raise ValueError(f"empty matmul: x {x.shape}, w {w.shape}")
+    if w.ndim == 2:
+        if layer is not None:
+            raise ValueError("layer is only for a stacked weight [num_layers, k, n]; w is 2-D")
+        return num_tokens, k, w.shape[-1], None
+    if w.shape[0] < 1:
+        raise ValueError(f"stacked weight has no layers: shape {w.shape}")
+    if layer is None:
+        raise ValueError(f"w is stacked [num_layers, k, n] (shape {w.shape}): pass the layer index")
+    layer = jnp.asarray(layer)
+    if not jnp.issubdtype(layer.dtype, jnp.integer) or layer.size != 1 or layer.ndim > 1:
+        raise ValueError(f"layer must be one integer (a scalar), got {layer.dtype} of shape {layer.shape}")
+    return num_tokens, k, w.shape[-1], layer.astype(jnp.int32).reshape(1)
+
+
+@jax.jit
+def skinny_matmul_reference(x, w, layer=None):
+    """x @ w (or x @ w[layer]) in float32 with exact float32 products, cast to x.dtype.
+
+    Args:
+      x: [T, K].
+      w: [K, N], or [L, K, N] stacked layers.
+      layer: int32 scalar (may be traced), required iff w is stacked; out-of-range values are
+        clamped into [0, L - 1] (lax.dynamic_index_in_dim), as the kernel does.
+    Returns:
+      [T, N] in x.dtype.
+    """
+    _, _, _, layer = check_matmul_inputs(x, w, layer)
+    w_kn = w if layer is None else lax.dynamic_index_in_dim(w, layer[0], axis=0, keepdims=False)
+    y = jnp.dot(x.astype(jnp.float32), w_kn.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
