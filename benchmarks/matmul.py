@@ -43,6 +43,7 @@ from benchmarks.kernels import copy_bandwidth, time_call, timings
 from benchmarks.record import kernel_bench_parser, report_saver, run_header
 from pallas_kernels.matmul import GpuMatmulBlockSizes, gpu_matmul_block_sizes, skinny_matmul
 from pallas_kernels.matmul.reference import skinny_matmul_reference
+from jaxinfer.devices import datasheet
 from pallas_kernels.paged_attention.tuned_block_sizes import device_family
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
@@ -51,7 +52,6 @@ SWEEP_TOKENS = (1, 16, 64)
 SCAN_SHAPES, SCAN_LAYERS, SCAN_TOKENS = ("qkv", "down"), 32, (1, 16, 64)
 QUICK_SHAPES = {"qkv": (128, 192), "down": (256, 128)}
 QUICK_TOKENS, QUICK_SCAN_LAYERS = (1, 3), 4
-DATASHEET_BPS = {"H100": 3.35e12, "H200": 4.8e12}  # HBM bytes/s by the vendor's datasheet (SXM)
 REL_ERR_OK = 1e-2  # bf16 outputs: max |out - ref| / max |ref|
 DTYPE = jnp.bfloat16
 
@@ -462,7 +462,8 @@ def main():
     print(report, flush=True)
     save = report_saver(report, args.out, "matmul.json")
     family = device_family()
-    report.update(family=family, datasheet_bps=DATASHEET_BPS.get(family), peer={
+    spec = datasheet()
+    report.update(family=family, datasheet_bps=spec.memory_bytes_per_s if spec else None, peer={
         k: v for k, v in peer.items() if k != "rows"}, peer_rows=peer.get("rows", []))
     report["copy_tbs"], report["matmul_tflops"] = ceilings(args)
     print(f"copy {report['copy_tbs']:.2f} TB/s, matmul {report['matmul_tflops']:.0f} TFLOP/s "
