@@ -5,8 +5,11 @@
 # Results land under $OUT. Run from the repository root: bash benchmarks/device/h200.sh kernels
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
+# The image's flax matches its JAX; carried wheels add what the image lacks (gguf).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L; python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 t0=$(date +%s)
@@ -17,10 +20,12 @@ for stage in "$@"; do
       timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_flax_model.py -k "layer_loops" 2>&1 | tail -6
       timeout 380 python3 benchmarks/matmul.py --out "$OUT/matmul" --sweep 2>&1 | tee "$OUT/matmul.log" | tail -60 ;;
     engine)
-      timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
-        --batch-size 1 --hf-peer --output-dir "$OUT/engine" 2>&1 | grep -v "compiling buckets" | tail -8
-      timeout 150 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 512 \
-        --batch-size 1,16,64 --num-iters 1 --output-dir "$OUT/engine" --tag sweep 2>&1 | grep -v "compiling" | tail -6 ;;
+      timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_flax_model.py -k "layer_loops" 2>&1 | tail -4
+      timeout 240 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
+        --batch-size 1 --hf-peer --profile --output-dir "$OUT/engine" 2>&1 | grep -v "compiling buckets" | tail -8
+      timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 512 \
+        --batch-size 1,16,64 --num-iters 1 --profile --output-dir "$OUT/engine" --tag sweep 2>&1 \
+        | grep -v "compiling" | tail -6 ;;
     engine2)
       timeout 200 python3 -m jaxinfer.cli bench throughput --preset llama3-8b --input-len 512 --output-len 128 \
         --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -4

@@ -48,6 +48,8 @@ def add_args(sub) -> None:
         p.add_argument("--hf-peer", action="store_true", help="HF transformers on the same prompts, same run")
         p.add_argument("--output-dir", default="benchmarks/results")
         p.add_argument("--tag", default="", help="appended to the result files' names")
+        p.add_argument("--profile", action="store_true",
+                       help="trace decode steps: device busy/idle share and the top kernels")
         if name == "throughput":
             p.add_argument("--num-prompts", type=int, default=256)
         else:
@@ -229,6 +231,8 @@ def cmd_latency(args) -> int:
         elif peer is not None:
             row["peer"] = peer
         rows.append(row)
+        if args.profile:
+            row["profile"] = _profile_decode(engine, prompts, args.output_len)
         print(json.dumps({k: v for k, v in row.items() if k not in ("runs", "floor")}), flush=True)
     record = {"benchmark": "latency", **run_header(), "args": _plain(vars(args)), "ceilings": ceilings,
               "datasheet": dataclasses.asdict(spec) if spec else None,
@@ -264,6 +268,26 @@ def cmd_latency(args) -> int:
 
     _save(record, args, "latency", table, plot if len(rows) > 1 else None)
     return 0
+
+
+def _profile_decode(engine, prompts, output_len: int, num_steps: int = 16) -> dict:
+    """Profiles num_steps decode steps of one batch (after its prefill), then finishes it."""
+    from jaxinfer.bench.profile import profile_steps
+    from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max(output_len, num_steps + 8), ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"profile-{i}", {"prompt_token_ids": p}, params)
+    started: set[str] = set()
+    while len(started) < len(prompts):  # until every prompt has its first token: prefills done
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    for _ in range(4):  # a few plain decode steps first
+        engine.step()
+    result = profile_steps(engine.step, num_steps)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return result
 
 
 def _peer_for_shape(args, mode: str, batch: int, count: int | None = None) -> dict:

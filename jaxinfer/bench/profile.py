@@ -1,0 +1,70 @@
+"""Where a decode step's time goes on the device: a profiler trace of engine steps.
+
+From the trace's device lines (CUPTI activity on GPUs) it reports the kernels' busy time (the
+union of their intervals), the share of wall time no kernel runs (device idle: host work,
+launch gaps, syncs), and the kernels that take the most time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import tempfile
+import time
+
+
+def _device_events(path: str):
+    import jax
+
+    data = jax.profiler.ProfileData.from_file(path)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            # GPU kernels sit on "Stream" lines (memcpys too); TPU ops on "XLA Ops".
+            if not (line.name.startswith("Stream") or line.name == "XLA Ops"):
+                continue
+            for e in line.events:
+                yield e.name, e.start_ns, e.duration_ns
+
+
+def profile_steps(step, num_steps: int) -> dict:
+    """Runs `step()` num_steps times inside a profiler trace; returns the device's busy and
+    idle shares of the wall time and the top kernels by time (None fields off accelerators)."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            t0 = time.perf_counter()
+            for _ in range(num_steps):
+                step()
+            wall = time.perf_counter() - t0
+        paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        events = list(_device_events(paths[0])) if paths else []
+    out = {"steps": num_steps, "wall_s_per_step": wall / num_steps}
+    if not events:
+        out["device_busy_fraction"] = None
+        return out
+    intervals = sorted((start, start + dur) for _, start, dur in events)
+    busy, end = 0, None
+    for s, e in intervals:  # union of intervals: concurrent kernels count once
+        if end is None or s > end:
+            busy += e - s
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    span = intervals[-1][1] - intervals[0][0]
+    by_name = collections.Counter()
+    counts = collections.Counter()
+    for name, _, dur in events:
+        key = re.sub(r"[._]\d+$", "", name)
+        by_name[key] += dur
+        counts[key] += 1
+    out.update(device_span_s=span / 1e9, device_busy_s=busy / 1e9, device_busy_fraction=busy / span,
+               device_idle_fraction=1 - busy / span, kernels_per_step=len(events) / num_steps,
+               top_kernels=[{"name": k[:120], "us_per_step": v / 1e3 / num_steps, "calls_per_step":
+                             counts[k] / num_steps} for k, v in by_name.most_common(15)])
+    return out
