@@ -26,6 +26,14 @@ for stage in "$@"; do
       timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 512 \
         --batch-size 1,16,64 --num-iters 1 --profile --output-dir "$OUT/engine" --tag sweep 2>&1 \
         | grep -v "compiling" | tail -6 ;;
+    variants)
+      export XLA_CB="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+      XLA_FLAGS="$XLA_CB" timeout 150 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 \
+        --output-len 256 --num-iters 2 --profile --output-dir "$OUT/engine" --tag cmdbuf_while 2>&1 \
+        | grep -v "compiling" | tail -3 | cut -c1-1500
+      timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
+        --num-iters 2 --profile --no-scan-layers --output-dir "$OUT/engine" --tag unrolled 2>&1 \
+        | grep -v "compiling" | tail -3 | cut -c1-1500 ;;
     engine2)
       timeout 200 python3 -m jaxinfer.cli bench throughput --preset llama3-8b --input-len 512 --output-len 128 \
         --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -4

@@ -14,6 +14,8 @@ import re
 import tempfile
 import time
 
+LONG_GAP_NS = 20_000  # idle stretches longer than this are not launch gaps
+
 
 def _device_events(path: str):
     import jax
@@ -48,14 +50,19 @@ def profile_steps(step, num_steps: int) -> dict:
         out["device_busy_fraction"] = None
         return out
     intervals = sorted((start, start + dur) for _, start, dur in events)
-    busy, end = 0, None
+    busy, end, gaps = 0, None, []
     for s, e in intervals:  # union of intervals: concurrent kernels count once
         if end is None or s > end:
+            if end is not None:
+                gaps.append(s - end)
             busy += e - s
             end = e
         elif e > end:
             busy += e - end
             end = e
+    # Idle splits into launch gaps between a step's kernels and long gaps (host work between
+    # steps, or a launch queue run dry).
+    long_gaps = [g for g in gaps if g > LONG_GAP_NS]
     span = intervals[-1][1] - intervals[0][0]
     by_name = collections.Counter()
     counts = collections.Counter()
@@ -65,6 +72,9 @@ def profile_steps(step, num_steps: int) -> dict:
         counts[key] += 1
     out.update(device_span_s=span / 1e9, device_busy_s=busy / 1e9, device_busy_fraction=busy / span,
                device_idle_fraction=1 - busy / span, kernels_per_step=len(events) / num_steps,
+               idle_us_per_step_in_long_gaps=sum(long_gaps) / 1e3 / num_steps,
+               long_gaps_per_step=len(long_gaps) / num_steps,
+               idle_us_per_step_in_short_gaps=(sum(gaps) - sum(long_gaps)) / 1e3 / num_steps,
                top_kernels=[{"name": k[:120], "us_per_step": v / 1e3 / num_steps, "calls_per_step":
                              counts[k] / num_steps} for k, v in by_name.most_common(15)])
     return out
