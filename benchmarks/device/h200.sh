@@ -34,10 +34,11 @@ for stage in "$@"; do
       timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
         --num-iters 2 --profile --no-scan-layers --output-dir "$OUT/engine" --tag unrolled 2>&1 \
         | grep -v "compiling" | tail -3 | cut -c1-1500 ;;
-    engine2)
+    throughput)
       timeout 200 python3 -m jaxinfer.cli bench throughput --preset llama3-8b --input-len 512 --output-len 128 \
-        --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -4
-      timeout 200 python3 -m jaxinfer.cli bench startup --preset llama3-8b --input-len 128 --output-len 8 \
+        --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -4 ;;
+    startup)
+      timeout 220 python3 -m jaxinfer.cli bench startup --preset llama3-8b --input-len 128 --output-len 8 \
         --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -4 ;;
   esac
   echo "== stage $stage done at +$(( $(date +%s) - t0 )) s"
