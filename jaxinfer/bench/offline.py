@@ -199,15 +199,15 @@ def cmd_latency(args) -> int:
     from jaxinfer.devices import datasheet, measure_ceilings
 
     model = _load(args)
-    ceilings, spec = measure_ceilings(), datasheet()
-    cost = _cost(model)
     max_len = args.input_len + args.output_len
     engine = _engine(model, args, max_num_seqs=max(batch_sizes), max_len=max_len,
                      batched_tokens=min(8192, max(512, max(batch_sizes) * args.input_len)))
-    if os.environ.get(STARTUP_MARK):
+    if os.environ.get(STARTUP_MARK):  # `bench startup`'s child: the first token is all it times
         _run_batch(engine, _prompts(model.config.vocab_size, 1, args.input_len, args.seed), 1, "startup")
         print(STARTUP_MARK, flush=True)
         return 0
+    ceilings, spec = measure_ceilings(), datasheet()
+    cost = _cost(model)
     rows = []
     for b in batch_sizes:
         prompts = _prompts(model.config.vocab_size, b, args.input_len, args.seed)

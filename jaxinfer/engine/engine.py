@@ -151,7 +151,8 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if config.compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+            # Every program is cached, however fast it compiled: a warm start compiles nothing.
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size)
         unrolled_params = None
         if config.scan_layers is False and layers_are_stacked(model.params):
