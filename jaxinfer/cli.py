@@ -36,6 +36,8 @@ def _add_engine_args(p: argparse.ArgumentParser):
                    help="projections: the Pallas skinny matmul for decode-sized steps (auto: on one GPU) or XLA")
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="layers in lax.scan over stacked weights (default: on accelerators) or unrolled")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan step N+1 while step N runs (default: on accelerators)")
     p.add_argument("--compilation-cache-dir", default=None,
                    help="JAX's persistent compilation cache (default: under $JAXINFER_CACHE_DIR; '' disables)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -69,7 +71,8 @@ def _make_llm(args, warmup: bool):
                max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
                num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
                enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
-               linear_kernel=args.linear_kernel, scan_layers=args.scan_layers, seed=args.seed, warmup=warmup,
+               linear_kernel=args.linear_kernel, scan_layers=args.scan_layers,
+               async_scheduling=args.async_scheduling, seed=args.seed, warmup=warmup,
                tensor_parallel_size=args.tensor_parallel_size,
                **({"compilation_cache_dir": args.compilation_cache_dir} if args.compilation_cache_dir is not None
                   else {}))

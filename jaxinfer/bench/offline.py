@@ -90,7 +90,8 @@ def _engine(model, args, *, max_num_seqs: int, max_len: int, batched_tokens: int
         max_num_batched_tokens=args.max_num_batched_tokens or batched_tokens, page_size=page,
         num_pages=args.num_pages, kv_cache_memory_fraction=args.gpu_memory_utilization,
         attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
-        scan_layers=args.scan_layers, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
+        scan_layers=args.scan_layers, async_scheduling=args.async_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
         **({"compilation_cache_dir": args.compilation_cache_dir} if args.compilation_cache_dir is not None else {})))
 
 

@@ -37,6 +37,12 @@ class EngineConfig:
         per-layer arrays (False; compiles 6x slower, but XLA's CPU backend copies each layer's
         weights out of a stack before a dot); None: on the CPU, one-token steps unrolled over
         views of the stacked weights and larger steps scanned; elsewhere scanned.
+      async_scheduling: plan and queue step N+1 while step N runs on the device, feeding step
+        N's sampled ids to N+1 on the device; the host reads tokens one step late and drops
+        a token sampled after its request's stop (vLLM's --async-scheduling). Off: every
+        step waits for its tokens before the next is planned. None: on for accelerators, off
+        on the CPU, where XLA runs a program whose inputs are not ready on the calling thread
+        (measured: the demo's time to first token 0.8 -> 1.5 s, decode unchanged).
       seed: seeds requests that bring none, so a run is reproducible.
       compilation_cache_dir: JAX's persistent compilation cache ("" disables it).
       warmup: compile every shape bucket when the engine starts.
@@ -56,6 +62,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     linear_kernel: str = "auto"
     scan_layers: bool | None = None
+    async_scheduling: bool | None = None
     seed: int = 0
     compilation_cache_dir: str = dataclasses.field(default_factory=default_compilation_cache_dir)
     warmup: bool = True

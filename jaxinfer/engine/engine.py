@@ -54,6 +54,15 @@ class _Completion:
 
 
 @dataclasses.dataclass
+class _LaunchedStep:
+    """A step queued on the device whose tokens the host has not read yet."""
+
+    out: object  # SchedulerOutput
+    pending: object  # runner.PendingStep
+    num_prompt_tokens: int
+
+
+@dataclasses.dataclass
 class _Group:
     request_id: str
     prompt: str | None
@@ -185,12 +194,15 @@ class LLMEngine:
         self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.page_size, num_pages,
                                    jnp.dtype(kv_dtype).name)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else mc.eos_token_ids
+        self._async = (config.async_scheduling if config.async_scheduling is not None
+                       else jax.default_backend() != "cpu")
         self.block_manager = BlockManager(num_pages, config.page_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.max_model_len, page_size=config.page_size,
-                            policy=config.scheduling_policy),
+                            policy=config.scheduling_policy,
+                            max_steps_in_flight=2 if self._async else 1),
             self.block_manager)
         self.runner = ModelRunner(
             mc, model.graphdef, model.params, self.kv_spec,
@@ -205,6 +217,9 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
         self._seed_rng = np.random.default_rng(config.seed)
+        self._in_flight: _LaunchedStep | None = None
+        # Unfinished completions whose sampling needs their whole output history (penalties).
+        self._num_history_requests = 0
         if config.warmup:
             self.runner.warmup()
 
@@ -282,6 +297,8 @@ class LLMEngine:
         for c in group.completions[1:]:
             self.scheduler.add_request(c.request, fork_from=leader.request_id)
         self._groups[request_id] = group
+        if params.has_penalties:
+            self._num_history_requests += params.n
         for c in group.completions:
             self._completions[c.request.request_id] = c
 
@@ -295,6 +312,7 @@ class LLMEngine:
             group = self._groups.pop(rid, None)
             if group is None:
                 continue
+            self._forget_group(group)
             self.metrics.record_finished("abort", now - group.metrics.arrival_time)
             for c in group.completions:
                 sub_ids.append(c.request.request_id)
@@ -310,39 +328,81 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedules, runs and samples one step; returns outputs of requests that progressed."""
+        """Schedules and runs one step; returns outputs of requests that progressed.
+
+        With asynchronous scheduling the step is queued on the device and the previous one's
+        tokens are read while it runs: the outputs returned are the previous step's, so the
+        host's bookkeeping overlaps the device's work. A token sampled for a request that its
+        previous token turned out to stop is dropped. While any request uses penalties (which
+        need every output token on the host), steps run one at a time.
+        """
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._num_history_requests:
+            outputs += self._finish_step(self._in_flight)
+            self._in_flight = None
         out = self.scheduler.schedule()
+        launched = self._launch(out)
+        if self._in_flight is not None:
+            outputs += self._finish_step(self._in_flight)
+            self._in_flight = None
+        if launched is None:
+            if not outputs:
+                self._record_step(0, 0, [], [])
+        elif self._async and not self._num_history_requests:
+            self._in_flight = launched
+        else:
+            outputs += self._finish_step(launched)
+        return outputs
+
+    def _launch(self, out) -> "_LaunchedStep | None":
+        """Queues a scheduled step on the device (None for an empty step)."""
         if out.total_num_scheduled_tokens == 0:
-            self.runner.execute(out, [])  # hands over finished ids, so the runner forgets them
-            self._record_step(0, 0, [], [])
-            return []
+            self.runner.dispatch(out, [])  # hands over finished ids, so the runner forgets them
+            return None
         now = time.monotonic()
         wanted = {}  # request id -> prompt logprobs top-n
-        for rid in out.scheduled_req_ids:
+        num_prompt_tokens = 0
+        for rid, n in out.num_scheduled_tokens.items():
             c = self._completions[rid]
             if c.group.metrics.first_scheduled_time is None:
                 c.group.metrics.first_scheduled_time = now
             if c.index == 0 and c.params.prompt_logprobs is not None:
                 wanted[rid] = c.params.prompt_logprobs
-        rows = []
-        for rid in out.sampling_req_ids:
-            c = self._completions[rid]
-            rows.append(SamplingRow(c.params, c.request.prompt_token_ids, c.request.output_token_ids))
-        result = self.runner.execute(out, rows, wanted)
-        for rid, (first, lp) in result.prompt_logprobs.items():
-            self._record_prompt_logprobs(self._completions[rid], first, lp)
-        sampled = result.sampled
-        tokens: dict[str, list[int]] = {}
-        for i, rid in enumerate(out.sampling_req_ids):
-            tokens[rid] = [int(sampled.token_ids[i])]
-            self._record_logprobs(self._completions[rid], sampled, i)
-        num_prompt_tokens = 0
-        for rid, n in out.num_scheduled_tokens.items():
-            req = self._completions[rid].request
+            req = c.request
             start = req.num_computed_tokens - n  # the scheduler advanced it at schedule()
             num_prompt_tokens += max(0, min(start + n, req.num_prompt_tokens) - start)
-        self.scheduler.update_from_output(out, tokens)
-        return self._process_outputs(tokens, num_prompt_tokens)
+        rows = []
+        for rid in out.sampling_req_ids:
+            req = self._completions[rid].request
+            # Tokens of earlier steps still in flight (this step's own placeholder excluded).
+            pending = max(0, req.num_output_placeholders - 1)
+            rows.append(SamplingRow(self._completions[rid].params, req.prompt_token_ids, req.output_token_ids,
+                                    pending))
+        return _LaunchedStep(out, self.runner.dispatch(out, rows, wanted), num_prompt_tokens)
+
+    def _finish_step(self, launched: "_LaunchedStep") -> list[RequestOutput]:
+        """Waits for a launched step, applies its tokens and builds the outputs."""
+        out = launched.out
+        result = launched.pending.result()
+        for rid, (first, lp) in result.prompt_logprobs.items():
+            c = self._completions.get(rid)
+            if c is not None:
+                self._record_prompt_logprobs(c, first, lp)
+        sampled = result.sampled
+        rows = {rid: i for i, rid in enumerate(out.sampling_req_ids)}
+        tokens = {rid: [int(sampled.token_ids[i])] for rid, i in rows.items()}
+        accepted = {r.request_id for r in self.scheduler.update_from_output(out, tokens)}
+        # Tokens of requests that ended meanwhile (a stop found a step late, an abort) are dropped.
+        tokens = {rid: t for rid, t in tokens.items() if rid in accepted}
+        for rid in tokens:
+            c = self._completions.get(rid)
+            if c is not None:
+                self._record_logprobs(c, sampled, rows[rid])
+        return self._process_outputs(tokens, launched.num_prompt_tokens)
+
+    def _forget_group(self, group: _Group) -> None:
+        if group.params.has_penalties:
+            self._num_history_requests -= len(group.completions)
 
     def _record_logprobs(self, c: _Completion, sampled, i: int):
         if c.logprobs is None or sampled.logprobs is None:
@@ -399,6 +459,7 @@ class LLMEngine:
                 group.metrics.finished_time = now
                 self.metrics.record_finished(group.completions[0].finish_reason, now - group.metrics.arrival_time)
                 del self._groups[group.request_id]
+                self._forget_group(group)
                 for c in group.completions:
                     self._completions.pop(c.request.request_id, None)
         self._record_step(num_prompt_tokens, len(tokens), ttfts, itls)

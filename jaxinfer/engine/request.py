@@ -93,6 +93,9 @@ class Request:
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
+        # Tokens sampled by scheduled steps whose results have not come back yet (asynchronous
+        # scheduling): their positions can be computed already, their ids are on the device.
+        self.num_output_placeholders = 0
         # Prompt and outputs in one list, so handing all tokens out costs no concatenation.
         self._token_ids = list(prompt)
 
@@ -104,6 +107,20 @@ class Request:
     def num_tokens(self) -> int:
         """Prompt plus output tokens."""
         return len(self._token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """Known tokens plus those sampled by steps still in flight."""
+        return len(self._token_ids) + self.num_output_placeholders
+
+    def may_generate_more(self, max_model_len: int) -> bool:
+        """Whether a token after the ones in flight could still be wanted (no length limit hit);
+        a stop token among those in flight is learnt only when they come back."""
+        if not self.num_output_placeholders:
+            return True
+        total = self.num_tokens_with_placeholders
+        out = total - self.num_prompt_tokens
+        return total < max_model_len and (self.max_tokens is None or out < self.max_tokens)
 
     @property
     def num_output_tokens(self) -> int:

@@ -73,19 +73,28 @@ class RunnerConfig:
         return min(token_bucket, self.max_num_seqs)
 
 
-def _model_step(state, token_ids_t, positions_t, kv_cache, metadata, logits_indices_s, *, graphdef, attention,
-                linear):
+def _fed_token_ids(token_ids_t, feed_t, prev_tokens_s):
+    """The step's token ids, those of positions sampled by the previous step (still unknown to
+    the host when this step was planned: asynchronous scheduling) taken from its device output:
+    feed_t[t] >= 0 names the previous step's sampling row."""
+    return jnp.where(feed_t >= 0, prev_tokens_s[jnp.maximum(feed_t, 0)], token_ids_t)
+
+
+def _model_step(state, token_ids_t, positions_t, kv_cache, metadata, logits_indices_s, feed_t, prev_tokens_s, *,
+                graphdef, attention, linear):
     """One forward over the step's tokens; logits of the rows that sample. A pure function of
     the model state: the module is rebuilt from its graph definition at trace time only."""
     model = nnx.merge(graphdef, state)
+    token_ids_t = _fed_token_ids(token_ids_t, feed_t, prev_tokens_s)
     hidden, kv_cache = model(token_ids_t, positions_t, kv_cache, metadata, attention, linear)
     return model.compute_logits(hidden[logits_indices_s], linear), kv_cache
 
 
-def _model_step_all_logits(state, token_ids_t, positions_t, kv_cache, metadata, logits_indices_s, *, graphdef,
-                           attention, linear):
+def _model_step_all_logits(state, token_ids_t, positions_t, kv_cache, metadata, logits_indices_s, feed_t,
+                           prev_tokens_s, *, graphdef, attention, linear):
     """As _model_step, plus logits of every token (prompt logprobs); compiled only on use."""
     model = nnx.merge(graphdef, state)
+    token_ids_t = _fed_token_ids(token_ids_t, feed_t, prev_tokens_s)
     hidden, kv_cache = model(token_ids_t, positions_t, kv_cache, metadata, attention, linear)
     all_logits = model.compute_logits(hidden, linear)
     return all_logits[logits_indices_s], all_logits, kv_cache
@@ -144,6 +153,13 @@ class ModelRunner:
             self._commit = jax.jit(attention.commit, donate_argnums=(0,), **copy_out)
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,), **copy_out)
         self._batch: dict[str, _CachedRequest] = {}
+        # The previous step's sampled ids on the device, padded to max_num_seqs, and each
+        # sampling request's row in them: the next step reads tokens the host does not know yet.
+        pad_out = {} if self._logits_sharding is None else dict(out_shardings=self._logits_sharding)
+        self._pad_tokens = jax.jit(lambda ids: jnp.pad(ids, (0, runner_config.max_num_seqs - ids.shape[0])),
+                                   **pad_out)
+        self._prev_tokens = jnp.zeros((runner_config.max_num_seqs,), jnp.int32, device=self._logits_sharding)
+        self._prev_rows: dict[str, int] = {}
 
     # -- warm-up ---------------------------------------------------------------------------
     @property
@@ -174,7 +190,7 @@ class ModelRunner:
                 logits = jnp.zeros((size, self.config.vocab_size), jnp.float32)
                 if self._logits_sharding is not None:  # as the step leaves them: the sampler compiles for that
                     logits = jax.device_put(logits, self._logits_sharding)
-                self._sample(logits, rows).token_ids.block_until_ready()
+                self._pad_tokens(self._sample(logits, rows).token_ids).block_until_ready()
 
     # -- steps -----------------------------------------------------------------------------
     def copy_pages(self, ops: Sequence[tuple[int, int]]):
@@ -188,16 +204,21 @@ class ModelRunner:
             self.kv_cache = self._copy(self.kv_cache, src, dst)
 
     def _run_model(self, chunks: Sequence[SeqChunk], token_bucket: int | None = None,
-                   logits_indices: Sequence[int] | None = None, all_logits: bool = False):
+                   logits_indices: Sequence[int] | None = None, all_logits: bool = False,
+                   feed: Mapping[int, int] | None = None):
+        """feed: flat token index -> the previous step's sampling row whose token goes there."""
         n_tok = sum(len(c.token_ids) for c in chunks)
         t = token_bucket or bucket_for(n_tok, self.rc.token_buckets)
         inputs: StepInputs = build_step_inputs(chunks, t, self.rc.seq_slots(t), self.rc.pages_per_seq,
                                                self.rc.page_size, logits_indices)
+        feed_t = np.full(t, -1, np.int32)
+        for index, row in (feed or {}).items():
+            feed_t[index] = row
         params = self.params
         if self.unrolled_params is not None and t <= UNROLLED_MAX_TOKENS:
             params = self.unrolled_params
         args = (params, inputs.token_ids_t, inputs.positions_t, self.kv_cache, inputs.metadata,
-                inputs.logits_indices_s)
+                inputs.logits_indices_s, feed_t, self._prev_tokens)
         if all_logits:
             logits, every, kv_out = self._step_all_logits(*args)
         else:
@@ -232,37 +253,57 @@ class ModelRunner:
 
     def execute(self, out: SchedulerOutput, rows: Sequence[SamplingRow],
                 prompt_logprobs: Mapping[str, int] | None = None) -> StepResult:
-        """Runs one scheduled step and samples.
+        """Runs one scheduled step and samples, and waits for the result (see `dispatch`)."""
+        return self.dispatch(out, rows, prompt_logprobs).result()
+
+    def dispatch(self, out: SchedulerOutput, rows: Sequence[SamplingRow],
+                 prompt_logprobs: Mapping[str, int] | None = None) -> PendingStep:
+        """Queues one scheduled step and its sampling on the device without waiting for them.
 
         Args:
           out: the scheduler's output for this step.
           rows: the sampling state of each request in `out.sampling_req_ids`, in that order.
           prompt_logprobs: request id -> top-n, for requests that want prompt logprobs.
         Returns:
-          The sampled tokens (numpy, rows in `sampling_req_ids` order) and prompt logprobs.
+          The pending step; its `result()` brings the sampled tokens (numpy, rows in
+          `sampling_req_ids` order) and prompt logprobs back to the host. A token the host does
+          not know yet (sampled by the previous step, under asynchronous scheduling) is read
+          from that step's device output.
         """
         self._apply_diff(out)
         if out.total_num_scheduled_tokens == 0:
-            return StepResult()  # nothing to run, but finished requests were forgotten above
+            return PendingStep()  # nothing to run, but finished requests were forgotten above
         if out.copy_ops:
             self.copy_pages(out.copy_ops)
         computed = {r.request_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
         computed.update((r.request_id, r.num_computed_tokens) for r in out.scheduled_cached_reqs)
-        chunks = []
+        chunks, feed, cursor = [], {}, 0
         for rid in out.scheduled_req_ids:
             state, start = self._batch[rid], computed[rid]
             n = out.num_scheduled_tokens[rid]
-            chunks.append(SeqChunk(state.token_ids[start:start + n], start, state.block_table))
+            tokens = state.token_ids[start:start + n]
+            if len(tokens) < n:  # its last token was sampled by the step still in flight
+                if len(tokens) != n - 1 or rid not in self._prev_rows:
+                    raise RuntimeError(f"request {rid!r}: {n - len(tokens)} unknown tokens, or none in flight")
+                feed[cursor + n - 1] = self._prev_rows[rid]
+                tokens = tokens + [0]
+            chunks.append(SeqChunk(tokens, start, state.block_table))
+            cursor += n
         wanted = {rid: k for rid, k in (prompt_logprobs or {}).items() if rid in out.num_scheduled_tokens}
-        result = StepResult()
+        pending = PendingStep()
         if wanted:
-            logits, every = self._run_model(chunks, logits_indices=out.logits_token_indices, all_logits=True)
-            result.prompt_logprobs = self._prompt_logprobs(out, chunks, every, wanted)
+            logits, every = self._run_model(chunks, logits_indices=out.logits_token_indices, all_logits=True,
+                                            feed=feed)
+            pending.prompt_logprobs = self._prompt_logprobs(out, chunks, every, wanted)
         else:
-            logits = self._run_model(chunks, logits_indices=out.logits_token_indices)
+            logits = self._run_model(chunks, logits_indices=out.logits_token_indices, feed=feed)
         if rows:
-            result.sampled = jax.tree.map(np.asarray, self._sample(logits, rows))
-        return result
+            pending.sampled = self._sample(logits, rows)
+            self._prev_tokens = self._pad_tokens(pending.sampled.token_ids)
+            self._prev_rows = {rid: i for i, rid in enumerate(out.sampling_req_ids)}
+        else:
+            self._prev_rows = {}
+        return pending
 
     def _prompt_logprobs(self, out, chunks, logits_tv, wanted: Mapping[str, int]):
         """Per request, (first prompt position scored, Logprobs) for this step's prompt tokens.
@@ -283,7 +324,7 @@ class ModelRunner:
                     spans[rid] = (cursor, count, chunk.start_pos + 1)
             cursor += n
         width = SamplingBuckets().fit("logprobs", max(wanted.values()))
-        lp = jax.tree.map(np.asarray, score_prompt(logits_tv, targets, num_logprobs=width))
+        lp = score_prompt(logits_tv, targets, num_logprobs=width)  # stays on the device until result()
         return {rid: (first, jax.tree.map(lambda a: a[c:c + k], lp)) for rid, (c, k, first) in spans.items()}
 
 
@@ -294,6 +335,20 @@ class StepResult:
     sampled: SamplerOutput | None = None  # rows in sampling_req_ids order
     # request id -> (position of the first prompt token scored, its Logprobs rows)
     prompt_logprobs: dict[str, tuple[int, Logprobs]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A dispatched step: its outputs as device arrays until `result()` fetches them."""
+
+    sampled: SamplerOutput | None = None
+    prompt_logprobs: dict = dataclasses.field(default_factory=dict)
+
+    def result(self) -> StepResult:
+        """Waits for the step and copies its sampled tokens (and logprobs) to the host."""
+        return StepResult(sampled=None if self.sampled is None else jax.tree.map(np.asarray, self.sampled),
+                          prompt_logprobs={rid: (first, jax.tree.map(np.asarray, lp))
+                                           for rid, (first, lp) in self.prompt_logprobs.items()})
 
 
 @dataclasses.dataclass

@@ -66,13 +66,19 @@ class SamplingBuckets:
 class SamplingRow:
     """Host-side sampling state of one request in the batch.
 
-    `output_token_ids` are the tokens generated so far; their count is the step from which the
-    row's random key is derived, so it must include every token sampled for the request.
+    `output_token_ids` are the tokens generated so far that the host knows; with
+    `num_pending_outputs` (tokens sampled by steps still in flight) their count is the step
+    from which the row's random key is derived, and what min_tokens counts.
     """
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
+    num_pending_outputs: int = 0
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_outputs
 
 
 @jax.tree_util.register_dataclass
@@ -151,10 +157,12 @@ class SamplingMetadata:
                 raise ValueError("a sampled (temperature > 0) row needs a seed; give the request "
                                  "one on arrival with SamplingParams.with_seed")
         penalized = [(i, r) for i, r in live if r.params.has_penalties]
+        if any(r.num_pending_outputs for _, r in penalized):
+            raise ValueError("penalties need every output token on the host: sample such rows synchronously")
         repeating = [(i, r) for i, r in penalized if r.params.repetition_penalty != 1.0]
         biases = {i: r.params.logit_bias or {} for i, r in live}
         banned = {i: sorted(r.params.stop_ids(eos_token_ids)) for i, r in live
-                  if len(r.output_token_ids) < r.params.min_tokens}
+                  if r.num_outputs < r.params.min_tokens}
         random_rows = [r.params for _, r in live if not r.params.greedy]
         logprobs = [r.params.logprobs for _, r in live if r.params.logprobs is not None]
 
@@ -194,7 +202,7 @@ class SamplingMetadata:
             frequency_penalty=per_row(np.float32, 0.0, lambda p, r: p.frequency_penalty),
             repetition_penalty=per_row(np.float32, 1.0, lambda p, r: p.repetition_penalty),
             seeds=np.stack([seeds & 0xFFFFFFFF, seeds >> 32], axis=1).astype(np.uint32),
-            steps=per_row(np.int32, 0, lambda p, r: len(r.output_token_ids)),
+            steps=per_row(np.int32, 0, lambda p, r: r.num_outputs),
             bias_ids=padded({i: list(b) for i, b in biases.items()}, bias_width, 0),
             bias_values=padded({i: list(b.values()) for i, b in biases.items()}, bias_width, 0.0,
                                np.float32),

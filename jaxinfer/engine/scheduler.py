@@ -62,6 +62,11 @@ class SchedulerConfig:
       policy: "fcfs" (arrival order) or "priority" (lower `priority` first, then arrival).
       long_prefill_token_threshold: if > 0, most tokens one request takes in a step, so long
         prompts do not starve decodes.
+      max_steps_in_flight: scheduled steps whose sampled tokens may be outstanding. 1: each
+        `schedule()` follows the previous step's `update_from_output`. 2 (asynchronous
+        scheduling): the next step is planned while the previous one runs; a request that
+        samples in a step gets a placeholder token whose position the next step computes (its
+        id comes from the device), and the host learns the token one step late.
     """
 
     max_num_seqs: int
@@ -70,6 +75,7 @@ class SchedulerConfig:
     page_size: int
     policy: str = "fcfs"
     long_prefill_token_threshold: int = 0
+    max_steps_in_flight: int = 1
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size"):
@@ -81,6 +87,8 @@ class SchedulerConfig:
         threshold = self.long_prefill_token_threshold
         if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be a non-negative integer, got {threshold!r}")
+        if self.max_steps_in_flight not in (1, 2):
+            raise ValueError(f"max_steps_in_flight must be 1 or 2, got {self.max_steps_in_flight!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +183,7 @@ class Scheduler:
         self._fork_from: dict[str, str] = {}  # sibling -> leader whose prompt pages it will share
         self._runner_views: dict[str, _RunnerView] = {}
         self._finished_unreported: list[str] = []
-        self._awaiting_update: SchedulerOutput | None = None
+        self._awaiting_update: list[SchedulerOutput] = []  # scheduled, not yet updated, in order
         self.num_preemptions_total = 0
 
     # ----- counters -----------------------------------------------------------------------------
@@ -301,8 +309,9 @@ class Scheduler:
     # ----- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        """Plans the next step. Call `update_from_output` with its result before scheduling again."""
-        if self._awaiting_update is not None:
+        """Plans the next step. With max_steps_in_flight = 1, call `update_from_output` with its
+        result before scheduling again; with 2, one earlier step may still be outstanding."""
+        if len(self._awaiting_update) >= self.config.max_steps_in_flight:
             raise RuntimeError("update_from_output must be called with the previous output before schedule()")
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
@@ -312,7 +321,11 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
-            num_new = self._num_new_tokens(request.num_tokens - request.num_computed_tokens, budget)
+            uncomputed = request.num_tokens_with_placeholders - request.num_computed_tokens
+            if uncomputed == 0 or not request.may_generate_more(self.config.max_model_len):
+                i += 1  # its last token is in flight, and it is the last one it may have
+                continue
+            num_new = self._num_new_tokens(uncomputed, budget)
             ops = self._reserve_pages(request, num_new)
             while ops is None:
                 victim = self._running[-1]
@@ -370,6 +383,9 @@ class Scheduler:
         while i < len(self._waiting) and budget > 0 and len(self._running) < self.config.max_num_seqs:
             request = self._waiting[i]
             rid = request.request_id
+            if request.num_output_placeholders:
+                i += 1  # preempted with a token in flight: it resumes once the token is known
+                continue
             leader_id = self._fork_from.get(rid)
             leader = self._requests.get(leader_id) if leader_id is not None else None
             if leader_id is not None and leader is None:
@@ -443,12 +459,15 @@ class Scheduler:
             view.replace_table = False
             num_scheduled[rid] = num_new
             offset += num_new
-            if request.num_computed_tokens + num_new == request.num_tokens:
+            if request.num_computed_tokens + num_new == request.num_tokens_with_placeholders:
                 sampling.append(rid)
                 logits_indices.append(offset - 1)
         # The KV of these tokens is as good as computed once the runner takes this output.
         for request, num_new in scheduled:
             request.num_computed_tokens += num_new
+        if self.config.max_steps_in_flight > 1:
+            for rid in sampling:
+                self._requests[rid].num_output_placeholders += 1
         finished, self._finished_unreported = self._finished_unreported, []
         output = SchedulerOutput(
             scheduled_new_reqs=tuple(new_reqs),
@@ -463,7 +482,7 @@ class Scheduler:
             copy_ops=tuple(copy_ops),
         )
         if not output.is_empty:
-            self._awaiting_update = output
+            self._awaiting_update.append(output)
         return output
 
     # ----- after the step ------------------------------------------------------------------------
@@ -472,7 +491,7 @@ class Scheduler:
         """Applies a step's sampled tokens.
 
         Args:
-          output: the latest `schedule()` result.
+          output: the oldest `schedule()` result not yet applied.
           sampled: request id -> tokens sampled for it (one per step without speculation), for
             each request in `output.sampling_req_ids` still running; ids of requests finished
             or aborted since the step was scheduled are ignored.
@@ -483,8 +502,8 @@ class Scheduler:
             if sampled:
                 raise ValueError("an empty step samples nothing")
             return []
-        if output is not self._awaiting_update:
-            raise ValueError("output is not the latest schedule() result, or was already applied")
+        if not self._awaiting_update or output is not self._awaiting_update[0]:
+            raise ValueError("output is not the oldest outstanding schedule() result, or was already applied")
         sampling = set(output.sampling_req_ids)
         for rid, tokens in sampled.items():
             if rid not in sampling:
@@ -493,14 +512,21 @@ class Scheduler:
             request = self._requests.get(rid)
             if request is not None and request.status is RequestStatus.RUNNING and not sampled.get(rid):
                 raise ValueError(f"no sampled token for request {rid!r}")
-        self._awaiting_update = None
+        self._awaiting_update.pop(0)
+        in_flight = self.config.max_steps_in_flight > 1
 
         changed = []
         for rid in output.scheduled_req_ids:
             request = self._requests.get(rid)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            if request is None:
                 continue
-            self.block_manager.cache_computed_pages(rid, request.all_token_ids, request.num_computed_tokens)
+            if in_flight and rid in sampling:
+                request.num_output_placeholders -= 1
+            if request.status is RequestStatus.RUNNING:
+                self.block_manager.cache_computed_pages(rid, request.all_token_ids, request.num_computed_tokens)
+            elif request.status is not RequestStatus.PREEMPTED:
+                continue
+            # (A request preempted after this step was planned still gets the step's token.)
             tokens = sampled.get(rid)
             if not tokens:
                 continue
