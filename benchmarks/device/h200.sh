@@ -34,6 +34,17 @@ for stage in "$@"; do
       timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
         --num-iters 2 --profile --no-scan-layers --output-dir "$OUT/engine" --tag unrolled 2>&1 \
         | grep -v "compiling" | tail -3 | cut -c1-1500 ;;
+    final)
+      timeout 150 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
+        --batch-size 1 --hf-peer --profile --output-dir "$OUT/engine" --tag async 2>&1 | grep -v "compiling" \
+        | tail -3 | cut -c1-2500
+      timeout 120 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 512 \
+        --batch-size 1,16,64 --num-iters 1 --profile --output-dir "$OUT/engine" --tag async_sweep 2>&1 \
+        | grep -v "compiling" | tail -4 | cut -c1-1200
+      timeout 110 python3 -m jaxinfer.cli bench throughput --preset llama3-8b --input-len 512 --output-len 128 \
+        --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -3
+      timeout 160 python3 -m jaxinfer.cli bench startup --preset llama3-8b --input-len 128 --output-len 8 \
+        --output-dir "$OUT/engine" --tag async 2>&1 | grep -v "compiling" | tail -3 ;;
     throughput)
       timeout 200 python3 -m jaxinfer.cli bench throughput --preset llama3-8b --input-len 512 --output-len 128 \
         --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -4 ;;
