@@ -30,7 +30,7 @@ def test_random_arrivals_with_preemption_match_reference(model):
     arrivals = sorted(int(rng.integers(0, 40)) for _ in prompts)
     # 40 usable pages of 4 tokens cannot hold 8 running sequences of up to ~100 tokens: preemption.
     engine = _engine(model, num_pages=41)
-    done, step = {}, 0
+    done, step, preemptions = {}, 0, {}
     pending = list(range(len(prompts)))
     while pending or engine.has_unfinished_requests():
         while pending and arrivals[pending[0]] <= step:
@@ -40,9 +40,12 @@ def test_random_arrivals_with_preemption_match_reference(model):
         for out in engine.step():
             if out.finished:
                 done[int(out.request_id)] = out.outputs[0]
+                preemptions[out.request_id] = out.metrics
         step += 1
         assert step < 5000
     assert engine.scheduler.num_preemptions_total > 0, "the pool was meant to force preemption"
+    # Each request's output reports its own preemptions, and they add up to the scheduler's count.
+    assert sum(m.num_preemptions for m in preemptions.values()) == engine.scheduler.num_preemptions_total
     assert engine.block_manager.usage == 0
     for i, p in enumerate(prompts):
         [ref] = generate(model, [p], max_tokens[i])

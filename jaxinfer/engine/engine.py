@@ -467,6 +467,8 @@ class LLMEngine:
 
     def _make_output(self, group: _Group) -> RequestOutput | None:
         kind = group.params.output_kind
+        # Preemptions of any of the group's completions (the scheduler counts them per request).
+        group.metrics.num_preemptions = sum(c.request.num_preemptions for c in group.completions)
         if kind == RequestOutputKind.FINAL_ONLY and not group.finished:
             return None
         completions = []
