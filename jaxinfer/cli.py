@@ -258,11 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         # Settings from the file become defaults, so flags on the command line still override them.
         args.subparser.set_defaults(**_read_config(args.config, args.subparser))
         args = parser.parse_args(argv)
+    args.argv = argv  # what the benchmarks record as their command
     from jaxinfer.config import UnsupportedModelError
     from jaxinfer.errors import CheckpointError, ModelNotFoundError
 

@@ -235,7 +235,7 @@ def cmd_latency(args) -> int:
         if args.profile:
             row["profile"] = _profile_decode(engine, prompts, args.output_len)
         print(json.dumps({k: v for k, v in row.items() if k not in ("runs", "floor")}), flush=True)
-    record = {"benchmark": "latency", **run_header(), "args": _plain(vars(args)), "ceilings": ceilings,
+    record = {"benchmark": "latency", **run_header(args.argv), "args": _plain(vars(args)), "ceilings": ceilings,
               "datasheet": dataclasses.asdict(spec) if spec else None,
               "weight_bytes_per_decode_step": cost.decode_weight_bytes, "results": rows}
     basis = "datasheet" if spec else "measured"
@@ -364,7 +364,7 @@ def cmd_throughput(args) -> int:
         result["peer"] = peer
         if "seconds" in peer:
             result["speedup_vs_peer"] = peer["seconds"] / median["seconds"]
-    record = {"benchmark": "throughput", **run_header(), "args": _plain(vars(args)), "ceilings": ceilings,
+    record = {"benchmark": "throughput", **run_header(args.argv), "args": _plain(vars(args)), "ceilings": ceilings,
               "datasheet": dataclasses.asdict(spec) if spec else None, "result": result}
     basis = "datasheet" if spec else "measured"
     table = [f"{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, max_num_seqs {seqs}", "",
@@ -383,7 +383,7 @@ def cmd_throughput(args) -> int:
 def cmd_startup(args) -> int:
     """Runs `jaxinfer bench latency` twice in fresh processes sharing a new, empty cache
     directory: cold, then warm; each is timed from its start to its first token."""
-    argv = [a for a in sys.argv[1:] if a != "--hf-peer"]
+    argv = [a for a in args.argv if a != "--hf-peer"]
     argv[argv.index("startup")] = "latency"
     times = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -402,7 +402,7 @@ def cmd_startup(args) -> int:
                 return 1
             times[kind] = first
             print(f"{kind} start to first token: {first:.1f} s", flush=True)
-    record = {"benchmark": "startup", **run_header(), "args": _plain(vars(args)),
+    record = {"benchmark": "startup", **run_header(args.argv), "args": _plain(vars(args)),
               "cold_start_to_first_token_s": times["cold"], "warm_start_to_first_token_s": times["warm"]}
     table = ["From process start (interpreter, imports, weights, compilation of every bucket) to the "
              "first generated token.", "", "| cold (s) | warm (s) |", "|---|---|",

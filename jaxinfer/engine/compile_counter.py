@@ -7,10 +7,11 @@ import threading
 
 import jax
 
-# Emitted once per function traced for a new shape/static-arg signature. Counting traces
-# (rather than backend compiles) also catches cache hits of the persistent compilation
-# cache, which still mean an unexpected shape reached the hot path.
-_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+# A trace is emitted once per function traced for a new shape/static-arg signature; counting
+# traces also catches cache hits of the persistent compilation cache, which still mean an
+# unexpected shape reached the hot path. A backend compile without a new trace happens when
+# only an argument's placement differs (e.g. a committed vs an uncommitted array): counted too.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration")
 
 
 class CompileCounter:
@@ -21,7 +22,7 @@ class CompileCounter:
         self._lock = threading.Lock()
 
     def _listener(self, event: str, duration: float, **kwargs):
-        if event == _TRACE_EVENT:
+        if event in _COMPILE_EVENTS:
             with self._lock:
                 self.count += 1
 

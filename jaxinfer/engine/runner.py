@@ -124,7 +124,11 @@ class ModelRunner:
         self.rc = runner_config
         self.attention = attention
         self.eos_token_ids = tuple(eos_token_ids) or config.eos_token_ids
-        self.kv_cache = allocate_kv_cache(kv_spec, sharding=kv_sharding, fill=kv_fill)
+        # Every array the steps see is committed to its device (or mesh), as jit outputs are: an
+        # uncommitted first value would make a program compile a second time for the same shapes.
+        self._placement = (NamedSharding(kv_sharding.mesh, PartitionSpec()) if kv_sharding is not None
+                           else jax.devices()[0])
+        self.kv_cache = allocate_kv_cache(kv_spec, sharding=kv_sharding or self._placement, fill=kv_fill)
         # A backend that stages its writes (the XLA one) gets the pools read-only and returns
         # the step's new k, v, written by a second, donated call; the others update the donated
         # pools in place inside the step.
@@ -158,7 +162,7 @@ class ModelRunner:
         pad_out = {} if self._logits_sharding is None else dict(out_shardings=self._logits_sharding)
         self._pad_tokens = jax.jit(lambda ids: jnp.pad(ids, (0, runner_config.max_num_seqs - ids.shape[0])),
                                    **pad_out)
-        self._prev_tokens = jnp.zeros((runner_config.max_num_seqs,), jnp.int32, device=self._logits_sharding)
+        self._prev_tokens = jax.device_put(np.zeros(runner_config.max_num_seqs, np.int32), self._placement)
         self._prev_rows: dict[str, int] = {}
 
     # -- warm-up ---------------------------------------------------------------------------
@@ -187,9 +191,8 @@ class ModelRunner:
                 self.copy_pages([])
             else:
                 rows = [SamplingRow(_WARM_SAMPLERS[kind], [0], [])] * size
-                logits = jnp.zeros((size, self.config.vocab_size), jnp.float32)
-                if self._logits_sharding is not None:  # as the step leaves them: the sampler compiles for that
-                    logits = jax.device_put(logits, self._logits_sharding)
+                # Placed as the step leaves them: the sampler compiles for that.
+                logits = jax.device_put(np.zeros((size, self.config.vocab_size), np.float32), self._placement)
                 self._pad_tokens(self._sample(logits, rows).token_ids).block_until_ready()
 
     # -- steps -----------------------------------------------------------------------------

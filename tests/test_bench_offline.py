@@ -1,0 +1,89 @@
+"""`jaxinfer bench latency | throughput` on a tiny preset, their floors, and the HF peer.
+
+The floors are checked against counts made independently from the model's own state; the
+commands run end to end on the CPU and write their records.
+"""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxinfer.bench.floors import ModelCost
+from jaxinfer.bench.hf_peer import run_peer
+from jaxinfer.bench.profile import profile_steps
+from jaxinfer.cli import main
+from jaxinfer.config import preset
+from jaxinfer.devices import datasheet, measure_ceilings
+from jaxinfer.models import create_model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_bytes_and_prefill_flops_match_the_model(tied):
+    config = preset("tiny", tie_word_embeddings=tied)
+    state = nnx.state(create_model(config))
+    nbytes = {jax.tree_util.keystr(p): x.size * 4 for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    embed = next(v for k, v in nbytes.items() if "embed" in k)
+    cost = ModelCost(config, 4, 4)
+    # A decode step reads every weight but the embedding table (which is the head when tied).
+    assert cost.decode_weight_bytes == sum(nbytes.values()) - (0 if tied else embed)
+    layers = sum(v for k, v in nbytes.items() if "layers" in k) // 4
+    t = 10
+    attention = 2 * 2 * config.num_layers * config.num_heads * config.head_dim * t * (t + 1) / 2
+    head = 2 * config.vocab_size * config.hidden_size
+    norms = config.hidden_size  # the final norm's weights count as parameters, not matmul work
+    assert cost.prefill_flops(t) == pytest.approx(2 * (layers + norms) * t + attention + head)
+    assert cost.kv_bytes(7) == 2 * config.num_layers * config.num_kv_heads * config.head_dim * 7 * 4
+
+
+def test_floors_sum_prefill_and_decode_steps():
+    cost = ModelCost(preset("tiny"), 2, 2)
+    f = cost.generation_floor_s(batch=1, input_len=4, output_len=3, bytes_per_s=1e9, flops_per_s=1e18)
+    # Bytes-bound at these rates: the prefill reads the weights once, each of 2 decode steps too.
+    assert f["prefill_s"] == pytest.approx(cost.decode_step_bytes(1, 4) / 1e9)
+    assert f["decode_s"] == pytest.approx((cost.decode_step_bytes(1, 5) + cost.decode_step_bytes(1, 6)) / 1e9)
+
+
+def test_ceilings_and_datasheet_on_the_cpu():
+    c = measure_ceilings(repeats=1)
+    assert c["bytes_per_s"] >= max(c["copy_bytes_per_s"], c["gemv_read_bytes_per_s"]) > 0
+    assert c["matmul_flops_per_s"] > 0
+    assert datasheet() is None  # no datasheet row for a CPU: floors use the measured ceilings
+
+
+def test_latency_and_throughput_commands_write_records(tmp_path, capsys):
+    common = ["--preset", "tiny", "--input-len", "8", "--output-len", "5", "--num-iters", "1",
+              "--output-dir", str(tmp_path), "--compilation-cache-dir", ""]
+    assert main(["bench", "latency", *common, "--batch-size", "1,2", "--profile"]) == 0
+    [path] = tmp_path.glob("bench_latency_tiny_*.json")
+    record = json.loads(path.read_text())
+    assert record["device"] and record["jax"] == jax.__version__ and record["command"].startswith("jaxinfer bench")
+    rows = record["results"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["decode_tokens_per_s"] > 0 and 0 < r["decode_fraction_of_measured_floor"]
+        assert sum(run["generated_tokens"] for run in r["runs"]) == r["batch_size"] * 5
+        assert r["profile"]["steps"] == 16 and r["profile"]["wall_s_per_step"] > 0
+    assert path.with_suffix(".md").read_text().count("\n| ") >= 3
+    assert main(["bench", "throughput", *common, "--num-prompts", "6"]) == 0
+    [path] = tmp_path.glob("bench_throughput_tiny_*.json")
+    result = json.loads(path.read_text())["result"]
+    assert result["runs"][0]["generated_tokens"] == 6 * 5 and result["output_tokens_per_s"] > 0
+
+
+def test_profile_counts_steps():
+    calls = []
+    out = profile_steps(lambda: calls.append(np.ones(4).sum()), 3)
+    assert len(calls) == 3 and out["steps"] == 3 and out["wall_s_per_step"] > 0
+
+
+def test_hf_peer_runs_the_same_preset_on_the_cpu():
+    config = preset("tiny")
+    spec = {"mode": "latency", "prompts": [[5, 6, 7, 8]], "output_len": 4, "num_iters": 1, "device": "cpu",
+            "dtype": "float32", "preset_config": dataclasses.asdict(config)}
+    result = run_peer(spec, timeout_s=300)
+    assert "error" not in result, result
+    assert result["name"] == "hf_transformers" and result["ttft_s"] > 0 and result["decode_tokens_per_s"] > 0
