@@ -6,7 +6,7 @@ live in the subpackages. Imports are lazy so `import jaxinfer` stays cheap.
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
 
 
 def __getattr__(name):
@@ -19,7 +19,7 @@ def __getattr__(name):
     if name == "EngineConfig":
         from jaxinfer.engine.config import EngineConfig
         return EngineConfig
-    if name in ("RequestOutput", "CompletionOutput"):
+    if name in ("RequestOutput", "CompletionOutput", "Logprob"):
         import jaxinfer.outputs as outputs
         return getattr(outputs, name)
     raise AttributeError(f"module 'jaxinfer' has no attribute {name!r}")

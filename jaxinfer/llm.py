@@ -9,7 +9,7 @@ from typing import Sequence
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import LLMEngine, PromptType
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
@@ -102,6 +102,9 @@ class LLM:
         try:
             for prompt, params, prio in items:
                 rid = f"offline-{next(self._counter)}"
+                if isinstance(params, SamplingParams) and params.output_kind != RequestOutputKind.FINAL_ONLY:
+                    # Only final outputs are returned, so none is built while a request runs.
+                    params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
                 self.engine.add_request(rid, prompt, params, priority=prio)
                 ids.append(rid)
         except Exception:

@@ -6,12 +6,23 @@ import dataclasses
 from typing import Any
 
 
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability under the raw model output and its rank among the vocabulary
+    (1 = most likely; tokens tied with it count as ahead of it). As vLLM's `Logprob`;
+    `decoded_token` is left None (the server renders tokens itself)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclasses.dataclass
 class CompletionOutput:
     """One of the n completions of a request.
 
-    logprobs: per generated token, a dict token id -> logprob holding the sampled token and the
-      requested top-n (None when logprobs were not requested).
+    logprobs: per generated token, a dict token id -> Logprob holding the sampled token (with
+      its exact rank) and the requested top-n (ranks 1..n); None when logprobs were not requested.
     """
 
     index: int
@@ -19,7 +30,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: str | int | None = None  # the matched stop string or stop token id
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
 
     def finished(self) -> bool:
@@ -58,6 +69,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # None for the first token
     metrics: RequestMetrics | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)

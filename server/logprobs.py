@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from jaxinfer.outputs import CompletionOutput, RequestOutput
+from jaxinfer.outputs import CompletionOutput, Logprob, RequestOutput
 
 # JSON has no -inf; vLLM reports impossible tokens with this floor instead.
 LOGPROB_FLOOR = -9999.0
 
 
 class LogprobFormatter:
-    """Formats the engine's logprobs (per token, a dict token id -> logprob) for one request.
+    """Formats the engine's logprobs (per token, a dict token id -> Logprob) for one request.
 
     Args:
       tokenizer: renders token ids as text (None: ids are shown as "token_id:N").
@@ -29,17 +29,17 @@ class LogprobFormatter:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def completion_logprobs(self, token_ids: Sequence[int], entries: Sequence[dict[int, float] | None],
+    def completion_logprobs(self, token_ids: Sequence[int], entries: Sequence[dict[int, Logprob] | None],
                             offset: int) -> tuple[dict[str, Any], int]:
         """OpenAI completions logprobs for `token_ids` with their engine entries (token id ->
-        logprob; None for a prompt's first token, which has none), text offsets counted from
+        Logprob; None for a prompt's first token, which has none), text offsets counted from
         `offset`. Returns the object and the offset after the last token."""
         tokens, token_logprobs, top, offsets = [], [], [], []
         for token_id, entry in zip(token_ids, entries):
             text = self.token_text(token_id)
             tokens.append(text)
-            token_logprobs.append(None if entry is None else _finite(entry.get(token_id, LOGPROB_FLOOR)))
-            top.append(None if entry is None else {self.token_text(t): _finite(lp) for t, lp in entry.items()})
+            token_logprobs.append(None if entry is None else _logprob_of(entry, token_id))
+            top.append(None if entry is None else {self.token_text(t): _finite(lp.logprob) for t, lp in entry.items()})
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
@@ -47,32 +47,32 @@ class LogprobFormatter:
 
     def prompt_logprobs(self, out: RequestOutput, top_n: int) -> list[dict[str, dict[str, Any]] | None] | None:
         """vLLM's `prompt_logprobs`: per prompt token, None for the first, else token id (as a
-        string) -> logprob, rank and text. Ranks are exact within the top `top_n`; a prompt token
-        outside them gets rank None (the engine reports no rank beyond the top-n)."""
+        string) -> logprob, rank (exact, for the prompt token too) and text, the prompt token
+        first, then the top `top_n`."""
         if out.prompt_logprobs is None:
             return None
-        result = []
-        for entry in out.prompt_logprobs:
-            if entry is None:
-                result.append(None)
-                continue
-            ranked = sorted(entry.items(), key=lambda kv: -kv[1])
-            result.append({str(t): {"logprob": _finite(lp), "rank": r + 1 if r < top_n else None,
-                                    "decoded_token": self.token_text(t)} for r, (t, lp) in enumerate(ranked)})
-        return result
+        return [None if entry is None else
+                {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": self.token_text(t)}
+                 for t, lp in entry.items()}
+                for entry in out.prompt_logprobs]
 
     def chat_logprobs(self, c: CompletionOutput, top_n: int) -> dict[str, Any]:
         """OpenAI chat logprobs ({"content": [...]}) for the tokens of `c`, `top_n` alternatives each."""
         content = []
         for token_id, entry in zip(c.token_ids, c.logprobs or []):
-            ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
-            content.append({**self._chat_token(token_id, entry.get(token_id, LOGPROB_FLOOR)),
-                            "top_logprobs": [self._chat_token(t, lp) for t, lp in ranked]})
+            ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:top_n]
+            content.append({**self._chat_token(token_id, _logprob_of(entry, token_id)),
+                            "top_logprobs": [self._chat_token(t, lp.logprob) for t, lp in ranked]})
         return {"content": content}
 
     def _chat_token(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.token_text(token_id)
         return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8", errors="replace"))}
+
+
+def _logprob_of(entry: dict[int, Logprob], token_id: int) -> float:
+    lp = entry.get(token_id)
+    return LOGPROB_FLOOR if lp is None else _finite(lp.logprob)
 
 
 def _finite(logprob: float) -> float:

@@ -6,6 +6,7 @@ commands run end to end on the CPU and write their records.
 
 import dataclasses
 import json
+import time
 
 import jax
 import numpy as np
@@ -14,7 +15,7 @@ from flax import nnx
 
 from jaxinfer.bench.floors import ModelCost
 from jaxinfer.bench.hf_peer import run_peer
-from jaxinfer.bench.profile import profile_steps
+from jaxinfer.bench.profile import host_profile, profile_steps
 from jaxinfer.cli import main
 from jaxinfer.config import preset
 from jaxinfer.devices import datasheet, measure_ceilings
@@ -67,6 +68,9 @@ def test_latency_and_throughput_commands_write_records(tmp_path, capsys):
         assert r["decode_tokens_per_s"] > 0 and 0 < r["decode_fraction_of_measured_floor"]
         assert sum(run["generated_tokens"] for run in r["runs"]) == r["batch_size"] * 5
         assert r["profile"]["steps"] == 16 and r["profile"]["wall_s_per_step"] > 0
+        host = r["profile"]["host"]
+        assert 0 < host["host_ms_per_step"] <= host["wall_ms_per_step"] + 1e-6
+        assert any("step" in f["function"] for f in host["top_functions_profiled"])
     assert path.with_suffix(".md").read_text().count("\n| ") >= 3
     assert main(["bench", "throughput", *common, "--num-prompts", "6"]) == 0
     [path] = tmp_path.glob("bench_throughput_tiny_*.json")
@@ -78,6 +82,18 @@ def test_profile_counts_steps():
     calls = []
     out = profile_steps(lambda: calls.append(np.ones(4).sum()), 3)
     assert len(calls) == 3 and out["steps"] == 3 and out["wall_s_per_step"] > 0
+
+
+def test_host_profile_separates_the_wait_for_the_device():
+    from jaxinfer.engine.runner import PendingStep
+
+    def step():
+        time.sleep(0.002)  # the host's own work
+        PendingStep().result()
+
+    out = host_profile(step, 4)
+    assert out["steps"] == 4 and out["host_ms_per_step"] >= 2 and out["wait_ms_per_step"] >= 0
+    assert out["wall_ms_per_step"] >= out["host_ms_per_step"]
 
 
 def test_hf_peer_runs_the_same_preset_on_the_cpu():

@@ -62,20 +62,44 @@ def _divergence(model, prompt, ref, got):
     return f"prompt of {len(prompt)} tokens: tokens differ at output {k}, reference margin {row[-1] - row[-2]:.3g}"
 
 
-def test_no_compiles_after_warmup(model):
-    engine = _engine(model)
+def _feature_params(rng, i: int) -> dict:
+    """Sampling parameters cycling through every feature the sampler has, mixed at random."""
+    features = [
+        dict(temperature=0.0),
+        dict(temperature=0.8, top_p=0.9),
+        dict(temperature=1.2, top_k=int(rng.integers(1, 50))),
+        dict(temperature=0.7, min_p=0.05),
+        dict(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.3),
+        dict(temperature=0.9, repetition_penalty=1.3),
+        dict(temperature=0.0, logit_bias={int(t): 2.0 for t in rng.integers(3, 200, int(rng.integers(1, 30)))}),
+        dict(temperature=0.0, min_tokens=4, stop_token_ids=[5, 6]),
+        dict(temperature=0.6, logprobs=int(rng.integers(0, 21))),
+        dict(temperature=0.0, prompt_logprobs=int(rng.integers(0, 21))),
+        dict(temperature=1.0, n=2, seed=i),
+    ]
+    params = dict(features[i % len(features)])
+    if rng.random() < 0.3:  # and now and then a second feature on top
+        params.update({k: v for k, v in features[int(rng.integers(0, len(features)))].items() if k != "n"})
+    return params
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_no_compiles_after_warmup(model, async_scheduling):
+    """Every sampling feature, prompt logprobs, n > 1, preemption and every step size: nothing
+    compiles once the engine has warmed up."""
+    engine = _engine(model, async_scheduling=async_scheduling, num_pages=48)
     rng = np.random.default_rng(1)
     with CompileCounter() as counter:
-        for i in range(12):
-            n = int(rng.integers(1, 120))
+        for i in range(33):
+            n = int(rng.integers(1, 100))
             engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(3, 200, n).tolist()},
-                               SamplingParams(temperature=(0.0, 0.8, 1.2)[i % 3], top_p=0.9 if i % 4 else 1.0,
-                                              seed=i, max_tokens=int(rng.integers(1, 128 - n + 1)),
-                                              ignore_eos=True))
+                               SamplingParams(max_tokens=int(rng.integers(1, 128 - n + 1)), ignore_eos=True,
+                                              **_feature_params(rng, i)))
             for _ in range(int(rng.integers(0, 5))):
                 engine.step()
         while engine.has_unfinished_requests():
             engine.step()
+    assert engine.scheduler.num_preemptions_total > 0, "the pool was meant to force preemption"
     assert counter.count == 0, f"{counter.count} compilations after warm-up"
 
 

@@ -112,7 +112,8 @@ def test_logprobs_match_reference(engine, model):
         top = np.argsort(-row)[:3]
         assert set(entry) == set(top.tolist()) | {tok}
         for t, lp in entry.items():
-            assert abs(lp - row[t]) < 1e-4
+            assert abs(lp.logprob - row[t]) < 1e-4
+            assert lp.rank == np.sum(row >= row[t])  # exact rank, for the sampled token too
 
 
 def test_bad_requests_leave_running_ones_unchanged(engine, model):
@@ -224,8 +225,24 @@ def test_async_streams_and_disconnect(engine, model):
     assert usage == (0, False)
 
 
-def test_prompt_logprobs_match_reference(engine, model):
-    prompt = PROMPT * 5  # 45 tokens over a 32-token budget: scored across two chunks
+@pytest.fixture(scope="module")
+def small_score_chunk_engine(model):
+    """Prompt logprobs scored 12 rows at a time: several chunks per step, the last one padded."""
+    from jaxinfer.engine import runner
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(runner, "SCORE_CHUNK", 12)
+    try:  # the constant is read when the engine's programs are traced: at its warm-up
+        yield LLMEngine(model, EngineConfig(max_model_len=96, max_num_seqs=8, max_num_batched_tokens=32,
+                                            page_size=4, num_pages=128, compilation_cache_dir=""))
+    finally:
+        patch.undo()
+
+
+@pytest.mark.parametrize("which", ["engine", "small_score_chunk_engine"])
+def test_prompt_logprobs_match_reference(which, model, request):
+    engine = request.getfixturevalue(which)
+    prompt = PROMPT * 5  # 45 tokens over a 32-token budget: scored across two steps
     out = run_all(engine, [("p", {"prompt_token_ids": prompt},
                             SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2, n=2))])["p"]
     ref = np.asarray(jax.nn.log_softmax(prefill_logits(model, prompt), axis=-1))
@@ -234,4 +251,5 @@ def test_prompt_logprobs_match_reference(engine, model):
         entry, row = out.prompt_logprobs[pos], ref[pos - 1]
         assert set(entry) == set(np.argsort(-row)[:2].tolist()) | {prompt[pos]}
         for t, lp in entry.items():
-            assert abs(lp - row[t]) < 1e-4
+            assert abs(lp.logprob - row[t]) < 1e-4
+            assert lp.rank == np.sum(row >= row[t])

@@ -27,6 +27,24 @@ def test_generate_strings_and_ids_in_order(llm):
         assert c.text == tok.decode(ref) and c.finish_reason == "length"
 
 
+def test_generate_builds_only_final_outputs(llm, monkeypatch):
+    """The engine hands back no partial outputs while the batch runs (no copies of growing token
+    lists and texts each step), and the text is still whole."""
+    seen = []
+    step = llm.engine.step
+
+    def recording_step():
+        outs = step()
+        seen.extend(outs)
+        return outs
+
+    monkeypatch.setattr(llm.engine, "step", recording_step)
+    outs = llm.generate(["one", "two three"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)
+    assert len(seen) == 2 and all(o.finished for o in seen)
+    assert [o.outputs[0].text for o in outs] == [llm.get_tokenizer().decode(o.outputs[0].token_ids) for o in outs]
+
+
 def test_chat_applies_the_template(llm):
     tok = llm.get_tokenizer()
     messages = [{"role": "user", "content": "Name a color."}]

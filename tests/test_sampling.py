@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 
 from jaxinfer.engine.compile_counter import CompileCounter
-from jaxinfer.engine.sampling import (SamplingBuckets, SamplingMetadata, SamplingRow, filter_logits,
-                                      process_logits, prompt_logprobs, sample)
+from jaxinfer.engine.sampling import (HISTORY_CHUNK, NO_SLOT, PenaltySlots, SamplingMetadata, SamplingRow,
+                                      SamplingWidths, filter_logits, process_logits, prompt_logprobs, sample,
+                                      sampler_variant)
 from jaxinfer.sampling_params import SamplingParams
 
 V = 24
 EOS = (1,)
-# Fixed inner widths, so tests share compiled graphs; random_row's lists fit them.
-BUCKETS = SamplingBuckets(logit_bias=(4,), banned_ids=(4,), history=(32,), logprobs=(0, 5, 20))
+# Small fixed widths, so tests share compiled graphs; random_row's lists fit them.
+WIDTHS = SamplingWidths(logit_bias=4, banned_ids=4)
 
 
 # --- NumPy reference -------------------------------------------------------------------------
@@ -72,12 +73,24 @@ def row(prompt=(0,), output=(), **params):
     return SamplingRow(SamplingParams(max_tokens=None, **params), list(prompt), list(output))
 
 
-def run(logits, rows, *, all_features=True, buckets=BUCKETS):
-    """Samples rows (padded to the logits' batch). By default with every feature flag on, which
-    must not change any row's result; it also keeps the number of compiled graphs small."""
+def with_history(rows, num_slots=None):
+    """The penalty state holding each row's history (as the engine writes it), and the slots."""
+    slots = PenaltySlots(num_slots or len(rows), V)
+    ids = [f"r{i}" if r is not None else None for i, r in enumerate(rows)]
+    live = [(rid, r) for rid, r in zip(ids, rows) if r is not None]
+    assigned = dict(zip([rid for rid, _ in live], slots.slots_for([rid for rid, _ in live], [r for _, r in live])))
+    return slots, [assigned.get(rid, NO_SLOT) for rid in ids]
+
+
+def run(logits, rows, *, full=True, widths=WIDTHS):
+    """Samples rows (padded to the logits' batch). By default with the full variant, which must
+    not change any row's result; it also keeps the number of compiled graphs small."""
+    slots, row_slots = with_history(rows)
     md = SamplingMetadata.build(rows, batch_size=logits.shape[0], vocab_size=logits.shape[1],
-                                eos_token_ids=EOS, buckets=buckets, all_features=all_features)
-    return jax.tree.map(np.asarray, sample(logits, md))
+                                eos_token_ids=EOS, widths=widths, penalty_slots=row_slots,
+                                variant="full" if full else None)
+    out, _ = sample(logits, md, slots.state if md.variant == "full" else None)
+    return jax.tree.map(np.asarray, out)
 
 
 def random_row(rng, **fixed):
@@ -118,9 +131,11 @@ def test_penalties_bias_and_min_tokens_match_reference():
     rng = np.random.default_rng(0)
     rows = [random_row(rng) for _ in range(7)] + [None]
     logits = rng.normal(0, 3, (8, V)).astype(np.float32)
-    md = SamplingMetadata.build(rows, batch_size=8, vocab_size=V, eos_token_ids=EOS)
-    assert md.any_penalties
-    got = np.asarray(jax.jit(process_logits)(logits, md))
+    slots, row_slots = with_history(rows)
+    md = SamplingMetadata.build(rows, batch_size=8, vocab_size=V, eos_token_ids=EOS, widths=WIDTHS,
+                                penalty_slots=row_slots)
+    assert md.variant == "full"
+    got = np.asarray(jax.jit(process_logits)(logits, md, slots.state))
     for i, r in enumerate(rows[:-1]):
         want = ref_process(logits[i], r)
         np.testing.assert_array_equal(np.isinf(got[i]), np.isinf(want))
@@ -130,8 +145,9 @@ def test_penalties_bias_and_min_tokens_match_reference():
 def test_penalty_by_hand_on_device():
     r = row(prompt=[0], output=[2, 2, 1], repetition_penalty=2.0, frequency_penalty=0.5,
             presence_penalty=0.25)
-    md = SamplingMetadata.build([r], batch_size=1, vocab_size=4)
-    got = jax.jit(process_logits)(np.array([[2.0, -1.0, 0.5, 3.0]], np.float32), md)
+    slots = PenaltySlots(1, 4)
+    md = SamplingMetadata.build([r], batch_size=1, vocab_size=4, penalty_slots=slots.slots_for(["a"], [r]))
+    got = jax.jit(process_logits)(np.array([[2.0, -1.0, 0.5, 3.0]], np.float32), md, slots.state)
     np.testing.assert_allclose(np.asarray(got)[0], [1.0, -2.75, -1.0, 3.0])
 
 
@@ -167,10 +183,10 @@ def test_greedy_rows_take_argmax_of_processed_logits():
 def test_all_greedy_batch_with_padding():
     rng = np.random.default_rng(4)
     rows = [random_row(rng, temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0,
-                       repetition_penalty=1.0) for _ in range(5)]
+                       repetition_penalty=1.0, logit_bias=None, min_tokens=0) for _ in range(5)]
     logits = rng.normal(0, 3, (8, V)).astype(np.float32)
     logits[5:] = np.nan  # padding rows' logits must not matter
-    out = run(logits, rows, all_features=False)
+    out = run(logits, rows, full=False)
     assert out.token_ids[:5].tolist() == [np.argmax(ref_process(logits[i], rows[i])) for i in range(5)]
     assert out.logprobs is None
 
@@ -212,10 +228,10 @@ def test_seeded_row_is_independent_of_batch_and_position():
     logits_row = rng.normal(0, 1, V).astype(np.float32)
     target = dict(temperature=0.9, top_k=10, top_p=0.95, seed=1234)
     small = dict(others=[row(temperature=0.0), None, row(temperature=0.5, seed=9)], index=0, b=4,
-                 all_features=False)
+                 full=False)
     large = dict(others=[row(output=[5, 5], temperature=1.2, seed=7, repetition_penalty=1.3,
                              logprobs=2, min_p=0.2, logit_bias={2: 3.0})] * 7, index=6, b=8,
-                 all_features=True)
+                 full=True)
     runs = []
     for setup in (small, large):
         tokens, output = [], []
@@ -224,7 +240,7 @@ def test_seeded_row_is_independent_of_batch_and_position():
             rows.insert(setup["index"], row(prompt=[1], output=output, **target))
             logits = rng.normal(0, 1, (setup["b"], V)).astype(np.float32)
             logits[setup["index"]] = logits_row
-            out = run(logits, rows, all_features=setup["all_features"])
+            out = run(logits, rows, full=setup["full"])
             token = int(out.token_ids[setup["index"]])
             tokens.append(token)
             output = output + [token]
@@ -259,16 +275,15 @@ def check_logprobs(lp, i, raw, token, n):
     np.testing.assert_allclose(lp.top_logprobs[i, :n], want[order], rtol=1e-5, atol=1e-6)
 
 
-def test_logprobs_are_raw_and_bucketed():
+def test_logprobs_are_raw():
     rng = np.random.default_rng(7)
     logits = rng.integers(-4, 4, (8, V)).astype(np.float32)  # ties in ranks and top ids
     rows = [row(temperature=0.0, logprobs=3, repetition_penalty=2.0, output=[5]),
             row(temperature=1.0, seed=3, logprobs=0, logit_bias={7: 50.0}),
             row(temperature=0.0),
             row(temperature=0.6, seed=4, logprobs=1, top_k=2)]
-    md = SamplingMetadata.build(rows, batch_size=8, vocab_size=V, buckets=BUCKETS)
-    assert md.num_logprobs == 5  # 3 rounds up to the 5 bucket
-    out = run(logits, rows)
+    assert sampler_variant(rows) == "full"
+    out = run(logits, rows, full=False)
     assert out.logprobs.top_ids.shape == (8, 20)
     assert out.token_ids[1] == 7
     for i, n in [(0, 3), (1, 0), (3, 1)]:
@@ -287,23 +302,37 @@ def test_prompt_logprobs():
 
 # --- building metadata -----------------------------------------------------------------------
 
-def test_build_pads_to_buckets():
-    buckets = SamplingBuckets(logit_bias=(2, 8), banned_ids=(1, 4), history=(4, 16), logprobs=(0, 20))
+def test_build_pads_to_fixed_widths():
+    widths = SamplingWidths(logit_bias=8, banned_ids=4)
     rows = [row(output=[1, 2, 3], frequency_penalty=0.5, logit_bias={1: 1.0, 2: 1.0, 3: 1.0}),
             row(prompt=list(range(5)), repetition_penalty=1.1, min_tokens=2, stop_token_ids=[4, 5]),
             row(temperature=1.0, seed=0, logprobs=1)]
-    md = SamplingMetadata.build(rows, batch_size=4, vocab_size=V, eos_token_ids=EOS, buckets=buckets)
+    md = SamplingMetadata.build(rows, batch_size=4, vocab_size=V, eos_token_ids=EOS, widths=widths,
+                                penalty_slots=[3, 0, NO_SLOT])
+    assert md.variant == "full" and md.num_logprobs == 20
     assert md.bias_ids.shape == md.bias_values.shape == (4, 8)
     assert md.banned_ids.shape == (4, 4) and md.banned_ids[1].tolist() == [1, 4, 5, -1]
-    assert md.prompt_ids.shape == md.output_ids.shape == (4, 16)
-    assert md.prompt_ids[0].tolist() == [-1] * 16  # no repetition penalty: prompt not needed
-    assert md.num_logprobs == 20 and not md.all_greedy and md.any_penalties
+    assert md.penalty_slots.tolist() == [3, 0, NO_SLOT, NO_SLOT]
     assert md.temperature[3] == 0.0 and md.top_p[3] == 1.0  # padding row is greedy and neutral
 
 
-def test_build_without_penalties_keeps_history_minimal():
-    md = SamplingMetadata.build([row(prompt=range(300), output=range(10))], batch_size=2, vocab_size=V)
-    assert md.prompt_ids.shape == md.output_ids.shape == (2, 1) and not md.any_penalties
+@pytest.mark.parametrize("rows,variant", [
+    ([row(temperature=0.0), None], "greedy"),
+    ([row(temperature=0.0), row(temperature=0.8)], "random"),
+    ([row(temperature=0.8, top_k=3), row(temperature=0.0, top_p=0.5)], "filtered"),
+    ([row(temperature=0.8, min_p=0.1)], "filtered"),
+    ([row(temperature=0.0, logprobs=0)], "full"),
+    ([row(temperature=0.0, logit_bias={1: 1.0})], "full"),
+    ([row(temperature=0.0, presence_penalty=0.1)], "full"),
+    ([row(temperature=0.0, min_tokens=2)], "full"),  # eos is masked
+    ([row(temperature=0.0, min_tokens=2, output=[0, 0])], "greedy"),  # min_tokens reached
+])
+def test_variant_is_the_cheapest_that_serves(rows, variant):
+    assert sampler_variant(rows, EOS) == variant
+    md = SamplingMetadata.build(rows, batch_size=2, vocab_size=V, eos_token_ids=EOS, widths=WIDTHS,
+                                penalty_slots=[0, 1])
+    assert md.variant == variant
+    assert md.bias_ids.shape[1] == (WIDTHS.logit_bias if variant == "full" else 0)
 
 
 @pytest.mark.parametrize("rows,kw,match", [
@@ -311,47 +340,110 @@ def test_build_without_penalties_keeps_history_minimal():
     ([SamplingRow(SamplingParams(temperature=1.0), [0], [])], {}, "seed"),
     ([row(temperature=0.0, logit_bias={V: 1.0})], {}, "logit_bias token id"),
     ([row(temperature=0.0, min_tokens=3, stop_token_ids=[V + 1])], {}, "outside the vocabulary"),
-    ([row(temperature=0.0, output=[1] * 70, presence_penalty=1.0)],
-     dict(buckets=SamplingBuckets(history=(64,))), "history"),
+    ([row(temperature=0.0, logit_bias={t: 1.0 for t in range(5)})], {}, "width"),
+    ([row(temperature=0.0, presence_penalty=1.0)], {}, "no slot"),
+    ([row(temperature=0.0, logprobs=1)], dict(variant="filtered"), "need the 'full' sampler"),
 ])
 def test_build_rejects(rows, kw, match):
-    kw = {"batch_size": 4, **kw}
+    kw = {"batch_size": 4, "widths": WIDTHS, **kw}
     with pytest.raises(ValueError, match=match):
         SamplingMetadata.build(rows, vocab_size=V, **kw)
 
 
-def test_bucket_validation():
-    with pytest.raises(ValueError, match="history"):
-        SamplingBuckets(history=(8, 4))
-    with pytest.raises(ValueError, match="logprobs"):
-        SamplingBuckets(logprobs=(0, 5))
+def test_width_validation():
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingWidths(logit_bias=0)
+
+
+# --- the penalty state -----------------------------------------------------------------------
+
+def test_penalty_state_holds_long_histories_and_counts_sampled_tokens():
+    """Histories longer than a write chunk, tokens counted as they are sampled, slots reused."""
+    rng = np.random.default_rng(11)
+    prompt = rng.integers(0, V, HISTORY_CHUNK + 37).tolist()
+    output = rng.integers(0, V, 2 * HISTORY_CHUNK + 5).tolist()
+    r = row(prompt=prompt, output=output, temperature=0.0, frequency_penalty=0.5, repetition_penalty=1.5)
+    slots = PenaltySlots(2, V)
+    [slot] = slots.slots_for(["a"], [r])
+    state = jax.tree.map(np.asarray, slots.state)
+    np.testing.assert_array_equal(state.output_counts[slot], np.bincount(output, minlength=V))
+    np.testing.assert_array_equal(state.prompt_mask[slot], np.bincount(prompt, minlength=V) > 0)
+    logits = rng.normal(0, 1, (2, V)).astype(np.float32)
+    md = SamplingMetadata.build([r, None], batch_size=2, vocab_size=V, penalty_slots=[slot, NO_SLOT])
+    out, slots.state = sample(logits, md, slots.state)
+    token = int(out.token_ids[0])
+    assert token == np.argmax(ref_process(logits[0], r))
+    counts = np.asarray(slots.state.output_counts)
+    np.testing.assert_array_equal(counts[slot], np.bincount(output + [token], minlength=V))
+    assert counts[1 - slot].sum() == 0  # the padding row counted nothing
+    # A second holder takes the free slot; a third reuses the slot of one not in its batch,
+    # cleared before its own history is written.
+    b = row(prompt=[2], output=[5, 5], presence_penalty=1.0)
+    assert slots.slots_for(["a", "b"], [r, b])[1] == 1 - slot
+    c = row(prompt=[3], output=[7], presence_penalty=1.0)
+    assert slots.slots_for(["c", "b"], [c, b])[0] == slot
+    counts = np.asarray(slots.state.output_counts)
+    np.testing.assert_array_equal(counts[slot], np.bincount([7], minlength=V))
+    with pytest.raises(RuntimeError, match="more than 2"):
+        slots.slots_for(["a", "b", "c"], [r, b, c])
+    slots.release(["b", "c"])
+    assert len(slots) == 0
+
+
+def test_new_history_needs_every_token_on_the_host():
+    slots = PenaltySlots(1, V)
+    r = SamplingRow(SamplingParams(presence_penalty=1.0), [0], [1], num_pending_outputs=1)
+    with pytest.raises(RuntimeError, match="in flight"):
+        slots.slots_for(["a"], [r])
 
 
 # --- compiles --------------------------------------------------------------------------------
 
-def test_varied_batches_within_buckets_do_not_recompile():
+def test_every_combination_runs_on_four_graphs():
+    """Batches mixing every feature (penalties, bias, min_tokens, min-p, top-k/p, logprobs of
+    any width, seeds) reuse the four compiled variants of a batch size."""
     rng = np.random.default_rng(9)
-
-    def batch(full: bool):
-        if not full:
-            return [random_row(rng, temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0,
-                               repetition_penalty=1.0) if rng.random() < 0.8 else None for _ in range(6)]
-        # Every feature in some row, logprobs within one bucket: the static flags stay the same.
-        rows = [random_row(rng, temperature=1.0, min_p=0.1, logprobs=int(rng.integers(6, 21))),
-                random_row(rng, temperature=0.5, top_k=int(rng.integers(1, V)), repetition_penalty=1.2),
-                random_row(rng), None, random_row(rng, temperature=0.0)]
-        rng.shuffle(rows)
-        return rows
+    slots = PenaltySlots(8, V)
 
     def step(rows):
-        run(rng.normal(0, 1, (8, V)).astype(np.float32), rows, all_features=False)
+        ids = [str(i) for i in range(len(rows))]
+        variant = sampler_variant(rows, EOS)
+        row_slots = slots.slots_for(ids, rows) if variant == "full" else None
+        md = SamplingMetadata.build(rows, batch_size=8, vocab_size=V, eos_token_ids=EOS, widths=WIDTHS,
+                                    penalty_slots=row_slots)
+        logits = rng.normal(0, 1, (8, V)).astype(np.float32)
+        if variant == "full":
+            _, slots.state = sample(logits, md, slots.state)
+        else:
+            sample(logits, md)
+        slots.release(ids)
+        return variant
 
-    step(batch(False))
-    step(batch(True))
+    plain = dict(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None,
+                 min_tokens=0)
+
+    def batch(kind):
+        if kind == "full":
+            rows = [random_row(rng, temperature=1.0, min_p=0.1, logprobs=int(rng.integers(0, 21))),
+                    random_row(rng, temperature=0.5, top_k=int(rng.integers(1, V)), repetition_penalty=1.2),
+                    random_row(rng), random_row(rng, temperature=0.0)]
+        elif kind == "filtered":
+            rows = [random_row(rng, temperature=0.7, top_p=0.8, **plain), random_row(rng, min_p=0.2, **plain)]
+        elif kind == "random":
+            rows = [random_row(rng, temperature=1.0, **plain), random_row(rng, temperature=0.0, **plain)]
+        else:
+            rows = [random_row(rng, temperature=0.0, **plain)]
+        rows += [None] * int(rng.integers(0, 8 - len(rows)))
+        return rows
+
+    kinds = ["greedy", "random", "filtered", "full"]
+    for kind in kinds:
+        assert step(batch(kind)) == kind
+    slots.warmup()
     with CompileCounter() as counter:
-        for i in range(12):
-            step(batch(bool(i % 2)))
+        for i in range(16):
+            step(batch(kinds[i % 4]))
     assert counter.count == 0
     with CompileCounter() as counter:  # the counter does see a new shape
-        run(np.zeros((2, V), np.float32), [row(temperature=0.0)], all_features=False)
+        run(np.zeros((2, V), np.float32), [row(temperature=0.0)], full=False)
     assert counter.count > 0

@@ -192,9 +192,9 @@ def _tp_engine_main():
         outs = [done[str(i)] for i in range(len(prompts))]
         tokens = [o.outputs[0].token_ids for o in outs]
         assert tokens == reference, (tp, tokens, reference)
-        sampled_lp = np.array([[d[t] for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+        sampled_lp = np.array([[d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                                for o in outs])
-        prompt_lp = np.array([d[t] for d, t in zip(outs[2].prompt_logprobs[1:], prompts[2][1:])])
+        prompt_lp = np.array([d[t].logprob for d, t in zip(outs[2].prompt_logprobs[1:], prompts[2][1:])])
         want = np.array([ref_logprobs[j, t] for j, t in enumerate(prompts[2][1:])])
         np.testing.assert_allclose(prompt_lp, want, rtol=1e-5, atol=1e-5)
         if first is None:

@@ -2,6 +2,8 @@
 # One device call on the lent H200: install carried wheels, then the stage(s) named in $@.
 #   kernels   GPU tests of the new kernels and model paths, then the skinny-matmul benchmark (sweep)
 #   engine    jaxinfer bench latency (P1, HF peer), latency sweep, throughput (P2b, P2), startup
+#   check     the engine's compile-counting test on the GPU
+#   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG)
 # Results land under $OUT. Run from the repository root: bash benchmarks/device/h200.sh kernels
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:.
@@ -45,12 +47,23 @@ for stage in "$@"; do
         --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -3
       timeout 160 python3 -m jaxinfer.cli bench startup --preset llama3-8b --input-len 128 --output-len 8 \
         --output-dir "$OUT/engine" --tag async 2>&1 | grep -v "compiling" | tail -3 ;;
+    check)
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py -k no_compiles 2>&1 | tail -3 ;;
+    p1)
+      timeout 170 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
+        --batch-size 1 --hf-peer --profile --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 | grep -v "compiling" \
+        | tail -3 | cut -c1-2500 ;;
+    sweep)
+      timeout 170 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 512 \
+        --batch-size 1,16,64 --num-iters 1 --profile --output-dir "$OUT/engine" --tag "${TAG:-}sweep" 2>&1 \
+        | grep -v "compiling" | tail -4 | cut -c1-3000 ;;
     throughput)
       timeout 200 python3 -m jaxinfer.cli bench throughput --preset llama3-8b --input-len 512 --output-len 128 \
-        --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -4 ;;
+        --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 | grep -v "compiling" \
+        | tail -4 ;;
     startup)
       timeout 220 python3 -m jaxinfer.cli bench startup --preset llama3-8b --input-len 128 --output-len 8 \
-        --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -4 ;;
+        --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 | grep -v "compiling" | tail -4 ;;
   esac
   echo "== stage $stage done at +$(( $(date +%s) - t0 )) s"
 done

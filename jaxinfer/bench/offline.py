@@ -273,10 +273,10 @@ def cmd_latency(args) -> int:
 
 def _profile_decode(engine, prompts, output_len: int, num_steps: int = 16) -> dict:
     """Profiles num_steps decode steps of one batch (after its prefill), then finishes it."""
-    from jaxinfer.bench.profile import profile_steps
+    from jaxinfer.bench.profile import host_profile, profile_steps
     from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max(output_len, num_steps + 8), ignore_eos=True,
+    params = SamplingParams(temperature=0.0, max_tokens=max(output_len, 2 * num_steps + 8), ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)
     for i, p in enumerate(prompts):
         engine.add_request(f"profile-{i}", {"prompt_token_ids": p}, params)
@@ -286,6 +286,7 @@ def _profile_decode(engine, prompts, output_len: int, num_steps: int = 16) -> di
     for _ in range(4):  # a few plain decode steps first
         engine.step()
     result = profile_steps(engine.step, num_steps)
+    result["host"] = host_profile(engine.step, num_steps)
     while engine.has_unfinished_requests():
         engine.step()
     return result

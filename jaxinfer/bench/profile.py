@@ -78,3 +78,48 @@ def profile_steps(step, num_steps: int) -> dict:
                top_kernels=[{"name": k[:120], "us_per_step": v / 1e3 / num_steps, "calls_per_step":
                              counts[k] / num_steps} for k, v in by_name.most_common(15)])
     return out
+
+
+def host_profile(step, num_steps: int, top: int = 12) -> dict:
+    """How much of a step is the host's own work: steps timed with the waits for the device
+    (`PendingStep.result`) summed apart, then one more round under cProfile for the functions
+    that cost the most (their times inflated by the profiler; compare them with each other)."""
+    import cProfile
+    import pstats
+
+    from jaxinfer.engine import runner
+
+    waited = 0.0
+    result = runner.PendingStep.result
+
+    def timed_result(self):
+        nonlocal waited
+        t = time.perf_counter()
+        try:
+            return result(self)
+        finally:
+            waited += time.perf_counter() - t
+
+    runner.PendingStep.result = timed_result
+    try:
+        t0 = time.perf_counter()
+        for _ in range(num_steps):
+            step()
+        wall = time.perf_counter() - t0
+        waited_timed = waited
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(num_steps):
+            step()
+        profiler.disable()
+    finally:
+        runner.PendingStep.result = result
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    return {"steps": num_steps, "wall_ms_per_step": wall / num_steps * 1e3,
+            "host_ms_per_step": (wall - waited_timed) / num_steps * 1e3,
+            "wait_ms_per_step": waited_timed / num_steps * 1e3,
+            "top_functions_profiled": [{"function": f"{os.path.basename(f)}:{line}({name})", "calls_per_step":
+                                        calls / num_steps, "own_ms_per_step": own / num_steps * 1e3,
+                                        "cumulative_ms_per_step": cum / num_steps * 1e3}
+                                       for (f, line, name), (_, calls, own, cum, _) in rows]}

@@ -28,7 +28,7 @@ from jaxinfer.engine.sampling import SamplingRow
 from jaxinfer.models import layer_views, layers_are_stacked, param_dtype, unstack_layers
 from jaxinfer.models.linear import Linear
 from jaxinfer.engine.scheduler import Scheduler, SchedulerConfig
-from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class _Completion:
     request: Request
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
     delta_text: str = ""  # text not yet reported (DELTA outputs)
     delta_start: int = 0  # output tokens already reported (DELTA outputs)
@@ -71,7 +71,7 @@ class _Group:
     metrics: RequestMetrics
     completions: list[_Completion] = dataclasses.field(default_factory=list)
     # Position 0 has nothing before it to be scored from, as in vLLM.
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -135,11 +135,11 @@ def resolve_linear(name: str, *, platform: str | None = None, mesh=None) -> Line
     return Linear(kernel=name, interpret=name == "pallas" and platform != "gpu")
 
 
-def _logprob_entry(token_id: int, lp, row: int, top_n: int) -> dict[int, float]:
-    """{token: logprob} for the chosen token, then the row's top-n alternatives."""
-    entry = {token_id: float(lp.token_logprobs[row])}
+def _logprob_entry(token_id: int, lp, row: int, top_n: int) -> dict[int, Logprob]:
+    """{token: Logprob} for the chosen token (with its exact rank), then the row's top-n."""
+    entry = {token_id: Logprob(float(lp.token_logprobs[row]), int(lp.token_ranks[row]))}
     for j in range(top_n):
-        entry.setdefault(int(lp.top_ids[row, j]), float(lp.top_logprobs[row, j]))
+        entry.setdefault(int(lp.top_ids[row, j]), Logprob(float(lp.top_logprobs[row, j]), j + 1))
     return entry
 
 
@@ -218,8 +218,6 @@ class LLMEngine:
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
         self._seed_rng = np.random.default_rng(config.seed)
         self._in_flight: _LaunchedStep | None = None
-        # Unfinished completions whose sampling needs their whole output history (penalties).
-        self._num_history_requests = 0
         if config.warmup:
             self.runner.warmup()
 
@@ -277,6 +275,13 @@ class LLMEngine:
                              f"{self.max_model_len}")
         if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
             raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary")
+        widths = self.runner.sampling_widths
+        if len(params.logit_bias or ()) > widths.logit_bias:
+            raise ValueError(f"logit_bias has {len(params.logit_bias)} entries; at most {widths.logit_bias} "
+                             "are supported")
+        if params.min_tokens and len(params.stop_ids(self.eos_token_ids)) > widths.banned_ids:
+            raise ValueError(f"min_tokens suppresses {len(params.stop_ids(self.eos_token_ids))} stop and eos "
+                             f"ids; at most {widths.banned_ids} are supported")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -297,8 +302,6 @@ class LLMEngine:
         for c in group.completions[1:]:
             self.scheduler.add_request(c.request, fork_from=leader.request_id)
         self._groups[request_id] = group
-        if params.has_penalties:
-            self._num_history_requests += params.n
         for c in group.completions:
             self._completions[c.request.request_id] = c
 
@@ -312,7 +315,6 @@ class LLMEngine:
             group = self._groups.pop(rid, None)
             if group is None:
                 continue
-            self._forget_group(group)
             self.metrics.record_finished("abort", now - group.metrics.arrival_time)
             for c in group.completions:
                 sub_ids.append(c.request.request_id)
@@ -333,13 +335,9 @@ class LLMEngine:
         With asynchronous scheduling the step is queued on the device and the previous one's
         tokens are read while it runs: the outputs returned are the previous step's, so the
         host's bookkeeping overlaps the device's work. A token sampled for a request that its
-        previous token turned out to stop is dropped. While any request uses penalties (which
-        need every output token on the host), steps run one at a time.
+        previous token turned out to stop is dropped.
         """
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and self._num_history_requests:
-            outputs += self._finish_step(self._in_flight)
-            self._in_flight = None
         out = self.scheduler.schedule()
         launched = self._launch(out)
         if self._in_flight is not None:
@@ -348,7 +346,7 @@ class LLMEngine:
         if launched is None:
             if not outputs:
                 self._record_step(0, 0, [], [])
-        elif self._async and not self._num_history_requests:
+        elif self._async:
             self._in_flight = launched
         else:
             outputs += self._finish_step(launched)
@@ -399,10 +397,6 @@ class LLMEngine:
             if c is not None:
                 self._record_logprobs(c, sampled, rows[rid])
         return self._process_outputs(tokens, launched.num_prompt_tokens)
-
-    def _forget_group(self, group: _Group) -> None:
-        if group.params.has_penalties:
-            self._num_history_requests -= len(group.completions)
 
     def _record_logprobs(self, c: _Completion, sampled, i: int):
         if c.logprobs is None or sampled.logprobs is None:
@@ -459,7 +453,6 @@ class LLMEngine:
                 group.metrics.finished_time = now
                 self.metrics.record_finished(group.completions[0].finish_reason, now - group.metrics.arrival_time)
                 del self._groups[group.request_id]
-                self._forget_group(group)
                 for c in group.completions:
                     self._completions.pop(c.request.request_id, None)
         self._record_step(num_prompt_tokens, len(tokens), ttfts, itls)

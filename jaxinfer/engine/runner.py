@@ -2,8 +2,9 @@
 
 One jitted model step per token bucket (sequence slots and block-table width are derived
 from it, so they add no compile dimension), the KV pools donated to every step, and a
-separate jitted sampler whose small graphs compile per sampling-feature combination. The
-only device-to-host transfer per step is the sampled token ids (plus logprobs on request).
+separate jitted sampler in four variants per batch size (see sampling.py), all compiled at
+warm-up. The only device-to-host transfer per step is the sampled token ids (plus logprobs on
+request).
 """
 
 from __future__ import annotations
@@ -21,25 +22,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.kv_cache import KVCacheSpec, allocate_kv_cache
-from jaxinfer.engine.sampling import (Logprobs, SamplerOutput, SamplingBuckets, SamplingMetadata, SamplingRow,
-                                      sample)
-from jaxinfer.engine.sampling import prompt_logprobs as score_prompt
+from jaxinfer.engine.sampling import (VARIANTS, Logprobs, PenaltySlots, SamplerOutput, SamplingMetadata, SamplingRow,
+                                      SamplingWidths, gather_logprobs, sample_packed, sampler_variant)
 from jaxinfer.engine.scheduler import SchedulerOutput
-from jaxinfer.engine.step_inputs import SeqChunk, StepInputs, bucket_for, build_step_inputs, pow2_buckets
+from jaxinfer.engine.input_batch import PersistentBatch
+from jaxinfer.engine.packing import PackSpec, pack, unpack
+from jaxinfer.engine.step_inputs import StepInputs, bucket_for, pow2_buckets
 from jaxinfer.models.attention import AttentionBackend
 from jaxinfer.models.linear import XLA_LINEAR, Linear
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Sampler variants compiled at warm-up: the common cases. Penalties, logit bias, min-p and
-# logprobs compile on first use (their inner widths are bucketed, see SamplingBuckets).
-_WARM_SAMPLERS = {
-    "sample_greedy": SamplingParams(temperature=0.0),
-    "sample_temperature": SamplingParams(temperature=1.0, seed=0),
-    "sample_top_k_top_p": SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0),
-}
 
+# Prompt logprobs are scored this many token rows at a time (bounds the [rows, V] logits).
+SCORE_CHUNK = 256
 # Copy-on-write page copies are applied in fixed-size batches so they compile once.
 COPY_BATCH = 8
 # Largest step that runs unrolled when the runner has per-layer views: a batch-1 decode, where
@@ -80,24 +77,42 @@ def _fed_token_ids(token_ids_t, feed_t, prev_tokens_s):
     return jnp.where(feed_t >= 0, prev_tokens_s[jnp.maximum(feed_t, 0)], token_ids_t)
 
 
-def _model_step(state, token_ids_t, positions_t, kv_cache, metadata, logits_indices_s, feed_t, prev_tokens_s, *,
-                graphdef, attention, linear):
-    """One forward over the step's tokens; logits of the rows that sample. A pure function of
-    the model state: the module is rebuilt from its graph definition at trace time only."""
+def _model_step(state, packed, kv_cache, prev_tokens_s, *, spec: PackSpec, graphdef, attention, linear):
+    """One forward over the step's tokens: logits of the rows that sample, and every token's
+    final hidden state (for prompt logprobs, scored only when asked by `_score_prompt`). A pure
+    function of the model state: the module is rebuilt from its graph definition at trace time.
+    The step's inputs arrive packed in one int32 array (one transfer; see packing.py)."""
+    token_ids_t, positions_t, metadata, logits_indices_s, feed_t = unpack(packed, spec)
     model = nnx.merge(graphdef, state)
     token_ids_t = _fed_token_ids(token_ids_t, feed_t, prev_tokens_s)
     hidden, kv_cache = model(token_ids_t, positions_t, kv_cache, metadata, attention, linear)
-    return model.compute_logits(hidden[logits_indices_s], linear), kv_cache
+    return model.compute_logits(hidden[logits_indices_s], linear), hidden, kv_cache
 
 
-def _model_step_all_logits(state, token_ids_t, positions_t, kv_cache, metadata, logits_indices_s, feed_t,
-                           prev_tokens_s, *, graphdef, attention, linear):
-    """As _model_step, plus logits of every token (prompt logprobs); compiled only on use."""
+def _score_prompt(state, hidden_td, target_ids_t, *, graphdef, linear):
+    """Raw logprobs of target_ids_t under the logits of hidden_td, with the top MAX_LOGPROBS.
+
+    Scored SCORE_CHUNK rows at a time: a step's [T, V] float32 logits at once would need
+    gigabytes (8192 tokens x 128k vocab: 4 GB, times the softmax's temporaries)."""
     model = nnx.merge(graphdef, state)
-    token_ids_t = _fed_token_ids(token_ids_t, feed_t, prev_tokens_s)
-    hidden, kv_cache = model(token_ids_t, positions_t, kv_cache, metadata, attention, linear)
-    all_logits = model.compute_logits(hidden, linear)
-    return all_logits[logits_indices_s], all_logits, kv_cache
+    t = hidden_td.shape[0]
+    c = min(t, SCORE_CHUNK)
+    n = -(-t // c)
+    hidden = jnp.pad(hidden_td, ((0, n * c - t), (0, 0))).reshape(n, c, -1)
+    targets = jnp.pad(target_ids_t, (0, n * c - t)).reshape(n, c)
+
+    def score(chunk):
+        h, tgt = chunk
+        logprobs = jax.nn.log_softmax(model.compute_logits(h, linear).astype(jnp.float32), axis=1)
+        return gather_logprobs(logprobs, tgt, MAX_LOGPROBS)
+
+    out = jax.lax.map(score, (hidden, targets))
+    return jax.tree.map(lambda a: a.reshape(n * c, *a.shape[2:])[:t], out)
+
+
+def _commit_staged(kv_cache, staged, packed, *, spec: PackSpec, attention):
+    """Writes a step's staged k, v (backends with `stages_writes`) at its slot mapping."""
+    return attention.commit(kv_cache, staged, unpack(packed, spec)[2].slot_mapping_t)
 
 
 def _copy_pages(kv_cache, src_c, dst_c):
@@ -136,7 +151,7 @@ class ModelRunner:
         # On a mesh the steps pin their outputs: the KV pools keep their input sharding, so the
         # donated buffers are reused in place, and logits come back replicated for the sampler.
         # (Inputs need no annotation: jit follows the committed params and pools.)
-        step_out, all_out, copy_out = {}, {}, {}  # jit's out_shardings, only on a mesh
+        step_out, score_out, copy_out = {}, {}, {}  # jit's out_shardings, only on a mesh
         self._logits_sharding = None
         if kv_sharding is not None:
             self._logits_sharding = NamedSharding(kv_sharding.mesh, PartitionSpec())
@@ -145,18 +160,22 @@ class ModelRunner:
             kv_out = kv_sharding
             if self._stages_writes:
                 kv_out = NamedSharding(kv_sharding.mesh, PartitionSpec(None, None, kv_sharding.spec[0], None))
-            step_out = dict(out_shardings=(self._logits_sharding, kv_out))
-            all_out = dict(out_shardings=(self._logits_sharding, self._logits_sharding, kv_out))
+            step_out = dict(out_shardings=(self._logits_sharding, self._logits_sharding, kv_out))
+            score_out = dict(out_shardings=self._logits_sharding)
             copy_out = dict(out_shardings=kv_sharding)
         static = dict(graphdef=graphdef, attention=attention, linear=linear)
         donate = () if self._stages_writes else ("kv_cache",)
-        self._step = jax.jit(functools.partial(_model_step, **static), donate_argnames=donate, **step_out)
-        self._step_all_logits = jax.jit(functools.partial(_model_step_all_logits, **static),
-                                        donate_argnames=donate, **all_out)
+        self._step = jax.jit(functools.partial(_model_step, **static), static_argnames=("spec",),
+                             donate_argnames=donate, **step_out)
+        self._score = jax.jit(functools.partial(_score_prompt, graphdef=graphdef, linear=linear), **score_out)
         if self._stages_writes:
-            self._commit = jax.jit(attention.commit, donate_argnums=(0,), **copy_out)
+            self._commit = jax.jit(functools.partial(_commit_staged, attention=attention), static_argnames=("spec",),
+                                   donate_argnums=(0,), **copy_out)
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,), **copy_out)
         self._batch: dict[str, _CachedRequest] = {}
+        # Block tables of the requests being run, one stable row each (preempted ones leave).
+        self._rows = PersistentBatch(2 * runner_config.max_num_seqs, runner_config.pages_per_seq,
+                                     runner_config.page_size)
         # The previous step's sampled ids on the device, padded to max_num_seqs, and each
         # sampling request's row in them: the next step reads tokens the host does not know yet.
         pad_out = {} if self._logits_sharding is None else dict(out_shardings=self._logits_sharding)
@@ -164,6 +183,8 @@ class ModelRunner:
                                    **pad_out)
         self._prev_tokens = jax.device_put(np.zeros(runner_config.max_num_seqs, np.int32), self._placement)
         self._prev_rows: dict[str, int] = {}
+        self._penalties = PenaltySlots(runner_config.max_num_seqs, config.vocab_size, self._placement)
+        self.sampling_widths = SamplingWidths()
 
     # -- warm-up ---------------------------------------------------------------------------
     @property
@@ -172,12 +193,14 @@ class ModelRunner:
         return len(self._batch)
 
     def warmup_plan(self) -> list[tuple[str, int]]:
-        """Every (kind, bucket) compiled at warm-up: the model step per token bucket and the
-        greedy and random sampler per sequence-slot count."""
+        """Every (kind, size) compiled at warm-up: per token bucket the model step and the
+        prompt-logprob scorer, per sequence-slot count every sampler variant, the page copy
+        and the penalty-history write. Nothing else compiles while serving."""
         plan = [("step", t) for t in self.rc.token_buckets]
         slots = sorted({self.rc.seq_slots(t) for t in self.rc.token_buckets})
-        plan += [(kind, s) for s in slots for kind in _WARM_SAMPLERS]
-        plan.append(("copy", COPY_BATCH))
+        plan += [(f"sample_{variant}", s) for s in slots for variant in VARIANTS]
+        plan += [("score", t) for t in self.rc.token_buckets]
+        plan += [("copy", COPY_BATCH), ("history", 1)]
         return plan
 
     def warmup(self, progress: bool = True):
@@ -186,14 +209,22 @@ class ModelRunner:
         plan = self.warmup_plan()
         for kind, size in tqdm(plan, desc="compiling buckets", disable=not progress, unit="graph"):
             if kind == "step":
-                self._run_model([], size)
+                self._run_model(token_bucket=size)
             elif kind == "copy":
                 self.copy_pages([])
+            elif kind == "history":
+                self._penalties.warmup()
+            elif kind == "score":
+                _, hidden = self._run_model(token_bucket=size, with_hidden=True)
+                targets = jax.device_put(np.zeros(size, np.int32), self._placement)
+                jax.block_until_ready(self._score(self.params, hidden, targets))
             else:
-                rows = [SamplingRow(_WARM_SAMPLERS[kind], [0], [])] * size
+                rows = [SamplingRow(SamplingParams(temperature=0.0), [0], [])] * size
                 # Placed as the step leaves them: the sampler compiles for that.
                 logits = jax.device_put(np.zeros((size, self.config.vocab_size), np.float32), self._placement)
-                self._pad_tokens(self._sample(logits, rows).token_ids).block_until_ready()
+                sampled = self._sample(logits, [f"warmup-{i}" for i in range(size)], rows,
+                                       variant=kind.removeprefix("sample_"))
+                self._pad_tokens(sampled.token_ids).block_until_ready()
 
     # -- steps -----------------------------------------------------------------------------
     def copy_pages(self, ops: Sequence[tuple[int, int]]):
@@ -206,53 +237,65 @@ class ModelRunner:
             dst = np.array([d for _, d in batch], np.int32)
             self.kv_cache = self._copy(self.kv_cache, src, dst)
 
-    def _run_model(self, chunks: Sequence[SeqChunk], token_bucket: int | None = None,
-                   logits_indices: Sequence[int] | None = None, all_logits: bool = False,
+    def _run_model(self, request_ids: Sequence[str] = (), starts: Sequence[int] = (),
+                   num_tokens: Sequence[int] = (), token_ids: Sequence[int] = (), token_bucket: int | None = None,
+                   logits_indices: Sequence[int] | None = None, with_hidden: bool = False,
                    feed: Mapping[int, int] | None = None):
-        """feed: flat token index -> the previous step's sampling row whose token goes there."""
-        n_tok = sum(len(c.token_ids) for c in chunks)
-        t = token_bucket or bucket_for(n_tok, self.rc.token_buckets)
-        inputs: StepInputs = build_step_inputs(chunks, t, self.rc.seq_slots(t), self.rc.pages_per_seq,
-                                               self.rc.page_size, logits_indices)
+        """Runs the model over the step's tokens (laid out request by request; see
+        PersistentBatch.step_inputs). feed: flat token index -> the previous step's sampling row
+        whose token goes there."""
+        t = token_bucket or bucket_for(len(token_ids), self.rc.token_buckets)
+        inputs: StepInputs = self._rows.step_inputs(t, self.rc.seq_slots(t), request_ids, starts, num_tokens,
+                                                    token_ids, logits_indices)
         feed_t = np.full(t, -1, np.int32)
         for index, row in (feed or {}).items():
             feed_t[index] = row
+        packed, spec = pack((inputs.token_ids_t, inputs.positions_t, inputs.metadata, inputs.logits_indices_s,
+                             feed_t))
+        packed = jax.device_put(packed, self._placement)
         params = self.params
         if self.unrolled_params is not None and t <= UNROLLED_MAX_TOKENS:
             params = self.unrolled_params
-        args = (params, inputs.token_ids_t, inputs.positions_t, self.kv_cache, inputs.metadata,
-                inputs.logits_indices_s, feed_t, self._prev_tokens)
-        if all_logits:
-            logits, every, kv_out = self._step_all_logits(*args)
-        else:
-            (logits, kv_out), every = self._step(*args), None
+        logits, hidden, kv_out = self._step(params, packed, self.kv_cache, self._prev_tokens, spec=spec)
         if self._stages_writes:
-            kv_out = self._commit(self.kv_cache, kv_out, inputs.metadata.slot_mapping_t)
+            kv_out = self._commit(self.kv_cache, kv_out, packed, spec=spec)
         self.kv_cache = kv_out
-        return (logits, every) if all_logits else logits
+        return (logits, hidden) if with_hidden else logits
 
-    def _sample(self, logits_sv, rows: Sequence[SamplingRow | None]):
+    def _sample(self, logits_sv, request_ids: Sequence[str], rows: Sequence[SamplingRow],
+                variant: str | None = None) -> SamplerOutput:
+        """Samples rows with the cheapest compiled variant that serves them all (or `variant`)."""
+        variant = variant or sampler_variant(rows, self.eos_token_ids)
+        slots = self._penalties.slots_for(request_ids, rows) if variant == "full" else None
         md = SamplingMetadata.build(rows, batch_size=logits_sv.shape[0], vocab_size=self.config.vocab_size,
-                                    eos_token_ids=self.eos_token_ids)
-        return sample(logits_sv, md)
+                                    eos_token_ids=self.eos_token_ids, widths=self.sampling_widths,
+                                    penalty_slots=slots, variant=variant)
+        packed, spec = pack(md)
+        packed = jax.device_put(packed, self._placement)
+        if variant != "full":
+            return sample_packed(logits_sv, packed, spec=spec)[0]
+        sampled, self._penalties.state = sample_packed(logits_sv, packed, self._penalties.state, spec=spec)
+        return sampled
 
     def _apply_diff(self, out: SchedulerOutput):
         """Brings the persistent batch up to date with the scheduler (see scheduler.py)."""
         for rid in out.finished_req_ids:
             self._batch.pop(rid, None)
+            self._rows.remove(rid)
+        self._penalties.release(out.finished_req_ids)
         for rid in out.preempted_req_ids:
-            state = self._batch.get(rid)
-            if state is not None:
-                state.block_table.clear()
+            self._rows.remove(rid)  # its pages are gone; it comes back with a whole new table
         for r in out.scheduled_new_reqs:
-            self._batch[r.request_id] = _CachedRequest(list(r.token_ids), list(r.block_table), r.num_prompt_tokens)
+            self._batch[r.request_id] = _CachedRequest(list(r.token_ids), r.num_prompt_tokens)
+            self._rows.add(r.request_id, r.block_table)
         for r in out.scheduled_cached_reqs:
-            state = self._batch[r.request_id]
-            state.token_ids.extend(r.new_token_ids)
-            if r.replaces_block_table:
-                state.block_table[:] = r.new_page_ids
+            self._batch[r.request_id].token_ids.extend(r.new_token_ids)
+            if r.request_id not in self._rows:  # resumed after preemption
+                self._rows.add(r.request_id, r.new_page_ids)
+            elif r.replaces_block_table:
+                self._rows.set_pages(r.request_id, r.new_page_ids)
             else:
-                state.block_table.extend(r.new_page_ids)
+                self._rows.append_pages(r.request_id, r.new_page_ids)
 
     def execute(self, out: SchedulerOutput, rows: Sequence[SamplingRow],
                 prompt_logprobs: Mapping[str, int] | None = None) -> StepResult:
@@ -280,55 +323,58 @@ class ModelRunner:
             self.copy_pages(out.copy_ops)
         computed = {r.request_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
         computed.update((r.request_id, r.num_computed_tokens) for r in out.scheduled_cached_reqs)
-        chunks, feed, cursor = [], {}, 0
-        for rid in out.scheduled_req_ids:
-            state, start = self._batch[rid], computed[rid]
-            n = out.num_scheduled_tokens[rid]
-            tokens = state.token_ids[start:start + n]
-            if len(tokens) < n:  # its last token was sampled by the step still in flight
-                if len(tokens) != n - 1 or rid not in self._prev_rows:
-                    raise RuntimeError(f"request {rid!r}: {n - len(tokens)} unknown tokens, or none in flight")
-                feed[cursor + n - 1] = self._prev_rows[rid]
-                tokens = tokens + [0]
-            chunks.append(SeqChunk(tokens, start, state.block_table))
-            cursor += n
+        request_ids = out.scheduled_req_ids
+        starts = [computed[rid] for rid in request_ids]
+        lens = [out.num_scheduled_tokens[rid] for rid in request_ids]
+        token_ids, feed = [], {}
+        for rid, start, n in zip(request_ids, starts, lens):
+            known = self._batch[rid].token_ids
+            if start + n <= len(known):
+                token_ids.extend(known[start:start + n])
+                continue
+            # Its last token was sampled by the step still in flight: read on the device.
+            if start + n - 1 != len(known) or rid not in self._prev_rows:
+                raise RuntimeError(f"request {rid!r}: {start + n - len(known)} unknown tokens, or none in flight")
+            token_ids.extend(known[start:])
+            feed[len(token_ids)] = self._prev_rows[rid]
+            token_ids.append(0)
         wanted = {rid: k for rid, k in (prompt_logprobs or {}).items() if rid in out.num_scheduled_tokens}
         pending = PendingStep()
+        run = dict(request_ids=request_ids, starts=starts, num_tokens=lens, token_ids=token_ids,
+                   logits_indices=out.logits_token_indices, feed=feed)
         if wanted:
-            logits, every = self._run_model(chunks, logits_indices=out.logits_token_indices, all_logits=True,
-                                            feed=feed)
-            pending.prompt_logprobs = self._prompt_logprobs(out, chunks, every, wanted)
+            logits, hidden = self._run_model(**run, with_hidden=True)
+            pending.prompt_logprobs, pending.prompt_spans = self._prompt_logprobs(out, starts, lens, hidden, wanted)
         else:
-            logits = self._run_model(chunks, logits_indices=out.logits_token_indices, feed=feed)
+            logits = self._run_model(**run)
         if rows:
-            pending.sampled = self._sample(logits, rows)
+            pending.sampled = self._sample(logits, out.sampling_req_ids, rows)
             self._prev_tokens = self._pad_tokens(pending.sampled.token_ids)
             self._prev_rows = {rid: i for i, rid in enumerate(out.sampling_req_ids)}
         else:
             self._prev_rows = {}
         return pending
 
-    def _prompt_logprobs(self, out, chunks, logits_tv, wanted: Mapping[str, int]):
+    def _prompt_logprobs(self, out, starts, lens, hidden_td, wanted: Mapping[str, int]):
         """Per request, (first prompt position scored, Logprobs) for this step's prompt tokens.
 
         Row t of the logits scores the token after t; only targets inside the prompt count.
         """
-        targets = np.zeros(logits_tv.shape[0], np.int32)
+        targets = np.zeros(hidden_td.shape[0], np.int32)
         spans = {}
         cursor = 0
-        for rid, chunk in zip(out.scheduled_req_ids, chunks):
-            n = len(chunk.token_ids)
+        for rid, start, n in zip(out.scheduled_req_ids, starts, lens):
             if rid in wanted:
                 state = self._batch[rid]
-                stop = min(chunk.start_pos + n, state.num_prompt_tokens - 1)
-                count = max(0, stop - chunk.start_pos)
-                targets[cursor:cursor + count] = state.token_ids[chunk.start_pos + 1:chunk.start_pos + 1 + count]
+                stop = min(start + n, state.num_prompt_tokens - 1)
+                count = max(0, stop - start)
+                targets[cursor:cursor + count] = state.token_ids[start + 1:start + 1 + count]
                 if count:
-                    spans[rid] = (cursor, count, chunk.start_pos + 1)
+                    spans[rid] = (cursor, count, start + 1)
             cursor += n
-        width = SamplingBuckets().fit("logprobs", max(wanted.values()))
-        lp = score_prompt(logits_tv, targets, num_logprobs=width)  # stays on the device until result()
-        return {rid: (first, jax.tree.map(lambda a: a[c:c + k], lp)) for rid, (c, k, first) in spans.items()}
+        targets = jax.device_put(targets, self._placement)
+        lp = self._score(self.params, hidden_td, targets)  # stays on the device until result()
+        return lp, spans
 
 
 @dataclasses.dataclass
@@ -345,19 +391,26 @@ class PendingStep:
     """A dispatched step: its outputs as device arrays until `result()` fetches them."""
 
     sampled: SamplerOutput | None = None
-    prompt_logprobs: dict = dataclasses.field(default_factory=dict)
+    prompt_logprobs: Logprobs | None = None  # every token row of the step
+    # request id -> (its first token row, rows scored, position of the first prompt token scored)
+    prompt_spans: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
 
     def result(self) -> StepResult:
-        """Waits for the step and copies its sampled tokens (and logprobs) to the host."""
+        """Waits for the step and copies its sampled tokens (and logprobs) to the host; requests'
+        prompt rows are cut on the host (slicing on the device would compile per span)."""
+        spans = {}
+        if self.prompt_logprobs is not None:
+            lp = jax.tree.map(np.asarray, self.prompt_logprobs)
+            spans = {rid: (first, jax.tree.map(lambda a: a[c:c + k], lp))
+                     for rid, (c, k, first) in self.prompt_spans.items()}
         return StepResult(sampled=None if self.sampled is None else jax.tree.map(np.asarray, self.sampled),
-                          prompt_logprobs={rid: (first, jax.tree.map(np.asarray, lp))
-                                           for rid, (first, lp) in self.prompt_logprobs.items()})
+                          prompt_logprobs=spans)
 
 
 @dataclasses.dataclass
 class _CachedRequest:
-    """The runner's copy of a scheduled request: all known tokens and its block table."""
+    """The runner's copy of a scheduled request: all known tokens (its block table is a row of
+    the PersistentBatch while it runs)."""
 
     token_ids: list[int]
-    block_table: list[int]
     num_prompt_tokens: int

@@ -1,17 +1,19 @@
 """The batched sampler: one jitted function from a step's logits to its next tokens.
 
-The host packs each request's sampling state into `SamplingMetadata`, arrays of fixed
-bucketed shapes; `sample` runs entirely on the device and returns only token ids (and the
-logprobs asked for). Processing follows vLLM: logit bias, min-tokens mask, penalties,
-temperature, min-p, top-k, top-p, then a Gumbel-max draw. Greedy rows take the argmax of the
-processed logits.
+The host packs each request's sampling state into `SamplingMetadata`, arrays of fixed shapes;
+`sample` runs entirely on the device and returns only token ids (and logprobs in the full
+variant). Processing follows vLLM: logit bias, min-tokens mask, penalties, temperature, min-p,
+top-k, top-p, then a Gumbel-max draw. Greedy rows take the argmax of the processed logits.
+
+Four graphs per batch size serve every combination of parameters (`sampler_variant`), so the
+engine compiles them all at start-up. Penalties read each request's history from a
+`PenaltyState` kept on the device, not from lists sent every step.
 
 Every row draws from its own key, derived from (seed, tokens generated so far), so a seeded
 request gets the same tokens whatever else shares its batch and wherever its row sits.
 
-Glossary for shapes: B rows (a bucket size; rows past the real ones are padding), V vocab,
-L logit-bias entries, M banned ids, H past (prompt or output) ids, T prompt positions,
-N top logprobs.
+Glossary for shapes: B rows (a batch size; rows past the real ones are padding), V vocab,
+L logit-bias entries, M banned ids, R penalty slots, T prompt positions, N top logprobs.
 """
 
 from __future__ import annotations
@@ -24,42 +26,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.engine.packing import PackSpec, unpack
 from jaxinfer.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams
 
 
-def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
-    return tuple(1 << i for i in range(lo.bit_length() - 1, hi.bit_length()))
+# Rows without penalties point here: gathers from the penalty state fill, scatters drop.
+NO_SLOT = np.iinfo(np.int32).max
+# Ids written into the penalty state per call; a longer history takes several calls.
+HISTORY_CHUNK = 2048
+VARIANTS = ("greedy", "random", "filtered", "full")
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingBuckets:
-    """Allowed padded sizes of the metadata's inner dimensions (sorted ascending).
+class SamplingWidths:
+    """Fixed inner widths of the full sampler's per-row lists, so it compiles once per batch size.
 
-    Shapes only take these values, so the sampler compiles once per (batch bucket, these
-    buckets actually used, flags) and warm-up can cover them all.
+    logit_bias: most logit-bias entries a request may carry.
+    banned_ids: most ids (stop ids and eos) masked until min_tokens are generated.
     """
 
-    logit_bias: tuple[int, ...] = (1, 16, 128, 1024)
-    banned_ids: tuple[int, ...] = (1, 8, 64)
-    history: tuple[int, ...] = _powers_of_two(64, 1 << 17)
-    logprobs: tuple[int, ...] = (0, 5, MAX_LOGPROBS)
+    logit_bias: int = 1024
+    banned_ids: int = 64
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            sizes = getattr(self, field.name)
-            if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 0:
-                raise ValueError(f"SamplingBuckets.{field.name} must be distinct non-negative "
-                                 f"sizes in ascending order, got {sizes}")
-        if self.logprobs[-1] < MAX_LOGPROBS:
-            raise ValueError(f"SamplingBuckets.logprobs must reach {MAX_LOGPROBS}, got {self.logprobs}")
-
-    def fit(self, name: str, size: int) -> int:
-        """The smallest `name` bucket holding `size` entries."""
-        for bucket in getattr(self, name):
-            if bucket >= size:
-                return bucket
-        raise ValueError(f"{size} {name} entries exceed the largest bucket "
-                         f"({getattr(self, name)[-1]}); raise SamplingBuckets.{name}")
+        for name in ("logit_bias", "banned_ids"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SamplingWidths.{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +73,32 @@ class SamplingRow:
         return len(self.output_token_ids) + self.num_pending_outputs
 
 
+def sampler_variant(rows: Sequence[SamplingRow | None], eos_token_ids: Sequence[int] = ()) -> str:
+    """The cheapest compiled sampler that serves every row.
+
+    "greedy": argmax only. "random": temperature and a Gumbel draw. "filtered": plus min-p,
+    top-k and top-p. "full": everything, with logit bias, the min-tokens mask, penalties and
+    logprobs at fixed widths. Each feature is a no-op for rows that do not use it, so four
+    graphs per batch size serve every combination of parameters.
+    """
+    live = [r for r in rows if r is not None]
+    if any(r.params.logit_bias or r.params.has_penalties or r.params.logprobs is not None
+           or (r.num_outputs < r.params.min_tokens and r.params.stop_ids(eos_token_ids)) for r in live):
+        return "full"
+    random_rows = [r.params for r in live if not r.params.greedy]
+    if not random_rows:
+        return "greedy"
+    if any(p.min_p > 0.0 or p.top_k > 0 or p.top_p < 1.0 for p in random_rows):
+        return "filtered"
+    return "random"
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingMetadata:
     """Per-row sampling inputs of a batch; build with `SamplingMetadata.build`.
 
-    `build` returns NumPy arrays; they move to the device when passed to `sample` (or earlier,
-    with `jax.device_put`, to overlap the copy with the model step).
+    `build` returns NumPy arrays; they move to the device when passed to `sample`.
 
     Array fields:
       temperature [B] f32: 0 for greedy rows (including padding).
@@ -98,15 +109,9 @@ class SamplingMetadata:
       steps [B] i32: tokens generated so far; the row's key is derived from (seed, step).
       bias_ids [B, L] i32, bias_values [B, L] f32: sparse logit bias, padded with (0, 0.0).
       banned_ids [B, M] i32: ids masked until min_tokens are generated, padded with -1.
-      prompt_ids [B, H] i32: prompt ids of rows with a repetition penalty, padded with -1.
-      output_ids [B, H] i32: output ids of rows with any penalty, padded with -1.
-        (H is 1 when no row has a penalty.)
-    Static fields (part of the jitted function's identity, so each case compiles a small graph):
-      all_greedy: every row is greedy; no random path.
-      any_penalties: some row has a penalty.
-      any_min_p: some random row uses min-p.
-      any_top_k_top_p: some random row uses top-k or top-p.
-      num_logprobs: None for no logprobs, else the bucketed top-n width.
+      penalty_slots [B] i32: each row's slot in the `PenaltyState` (NO_SLOT: no penalties).
+      (L and M are 0 except in the full variant.)
+    Static field: variant, one of VARIANTS (see `sampler_variant`).
     """
 
     temperature: jax.Array
@@ -121,56 +126,74 @@ class SamplingMetadata:
     bias_ids: jax.Array
     bias_values: jax.Array
     banned_ids: jax.Array
-    prompt_ids: jax.Array
-    output_ids: jax.Array
-    all_greedy: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    any_penalties: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    any_min_p: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    any_top_k_top_p: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    num_logprobs: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    penalty_slots: jax.Array
+    variant: str = dataclasses.field(default="greedy", metadata=dict(static=True))
+
+    @property
+    def all_greedy(self) -> bool:
+        return self.variant == "greedy"
+
+    @property
+    def any_penalties(self) -> bool:
+        return self.variant == "full"
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return MAX_LOGPROBS if self.variant == "full" else None
 
     @classmethod
     def build(cls, rows: Sequence[SamplingRow | None], *, batch_size: int, vocab_size: int,
-              eos_token_ids: Sequence[int] = (), buckets: SamplingBuckets = SamplingBuckets(),
-              all_features: bool = False) -> SamplingMetadata:
-        """Packs host rows into padded device arrays.
+              eos_token_ids: Sequence[int] = (), widths: SamplingWidths = SamplingWidths(),
+              penalty_slots: Sequence[int] | None = None, variant: str | None = None) -> SamplingMetadata:
+        """Packs host rows into padded arrays.
 
         Args:
           rows: one entry per batch row; None (or rows past the end) is a padding row.
-          batch_size: B, the batch bucket (>= len(rows)).
+          batch_size: B (>= len(rows)).
           vocab_size: V of the logits; bias and banned ids must be below it.
           eos_token_ids: masked with stop_token_ids until a row has min_tokens outputs
             (unless the row ignores eos).
-          buckets: allowed sizes of the inner dimensions.
-          all_features: turn every static flag on (with the largest logprobs bucket), so one
-            graph per batch and history bucket serves every batch. Rows are sampled exactly as
-            with the flags they need: each feature is a no-op for rows that do not use it.
+          widths: the full variant's fixed list widths.
+          penalty_slots: per row, its slot in the PenaltyState (rows with penalties need one).
+          variant: the compiled sampler to use (None: `sampler_variant(rows)`); a richer one
+            than needed gives the same tokens.
         Raises:
-          ValueError: rows do not fit the batch or the buckets, an id is outside the vocab,
-            or a random row has no seed (seed requests with `SamplingParams.with_seed`).
+          ValueError: rows do not fit the batch or the widths, an id is outside the vocab,
+            a random row has no seed (seed requests with `SamplingParams.with_seed`), or a row
+            with penalties has no slot.
         """
         if len(rows) > batch_size:
             raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+        needed = sampler_variant(rows, eos_token_ids)
+        variant = variant or needed
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if VARIANTS.index(variant) < VARIANTS.index(needed):
+            raise ValueError(f"these rows need the {needed!r} sampler, not {variant!r}")
         live = [(i, r) for i, r in enumerate(rows) if r is not None]
         for _, row in live:
             if not row.params.greedy and row.params.seed is None:
                 raise ValueError("a sampled (temperature > 0) row needs a seed; give the request "
                                  "one on arrival with SamplingParams.with_seed")
-        penalized = [(i, r) for i, r in live if r.params.has_penalties]
-        if any(r.num_pending_outputs for _, r in penalized):
-            raise ValueError("penalties need every output token on the host: sample such rows synchronously")
-        repeating = [(i, r) for i, r in penalized if r.params.repetition_penalty != 1.0]
-        biases = {i: r.params.logit_bias or {} for i, r in live}
+        full = variant == "full"
+        # Only the full variant has rows with a bias or a min-tokens mask (sampler_variant).
+        biases = {i: r.params.logit_bias for i, r in live if full and r.params.logit_bias}
         banned = {i: sorted(r.params.stop_ids(eos_token_ids)) for i, r in live
-                  if r.num_outputs < r.params.min_tokens}
-        random_rows = [r.params for _, r in live if not r.params.greedy]
-        logprobs = [r.params.logprobs for _, r in live if r.params.logprobs is not None]
-
-        def per_row(dtype, fill, value_of):
-            out = np.full((batch_size,), fill, dtype)
-            for i, row in live:
-                out[i] = value_of(row.params, row)
-            return out
+                  if full and r.num_outputs < r.params.min_tokens}
+        for name, lists, width in [("logit_bias", biases, widths.logit_bias),
+                                   ("min_tokens stop/eos", banned, widths.banned_ids)]:
+            ids = [t for values in lists.values() for t in values]
+            if ids and max(ids) >= vocab_size:
+                raise ValueError(f"{name} token id {max(ids)} is outside the vocabulary (size {vocab_size})")
+            if max(map(len, lists.values()), default=0) > width:
+                raise ValueError(f"{max(map(len, lists.values()))} {name} entries exceed the sampler's "
+                                 f"width ({width})")
+        slots = np.full((batch_size,), NO_SLOT, np.int32)
+        for i, r in live:
+            if r.params.has_penalties:
+                if penalty_slots is None or penalty_slots[i] == NO_SLOT:
+                    raise ValueError(f"row {i} has penalties but no slot in the penalty state")
+                slots[i] = penalty_slots[i]
 
         def padded(lists: dict[int, Sequence], width: int, fill, dtype=np.int32):
             out = np.full((batch_size, width), fill, dtype)
@@ -178,45 +201,143 @@ class SamplingMetadata:
                 out[i, :len(values)] = values
             return out
 
-        def fit(name, lists: Sequence[Sequence]):
-            return buckets.fit(name, max((len(v) for v in lists), default=0))
-
-        for name, ids in [("logit_bias", [t for b in biases.values() for t in b]),
-                          ("stop/eos", [t for b in banned.values() for t in b])]:
-            if ids and max(ids) >= vocab_size:
-                raise ValueError(f"{name} token id {max(ids)} is outside the vocabulary "
-                                 f"(size {vocab_size})")
-        prompts = {i: r.prompt_token_ids for i, r in repeating}
-        outputs = {i: r.output_token_ids for i, r in penalized}
-        # Prompt and output ids share one width so penalties add one shape dimension, not two.
-        history = fit("history", [*prompts.values(), *outputs.values()]) if penalized else (
-            buckets.history[0] if all_features else 1)
-        bias_width = fit("logit_bias", list(biases.values()))
-        seeds = per_row(np.uint64, 0, lambda p, r: (p.seed or 0) % 2**64)
+        # One tuple per row, then column arrays: padding rows stay greedy and neutral.
+        floats = np.zeros((batch_size, 7), np.float32)
+        floats[:, 1] = 1.0  # top_p
+        floats[:, 6] = 1.0  # repetition_penalty
+        ints = np.zeros((batch_size, 2), np.int64)  # top_k, steps
+        seeds = np.zeros(batch_size, np.uint64)
+        if live:
+            index = np.fromiter((i for i, _ in live), np.int64, len(live))
+            params = [r.params for _, r in live]
+            floats[index] = [(0.0 if p.greedy else p.temperature, p.top_p, p.min_p, p.presence_penalty,
+                              p.frequency_penalty, 0.0, p.repetition_penalty) for p in params]
+            ints[index] = [(p.top_k if p.top_k < vocab_size else 0, r.num_outputs) for _, r in live
+                           for p in (r.params,)]
+            seeds[index] = [(p.seed or 0) % 2**64 for p in params]
         return cls(
-            temperature=per_row(np.float32, 0.0, lambda p, r: 0.0 if p.greedy else p.temperature),
-            top_k=per_row(np.int32, 0, lambda p, r: p.top_k if p.top_k < vocab_size else 0),
-            top_p=per_row(np.float32, 1.0, lambda p, r: p.top_p),
-            min_p=per_row(np.float32, 0.0, lambda p, r: p.min_p),
-            presence_penalty=per_row(np.float32, 0.0, lambda p, r: p.presence_penalty),
-            frequency_penalty=per_row(np.float32, 0.0, lambda p, r: p.frequency_penalty),
-            repetition_penalty=per_row(np.float32, 1.0, lambda p, r: p.repetition_penalty),
+            temperature=floats[:, 0].copy(),
+            top_k=ints[:, 0].astype(np.int32),
+            top_p=floats[:, 1].copy(),
+            min_p=floats[:, 2].copy(),
+            presence_penalty=floats[:, 3].copy(),
+            frequency_penalty=floats[:, 4].copy(),
+            repetition_penalty=floats[:, 6].copy(),
             seeds=np.stack([seeds & 0xFFFFFFFF, seeds >> 32], axis=1).astype(np.uint32),
-            steps=per_row(np.int32, 0, lambda p, r: r.num_outputs),
-            bias_ids=padded({i: list(b) for i, b in biases.items()}, bias_width, 0),
-            bias_values=padded({i: list(b.values()) for i, b in biases.items()}, bias_width, 0.0,
-                               np.float32),
-            banned_ids=padded(banned, fit("banned_ids", list(banned.values())), -1),
-            prompt_ids=padded(prompts, history, -1),
-            output_ids=padded(outputs, history, -1),
-            all_greedy=not (random_rows or all_features),
-            any_penalties=bool(penalized) or all_features,
-            any_min_p=any(p.min_p > 0.0 for p in random_rows) or all_features,
-            any_top_k_top_p=all_features or any(0 < p.top_k < vocab_size or p.top_p < 1.0
-                                                for p in random_rows),
-            num_logprobs=(buckets.logprobs[-1] if all_features else
-                          buckets.fit("logprobs", max(logprobs)) if logprobs else None),
+            steps=ints[:, 1].astype(np.int32),
+            bias_ids=padded({i: list(b) for i, b in biases.items()}, widths.logit_bias if full else 0, 0),
+            bias_values=padded({i: list(b.values()) for i, b in biases.items()},
+                               widths.logit_bias if full else 0, 0.0, np.float32),
+            banned_ids=padded(banned, widths.banned_ids if full else 0, -1),
+            penalty_slots=slots,
+            variant=variant,
         )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PenaltyState:
+    """What penalties need of each request's history, kept on the device between steps.
+
+    prompt_mask [R, V] bool: the ids in slot r's prompt. output_counts [R, V] i32: how often
+    each id was generated. A request gets a slot when it first samples with penalties
+    (`PenaltySlots`), its history is written once, and every full-variant step adds the
+    tokens it samples, so no step sends a history and the host never needs the last token:
+    penalties work under asynchronous scheduling.
+    """
+
+    prompt_mask: jax.Array
+    output_counts: jax.Array
+
+    @classmethod
+    def allocate(cls, num_slots: int, vocab_size: int, placement=None) -> PenaltyState:
+        state = cls(np.zeros((num_slots, vocab_size), bool), np.zeros((num_slots, vocab_size), np.int32))
+        return jax.device_put(state, placement)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def write_history(state: PenaltyState, slot, reset, prompt_ids_e, output_ids_e) -> PenaltyState:
+    """Adds prompt ids and output ids (each [HISTORY_CHUNK], padded with -1) to `slot`, after
+    clearing it when `reset`."""
+    v = state.prompt_mask.shape[1]
+    mask, counts = state.prompt_mask, state.output_counts
+    keep = jnp.logical_not(reset)
+    mask = mask.at[slot].set(mask[slot] & keep)
+    counts = counts.at[slot].set(counts[slot] * keep.astype(counts.dtype))
+    mask = mask.at[slot, jnp.where(prompt_ids_e >= 0, prompt_ids_e, v)].set(True, mode="drop")
+    counts = counts.at[slot, jnp.where(output_ids_e >= 0, output_ids_e, v)].add(1, mode="drop")
+    return PenaltyState(mask, counts)
+
+
+class PenaltySlots:
+    """Assigns requests with penalties their rows in a `PenaltyState` and writes their histories.
+
+    A request keeps its slot until released (finished); when every slot is taken, the slot of
+    a request not in the current batch (preempted) is reused, and that request's history is
+    written again from the host's tokens when it next samples.
+    """
+
+    def __init__(self, num_slots: int, vocab_size: int, placement=None):
+        self.num_slots = num_slots
+        self.state = PenaltyState.allocate(num_slots, vocab_size, placement)
+        self._placement = placement
+        self._slots: dict[str, int] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+        self.num_evictions = 0  # slots taken from requests not in the batch
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def warmup(self):
+        self.write(0, [], [], reset=False)
+
+    def slots_for(self, request_ids: Sequence[str], rows: Sequence[SamplingRow | None]) -> list[int]:
+        """Each row's slot (NO_SLOT for padding and rows without penalties), writing new
+        holders' histories."""
+        out = []
+        current = set(request_ids)
+        for rid, row in zip(request_ids, rows):
+            if row is None or not row.params.has_penalties:
+                out.append(NO_SLOT)
+                continue
+            slot = self._slots.get(rid)
+            if slot is None:
+                if row.num_pending_outputs:
+                    raise RuntimeError(f"request {rid!r} needs its history written with tokens still in flight")
+                slot = self._take_slot(current)
+                self._slots[rid] = slot
+                self.write(slot, row.prompt_token_ids, row.output_token_ids, reset=True)
+            out.append(slot)
+        return out
+
+    def release(self, request_ids) -> None:
+        for rid in request_ids:
+            slot = self._slots.pop(rid, None)
+            if slot is not None:
+                self._free.append(slot)
+
+    def _take_slot(self, keep: set[str]) -> int:
+        if self._free:
+            return self._free.pop()
+        for rid, slot in self._slots.items():
+            if rid not in keep:
+                del self._slots[rid]
+                self.num_evictions += 1
+                return slot
+        raise RuntimeError(f"more than {self.num_slots} requests with penalties in one step")
+
+    def write(self, slot: int, prompt_ids: Sequence[int], output_ids: Sequence[int], *, reset: bool):
+        prompt_ids, output_ids = list(prompt_ids), list(output_ids)
+        first = True
+        while first or prompt_ids or output_ids:
+            chunk = []
+            for ids in (prompt_ids, output_ids):
+                part = np.full(HISTORY_CHUNK, -1, np.int32)
+                part[:min(len(ids), HISTORY_CHUNK)] = ids[:HISTORY_CHUNK]
+                del ids[:HISTORY_CHUNK]
+                chunk.append(jax.device_put(part, self._placement))
+            self.state = write_history(self.state, jnp.int32(slot), jnp.bool_(reset and first), *chunk)
+            first = False
 
 
 @jax.tree_util.register_dataclass
@@ -260,14 +381,11 @@ def apply_banned_ids(logits_bv, banned_ids_bm):
     return jnp.where(_scatter_mask(banned_ids_bm, logits_bv.shape[1]), -jnp.inf, logits_bv)
 
 
-def apply_penalties(logits_bv, prompt_ids_bh, output_ids_bh, presence_b, frequency_b, repetition_b):
+def apply_penalties(logits_bv, prompt_mask_bv, counts_bv, presence_b, frequency_b, repetition_b):
     """vLLM's penalties: repetition over prompt and output tokens, the others over output only."""
-    b, v = logits_bv.shape
-    rows = jnp.arange(b)[:, None]
-    counts_bv = jnp.zeros((b, v), jnp.float32).at[
-        rows, jnp.where(output_ids_bh >= 0, output_ids_bh, v)].add(1.0, mode="drop")
+    counts_bv = counts_bv.astype(jnp.float32)
     in_output_bv = counts_bv > 0
-    seen_bv = _scatter_mask(prompt_ids_bh, v) | in_output_bv
+    seen_bv = prompt_mask_bv | in_output_bv
     penalty_bv = jnp.where(seen_bv, repetition_b[:, None], 1.0)
     # Dividing positive and multiplying negative logits makes seen tokens less likely either way.
     logits_bv = jnp.where(logits_bv > 0, logits_bv / penalty_bv, logits_bv * penalty_bv)
@@ -325,40 +443,62 @@ def gather_logprobs(logprobs_rv, token_ids_r, num_top: int) -> Logprobs:
     return Logprobs(chosen_r[:, 0], ranks_r, top_ids.astype(jnp.int32), top_logprobs)
 
 
-def process_logits(logits_bv, md: SamplingMetadata):
+def process_logits(logits_bv, md: SamplingMetadata, penalties: PenaltyState | None = None):
     """Bias, min-tokens mask and penalties: the logits greedy rows take the argmax of."""
-    logits_bv = apply_logit_bias(logits_bv.astype(jnp.float32), md.bias_ids, md.bias_values)
+    logits_bv = logits_bv.astype(jnp.float32)
+    if md.variant != "full":
+        return logits_bv
+    logits_bv = apply_logit_bias(logits_bv, md.bias_ids, md.bias_values)
     logits_bv = apply_banned_ids(logits_bv, md.banned_ids)
-    if md.any_penalties:
-        logits_bv = apply_penalties(logits_bv, md.prompt_ids, md.output_ids, md.presence_penalty,
-                                    md.frequency_penalty, md.repetition_penalty)
-    return logits_bv
+    # Rows without a slot (NO_SLOT) read an empty history.
+    mask_bv = jnp.take(penalties.prompt_mask, md.penalty_slots, axis=0, mode="fill", fill_value=False)
+    counts_bv = jnp.take(penalties.output_counts, md.penalty_slots, axis=0, mode="fill", fill_value=0)
+    return apply_penalties(logits_bv, mask_bv, counts_bv, md.presence_penalty, md.frequency_penalty,
+                           md.repetition_penalty)
 
 
-@jax.jit
-def sample(logits_bv, md: SamplingMetadata) -> SamplerOutput:
-    """Samples one token per row of logits_bv [B, V] under md (built for the same B and V)."""
+def _sample(logits_bv, md: SamplingMetadata, penalties: PenaltyState | None = None
+            ) -> tuple[SamplerOutput, PenaltyState | None]:
+    """Samples one token per row of logits_bv [B, V] under md (built for the same B and V).
+
+    The full variant needs the penalty state; it returns it with the sampled tokens counted
+    in each row's slot (the others return it unchanged, or None).
+    """
+    if md.variant == "full" and penalties is None:
+        raise ValueError("the full sampler needs the penalty state")
     raw_bv = logits_bv.astype(jnp.float32)
-    logits_bv = process_logits(raw_bv, md)
+    logits_bv = process_logits(raw_bv, md, penalties)
     token_ids = jnp.argmax(logits_bv, axis=1).astype(jnp.int32)
-    if not md.all_greedy:
+    if md.variant != "greedy":
         greedy_b = md.temperature < GREEDY_TEMPERATURE
         scaled_bv = logits_bv / jnp.where(greedy_b, 1.0, md.temperature)[:, None]
-        scaled_bv = filter_logits(scaled_bv, md.min_p, md.top_k, md.top_p,
-                                  use_min_p=md.any_min_p, use_top_k_top_p=md.any_top_k_top_p)
+        filters = md.variant in ("filtered", "full")
+        scaled_bv = filter_logits(scaled_bv, md.min_p, md.top_k, md.top_p, use_min_p=filters,
+                                  use_top_k_top_p=filters)
         keys = row_keys(md.seeds, md.steps)
         gumbel_bv = jax.vmap(lambda key: jax.random.gumbel(key, scaled_bv.shape[1:]))(keys)
         drawn = jnp.argmax(scaled_bv + gumbel_bv, axis=1).astype(jnp.int32)
         token_ids = jnp.where(greedy_b, token_ids, drawn)
     logprobs = None
-    if md.num_logprobs is not None:
+    if md.variant == "full":
         # Raw model logprobs (vLLM's default), before bias, penalties and temperature.
-        logprobs = gather_logprobs(jax.nn.log_softmax(raw_bv, axis=1), token_ids, md.num_logprobs)
-    return SamplerOutput(token_ids, logprobs)
+        logprobs = gather_logprobs(jax.nn.log_softmax(raw_bv, axis=1), token_ids, MAX_LOGPROBS)
+        penalties = PenaltyState(penalties.prompt_mask, penalties.output_counts.at[md.penalty_slots, token_ids].add(
+            1, mode="drop"))
+    return SamplerOutput(token_ids, logprobs), penalties
+
+
+sample = jax.jit(_sample, donate_argnums=(2,))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(2,))
+def sample_packed(logits_bv, packed_md, penalties: PenaltyState | None = None, *, spec: PackSpec):
+    """`sample` with the metadata packed into one array (`packing.pack`): one transfer a step."""
+    return _sample(logits_bv, unpack(packed_md, spec), penalties)
 
 
 @functools.partial(jax.jit, static_argnames=("num_logprobs",))
-def prompt_logprobs(logits_tv, target_ids_t, *, num_logprobs: int) -> Logprobs:
+def prompt_logprobs(logits_tv, target_ids_t, *, num_logprobs: int = MAX_LOGPROBS) -> Logprobs:
     """Logprobs of target_ids_t [T] under logits_tv [T, V] (raw), with the top num_logprobs.
 
     Row t of logits_tv is the model's output at prompt position t and target t the prompt token
