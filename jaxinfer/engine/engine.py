@@ -219,6 +219,9 @@ class LLMEngine:
         self._seed_rng = np.random.default_rng(config.seed)
         self._in_flight: _LaunchedStep | None = None
         if config.warmup:
+            t0 = time.perf_counter()
+            count = self.runner.precompile()
+            logger.info("compiled %d programs in parallel in %.1f s", count, time.perf_counter() - t0)
             self.runner.warmup()
 
     @staticmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Mapping, Sequence
 
 import jax
@@ -185,6 +186,9 @@ class ModelRunner:
         self._prev_rows: dict[str, int] = {}
         self._penalties = PenaltySlots(runner_config.max_num_seqs, config.vocab_size, self._placement)
         self.sampling_widths = SamplingWidths()
+        # Ahead-of-time compiled programs by (kind, size[, variant]) (see `precompile`); a step
+        # without one goes through the jitted function, which compiles on first use.
+        self._executables: dict[tuple, object] = {}
 
     # -- warm-up ---------------------------------------------------------------------------
     @property
@@ -203,6 +207,53 @@ class ModelRunner:
         plan += [("copy", COPY_BATCH), ("history", 1)]
         return plan
 
+    def precompile(self, max_workers: int | None = None) -> int:
+        """Compiles the model step and prompt scorer of every token bucket and every sampler
+        variant ahead of time, in parallel threads (XLA compiles outside the GIL; with the
+        persistent compilation cache on, a warm start loads them in parallel too). The steps
+        then run these executables. Returns the number of programs compiled."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def sds(shape, dtype):
+            sharding = self._placement
+            if not isinstance(sharding, jax.sharding.Sharding):
+                sharding = jax.sharding.SingleDeviceSharding(sharding)
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        jobs = []
+        for t in self.rc.token_buckets:
+            inputs = self._rows.step_inputs(t, self.rc.seq_slots(t), (), (), (), ())
+            packed, spec = pack((inputs.token_ids_t, inputs.positions_t, inputs.metadata, inputs.logits_indices_s,
+                                 np.full(t, -1, np.int32)))
+            params = self.unrolled_params if self.unrolled_params is not None and t <= UNROLLED_MAX_TOKENS \
+                else self.params
+            args = (params, sds(packed.shape, packed.dtype), self.kv_cache, self._prev_tokens)
+            _, hidden, staged = self._step.eval_shape(*args, spec=spec)
+            jobs.append((("step", t), functools.partial(lambda a, sp: self._step.lower(*a, spec=sp).compile(),
+                                                          args, spec)))
+            jobs.append((("score", t), functools.partial(
+                lambda h, n: self._score.lower(self.params, h, sds((n,), np.int32)).compile(),
+                sds(hidden.shape, hidden.dtype), t)))
+            if self._stages_writes:
+                jobs.append((("commit", t), functools.partial(
+                    lambda st, p, sp: self._commit.lower(self.kv_cache, st, p, spec=sp).compile(),
+                    staged, args[1], spec)))
+        for size in sorted({self.rc.seq_slots(t) for t in self.rc.token_buckets}):
+            logits = sds((size, self.config.vocab_size), np.float32)
+            for variant in VARIANTS:
+                rows = [SamplingRow(SamplingParams(temperature=0.0), [0], [])] * size
+                md = SamplingMetadata.build(rows, batch_size=size, vocab_size=self.config.vocab_size,
+                                            widths=self.sampling_widths, variant=variant)
+                packed, spec = pack(md)
+                state = self._penalties.state if variant == "full" else None
+                jobs.append((("sample", size, variant), functools.partial(
+                    lambda lg, p, st, sp: sample_packed.lower(lg, p, st, spec=sp).compile(),
+                    logits, sds(packed.shape, packed.dtype), state, spec)))
+        with ThreadPoolExecutor(max_workers or min(len(jobs), os.cpu_count() or 1)) as pool:
+            compiled = list(pool.map(lambda job: job[1](), jobs))
+        self._executables.update(zip((key for key, _ in jobs), compiled))
+        return len(jobs)
+
     def warmup(self, progress: bool = True):
         from tqdm.auto import tqdm
 
@@ -217,7 +268,8 @@ class ModelRunner:
             elif kind == "score":
                 _, hidden = self._run_model(token_bucket=size, with_hidden=True)
                 targets = jax.device_put(np.zeros(size, np.int32), self._placement)
-                jax.block_until_ready(self._score(self.params, hidden, targets))
+                score = self._executables.get(("score", size), self._score)
+                jax.block_until_ready(score(self.params, hidden, targets))
             else:
                 rows = [SamplingRow(SamplingParams(temperature=0.0), [0], [])] * size
                 # Placed as the step leaves them: the sampler compiles for that.
@@ -256,9 +308,11 @@ class ModelRunner:
         params = self.params
         if self.unrolled_params is not None and t <= UNROLLED_MAX_TOKENS:
             params = self.unrolled_params
-        logits, hidden, kv_out = self._step(params, packed, self.kv_cache, self._prev_tokens, spec=spec)
+        step = self._executables.get(("step", t)) or functools.partial(self._step, spec=spec)
+        logits, hidden, kv_out = step(params, packed, self.kv_cache, self._prev_tokens)
         if self._stages_writes:
-            kv_out = self._commit(self.kv_cache, kv_out, packed, spec=spec)
+            commit = self._executables.get(("commit", t)) or functools.partial(self._commit, spec=spec)
+            kv_out = commit(self.kv_cache, kv_out, packed)
         self.kv_cache = kv_out
         return (logits, hidden) if with_hidden else logits
 
@@ -272,9 +326,11 @@ class ModelRunner:
                                     penalty_slots=slots, variant=variant)
         packed, spec = pack(md)
         packed = jax.device_put(packed, self._placement)
+        run = (self._executables.get(("sample", logits_sv.shape[0], variant))
+               or functools.partial(sample_packed, spec=spec))
         if variant != "full":
-            return sample_packed(logits_sv, packed, spec=spec)[0]
-        sampled, self._penalties.state = sample_packed(logits_sv, packed, self._penalties.state, spec=spec)
+            return run(logits_sv, packed, None)[0]
+        sampled, self._penalties.state = run(logits_sv, packed, self._penalties.state)
         return sampled
 
     def _apply_diff(self, out: SchedulerOutput):
@@ -373,7 +429,8 @@ class ModelRunner:
                     spans[rid] = (cursor, count, start + 1)
             cursor += n
         targets = jax.device_put(targets, self._placement)
-        lp = self._score(self.params, hidden_td, targets)  # stays on the device until result()
+        score = self._executables.get(("score", hidden_td.shape[0]), self._score)
+        lp = score(self.params, hidden_td, targets)  # stays on the device until result()
         return lp, spans
 
 
