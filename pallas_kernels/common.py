@@ -159,3 +159,29 @@ def merge_splits(o_parts, lse_parts, out_dtype):
     o = jnp.sum(o_parts * weights[..., None], axis=-3)
     o = o / jnp.where(total == 0, 1.0, total)[..., None]
     return o.astype(out_dtype)
+
+
+def next_power_of_2_at_least(n: int, minimum: int) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def pad_head_dims(q, k, v, head_dim_padded: int):
+    """Zero-pads the head axis (last) of q, k, v to the size a kernel tiles.
+
+    Zero lanes add nothing to q . k and give zero output lanes, which the caller slices off;
+    the logit scale is the caller's (from the model's true head size), so results are exact.
+    k and v may already have the padded size (a cache allocated padded, as the engine's Pallas
+    backend keeps it, so no step copies its pages); if not, they are padded here, which copies
+    them. Returns (q, k, v, true head size)."""
+    head_dim = q.shape[-1]
+    if head_dim > head_dim_padded:
+        raise ValueError(f"head_dim {head_dim} is over the padded size {head_dim_padded}")
+    if k.shape[-1] not in (head_dim, head_dim_padded):
+        raise ValueError(f"k head_dim {k.shape[-1]} is neither q's ({head_dim}) nor the padded {head_dim_padded}")
+
+    def pad(x):
+        if x.shape[-1] == head_dim_padded:
+            return x
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, head_dim_padded - x.shape[-1])])
+
+    return pad(q), pad(k), pad(v), head_dim

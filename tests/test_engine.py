@@ -103,8 +103,12 @@ def test_no_compiles_after_warmup(model, async_scheduling):
     assert counter.count == 0, f"{counter.count} compilations after warm-up"
 
 
-def test_pallas_backend_matches_xla(model):
-    """The ragged Pallas kernel (interpret mode here) inside the engine gives the XLA path's tokens."""
+@pytest.mark.parametrize("head_dim", [None, 40])
+def test_pallas_backend_matches_xla(model, head_dim):
+    """The ragged Pallas kernel (interpret mode here) inside the engine gives the XLA path's
+    tokens, also for a head size the kernel tiles only zero-padded (40 lanes in a 64-lane cache)."""
+    if head_dim is not None:
+        model = tiny_model(seed=3, head_dim=head_dim)
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (1, 5, 13, 30)]
     outs = {}
@@ -119,4 +123,6 @@ def test_pallas_backend_matches_xla(model):
                 if out.finished:
                     done[out.request_id] = out.outputs[0].token_ids
         outs[backend] = done
+        if head_dim is not None:
+            assert engine.kv_spec.head_dim == (64 if backend == "pallas" else head_dim)
     assert outs["pallas"] == outs["xla"]

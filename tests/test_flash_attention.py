@@ -43,7 +43,8 @@ class FlashCase:
 
     def __str__(self):
         return (f"{jnp.dtype(self.dtype).name}-N{self.num_heads}K{self.num_kv_heads}-{self.block_sizes}"
-                f"-causal{self.causal}-w{self.sliding_window}-cap{self.logit_softcap}")
+                f"-causal{self.causal}-w{self.sliding_window}-cap{self.logit_softcap}"
+                + (f"-H{self.head_dim}" if self.head_dim != 16 else ""))
 
     def batches(self, rng):
         """NUM_SEQS sequence lengths per batch, summing to at most num_tokens."""
@@ -113,6 +114,8 @@ GPU_CASES = [
     FlashCase(jnp.bfloat16, 4, 2, GpuFlashBlockSizes(16, 32), sliding_window=5, logit_softcap=2.0),
     FlashCase(jnp.float32, 6, 2, GpuFlashBlockSizes(32, 16), causal=False),
     FlashCase(jnp.bfloat16, 2, 1, GpuFlashBlockSizes(16, 16), causal=False, sliding_window=9),
+    FlashCase(jnp.float32, 2, 2, GpuFlashBlockSizes(16, 16), head_dim=40),
+    FlashCase(jnp.bfloat16, 4, 2, GpuFlashBlockSizes(16, 32), head_dim=80, sliding_window=5),
 ]
 
 
@@ -147,6 +150,7 @@ TPU_CASES = [
     FlashCase(jnp.float32, 4, 2, TpuFlashBlockSizes(16, 8)),
     FlashCase(jnp.bfloat16, 6, 2, TpuFlashBlockSizes(8, 16), sliding_window=5, logit_softcap=2.0),
     FlashCase(jnp.float32, 2, 2, TpuFlashBlockSizes(16, 16), causal=False, num_tokens=37),
+    FlashCase(jnp.float32, 4, 2, TpuFlashBlockSizes(16, 8), head_dim=96),
 ]
 
 
@@ -218,8 +222,9 @@ class TestValidation:
     def test_gpu_rejects_tiles_too_small_for_the_tensor_cores(self):
         with pytest.raises(ValueError, match="tensor cores need at least 16"):
             gpu.flash_attention(*self.inputs(), scale=1.0, block_sizes=GpuFlashBlockSizes(16, 8))
-        with pytest.raises(ValueError, match="head_dim must be a power of 2"):
-            gpu.flash_attention(*(x[..., :12] for x in self.inputs()[:3]), self.inputs()[3], scale=1.0)
+        with pytest.raises(ValueError, match="neither"):  # k, v of 12 lanes for q of 24
+            q, k, v, cu = self.inputs()
+            gpu.flash_attention(jnp.pad(q, ((0, 0), (0, 0), (0, 8))), k[..., :12], v[..., :12], cu, scale=1.0)
         with pytest.raises(ValueError, match="block_sizes must be a GpuFlashBlockSizes"):
             gpu.flash_attention(*self.inputs(), scale=1.0, block_sizes=TpuFlashBlockSizes(16, 16))
 

@@ -108,7 +108,8 @@ class DecodeCase:
 
     def __str__(self):
         return (f"{jnp.dtype(self.dtype).name}-N{self.num_heads}K{self.num_kv_heads}-ps{self.page_size}"
-                f"-{self.block_sizes}-w{self.sliding_window}-cap{self.logit_softcap}")
+                f"-{self.block_sizes}-w{self.sliding_window}-cap{self.logit_softcap}"
+                + (f"-H{self.head_dim}" if self.head_dim != 16 else ""))
 
     def draws(self, rng):
         """Length sets: the edges first, then random lengths (0 included)."""
@@ -190,6 +191,8 @@ GPU_CASES = [
     DecodeCase(jnp.bfloat16, 4, 2, page_size=16, pages_per_seq=3, block_sizes=GpuDecodeBlockSizes(1, 2),
                sliding_window=7, logit_softcap=5.0, head_dim=32),
     DecodeCase(jnp.float32, 4, 1, page_size=4, pages_per_seq=5),
+    DecodeCase(jnp.float32, 4, 2, page_size=4, pages_per_seq=5, block_sizes=GpuDecodeBlockSizes(4, 2), head_dim=40),
+    DecodeCase(jnp.bfloat16, 2, 1, page_size=8, pages_per_seq=3, head_dim=96),
 ]
 
 
@@ -218,6 +221,7 @@ TPU_CASES = [
                sliding_window=5, logit_softcap=2.0),
     DecodeCase(jnp.float32, 2, 2, page_size=4, pages_per_seq=6, block_sizes=TpuDecodeBlockSizes(4, 3),
                sliding_window=3),
+    DecodeCase(jnp.float32, 4, 2, page_size=4, pages_per_seq=5, block_sizes=TpuDecodeBlockSizes(1, 1), head_dim=80),
 ]
 
 
@@ -275,7 +279,7 @@ class TestValidation:
         (lambda a: (a[0], a[1], a[2][:, :5], *a[3:]), "v_pages shape"),
         (lambda a: (a[0].astype(jnp.bfloat16), *a[1:]), "q dtype"),
         (lambda a: (a[0][:, :3], *a[1:]), "multiple of num_kv_heads"),
-        (lambda a: (a[0][..., :8], *a[1:]), "head_dim"),
+        (lambda a: (jnp.pad(a[0], ((0, 0), (0, 0), (0, 8))), *a[1:]), "head_dim"),  # 24 lanes vs 16
         (lambda a: (*a[:3], a[3].astype(jnp.float32), a[4]), "block_tables must be int32"),
         (lambda a: (*a[:4], a[4][:1]), "seq_lens must have shape"),
         (lambda a: (a[0].astype(jnp.int32), a[1].astype(jnp.int32), a[2].astype(jnp.int32), *a[3:]), "dtype"),
@@ -303,8 +307,9 @@ class TestValidation:
         with pytest.raises(ValueError, match="over the 4096 limit"):
             gpu.paged_attention(*self.inputs(page_size=64), scale=1.0,
                                 block_sizes=GpuDecodeBlockSizes(pages_per_block=128))
-        with pytest.raises(ValueError, match="head_dim must be a power of 2"):
-            gpu.paged_attention(*self.inputs(head_dim=24), scale=1.0)
+        with pytest.raises(ValueError, match="neither"):  # a cache of 24 lanes for q of 16
+            q, *rest = self.inputs(head_dim=24)
+            gpu.paged_attention(q[..., :16], *rest, scale=1.0)
 
     @pytest.mark.parametrize("make", [
         lambda: GpuDecodeBlockSizes(pages_per_block=0), lambda: GpuDecodeBlockSizes(pages_per_block=3),

@@ -47,7 +47,8 @@ class RaggedCase:
 
     def __str__(self):
         return (f"{jnp.dtype(self.dtype).name}-N{self.num_heads}K{self.num_kv_heads}-ps{self.page_size}"
-                f"-{self.block_sizes}-w{self.sliding_window}-cap{self.logit_softcap}")
+                f"-{self.block_sizes}-w{self.sliding_window}-cap{self.logit_softcap}"
+                + (f"-H{self.head_dim}" if self.head_dim != 16 else ""))
 
     def batches(self, rng):
         """(q_lens, kv_lens) of the sequences in use; the rest of the MAX_SEQS slots is padding."""
@@ -134,6 +135,10 @@ GPU_CASES = [
     RaggedCase(jnp.float32, 2, 2, page_size=8, block_sizes=GpuRaggedBlockSizes(16, 2, 16, 2),
                sliding_window=3),
     RaggedCase(jnp.float32, 6, 2, page_size=4),
+    # Head sizes that are not powers of 2: zero-padded lanes inside the wrapper.
+    RaggedCase(jnp.float32, 4, 2, page_size=4, block_sizes=GpuRaggedBlockSizes(8, 4, 8, 4), head_dim=40),
+    RaggedCase(jnp.bfloat16, 4, 2, page_size=4, head_dim=80, sliding_window=5),
+    RaggedCase(jnp.float32, 2, 1, page_size=8, head_dim=96, num_tokens=40),
 ]
 
 
@@ -148,6 +153,23 @@ class GpuRaggedTests:
 class TestGpuRaggedPagedAttentionInterpret(GpuRaggedTests):
     INTERPRET = True
 
+    def test_cache_kept_padded_gives_the_same_result(self):
+        """The engine keeps the pages at the padded head size (zeros past the true one): the
+        kernel reads them as they are, and matches the unpadded call."""
+        case = RaggedCase(jnp.float32, 4, 2, page_size=4, block_sizes=GpuRaggedBlockSizes(8, 4, 8, 4), head_dim=40)
+        rng = np.random.default_rng(3)
+        q_lens, kv_lens = case.batches(rng)[0]
+        q, k, v, *rest = case.inputs(rng, q_lens, kv_lens)
+        padded = [jnp.pad(x, ((0, 0),) * 3 + ((0, 24),)) for x in (k, v)]
+        opts = dict(scale=40 ** -0.5, block_sizes=case.block_sizes, interpret=True)
+        want = gpu.ragged_paged_attention(q, k, v, *rest, **opts)
+        got = gpu.ragged_paged_attention(q, *padded, *rest, **opts)
+        real = sum(q_lens)
+        assert got.shape == q.shape
+        np.testing.assert_array_equal(np.asarray(got[:real]), np.asarray(want[:real]))
+        with pytest.raises(ValueError, match="neither"):
+            gpu.ragged_paged_attention(q, k[..., :32], v[..., :32], *rest, **opts)
+
 
 if jax.default_backend() == "gpu":
     class TestGpuRaggedPagedAttention(GpuRaggedTests):
@@ -159,6 +181,7 @@ TPU_CASES = [
     RaggedCase(jnp.bfloat16, 6, 2, page_size=8, block_sizes=TpuRaggedBlockSizes(16, 1),
                sliding_window=5, logit_softcap=2.0),
     RaggedCase(jnp.float32, 2, 2, page_size=4, block_sizes=TpuRaggedBlockSizes(16, 4), num_tokens=37),
+    RaggedCase(jnp.float32, 4, 2, page_size=4, block_sizes=TpuRaggedBlockSizes(8, 2), head_dim=40),
 ]
 
 

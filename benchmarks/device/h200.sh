@@ -3,6 +3,7 @@
 #   kernels   GPU tests of the new kernels and model paths, then the skinny-matmul benchmark (sweep)
 #   engine    jaxinfer bench latency (P1, HF peer), latency sweep, throughput (P2b, P2), startup
 #   check     the engine's compile-counting test on the GPU
+#   attention the attention kernels' GPU tests (head sizes 40, 80, 96 included)
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG)
 # Results land under $OUT. Run from the repository root: bash benchmarks/device/h200.sh kernels
 set -u
@@ -49,6 +50,9 @@ for stage in "$@"; do
         --output-dir "$OUT/engine" --tag async 2>&1 | grep -v "compiling" | tail -3 ;;
     check)
       timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py -k no_compiles 2>&1 | tail -3 ;;
+    attention)
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_ragged_paged_attention.py \
+        tests/test_paged_attention.py tests/test_flash_attention.py -k "not Interpret" 2>&1 | tail -4 ;;
     p1)
       timeout 170 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
         --batch-size 1 --hf-peer --profile --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 | grep -v "compiling" \

@@ -175,13 +175,19 @@ class LLMEngine:
             unrolled_params = layer_views(model.params)
         weights_dtype = param_dtype(model.params)
         kv_dtype = weights_dtype if config.kv_cache_dtype == "auto" else jnp.dtype(config.kv_cache_dtype)
+        attention = resolve_attention_backend(config.attention_backend, mesh=mesh, num_kv_heads=mc.num_kv_heads)
+        # A kernel that tiles only some head sizes keeps its cache zero-padded to one.
+        cache_head_dim = attention.cache_head_dim(mc.head_dim) if hasattr(attention, "cache_head_dim") \
+            else mc.head_dim
         num_pages = config.num_pages
         if num_pages is None:
-            num_pages = pages_for_memory_fraction(mc, config.page_size, kv_dtype, config.kv_cache_memory_fraction)
+            num_pages = pages_for_memory_fraction(mc, config.page_size, kv_dtype, config.kv_cache_memory_fraction,
+                                                  head_dim=cache_head_dim)
             if num_pages is not None and kv_sharding is not None and kv_sharding.spec[0] is not None:
                 num_pages *= mesh.shape["tp"]  # each device holds only its share of the kv heads
         if num_pages is None:
-            num_pages = DEFAULT_HOST_KV_BYTES // KVCacheSpec.bytes_per_page(mc, config.page_size, kv_dtype)
+            num_pages = DEFAULT_HOST_KV_BYTES // KVCacheSpec.bytes_per_page(mc, config.page_size, kv_dtype,
+                                                                            cache_head_dim)
         # A request must be able to fit on its own, or it could never finish.
         fits = (num_pages - 1) * config.page_size
         if self.max_model_len > fits:
@@ -191,7 +197,7 @@ class LLMEngine:
                                  "max_model_len or give the cache more memory")
             logger.warning("max_model_len lowered from %d to %d to fit the KV cache", self.max_model_len, fits)
             self.max_model_len = fits
-        self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.page_size, num_pages,
+        self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, cache_head_dim, config.page_size, num_pages,
                                    jnp.dtype(kv_dtype).name)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else mc.eos_token_ids
         self._async = (config.async_scheduling if config.async_scheduling is not None
@@ -209,7 +215,7 @@ class LLMEngine:
             RunnerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                          max_model_len=self.max_model_len, page_size=config.page_size,
                          min_token_bucket=smallest_token_bucket()),
-            resolve_attention_backend(config.attention_backend, mesh=mesh, num_kv_heads=mc.num_kv_heads),
+            attention,
             linear=resolve_linear(config.linear_kernel, mesh=mesh), eos_token_ids=self.eos_token_ids,
             kv_fill=kv_fill, kv_sharding=kv_sharding, unrolled_params=unrolled_params)
         self.mesh = mesh

@@ -39,8 +39,10 @@ class KVCacheSpec:
         return (self.num_kv_heads, self.num_layers, self.num_pages, self.page_size, self.head_dim)
 
     @staticmethod
-    def bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
-        return 2 * config.num_layers * config.num_kv_heads * page_size * config.head_dim * jnp.dtype(dtype).itemsize
+    def bytes_per_page(config: ModelConfig, page_size: int, dtype, head_dim: int | None = None) -> int:
+        """head_dim: the cache's head size (the attention backend's; default the model's)."""
+        head_dim = head_dim or config.head_dim
+        return 2 * config.num_layers * config.num_kv_heads * page_size * head_dim * jnp.dtype(dtype).itemsize
 
     @property
     def total_bytes(self) -> int:
@@ -49,7 +51,7 @@ class KVCacheSpec:
 
 
 def pages_for_memory_fraction(config: ModelConfig, page_size: int, dtype, fraction: float,
-                              device=None) -> int | None:
+                              device=None, head_dim: int | None = None) -> int | None:
     """Pages that fit in `fraction` of the device's free memory, or None where the device
     reports no memory statistics (the CPU): callers then need an explicit page count."""
     device = device or jax.devices()[0]
@@ -57,7 +59,7 @@ def pages_for_memory_fraction(config: ModelConfig, page_size: int, dtype, fracti
     if not stats or "bytes_limit" not in stats:
         return None
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return int(free * fraction) // KVCacheSpec.bytes_per_page(config, page_size, dtype)
+    return int(free * fraction) // KVCacheSpec.bytes_per_page(config, page_size, dtype, head_dim)
 
 
 def allocate_kv_cache(spec: KVCacheSpec, sharding=None, fill: float = 0.0) -> tuple[jax.Array, jax.Array]:

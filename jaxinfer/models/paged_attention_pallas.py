@@ -46,6 +46,15 @@ class PagedAttentionPallas(WritesInPlace):
         if self.platform not in ("gpu", "tpu"):
             raise ValueError(f"platform must be gpu or tpu, got {self.platform!r}")
 
+    def cache_head_dim(self, head_dim: int) -> int:
+        """The head size of the pages: the Triton kernel tiles powers of 2, so other sizes (40,
+        80, 96, ...) are kept zero-padded in the cache and never copied to pad them per step."""
+        if self.platform == "gpu":
+            from pallas_kernels.paged_attention.gpu import gpu_head_dim
+
+            return gpu_head_dim(head_dim)
+        return head_dim
+
     def __call__(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: PagedMetadata, layer: LayerSpec, layer_idx):
         run = functools.partial(self._attend, layer=layer)
         layer_idx = jnp.asarray(layer_idx, jnp.int32)
@@ -67,6 +76,9 @@ class PagedAttentionPallas(WritesInPlace):
             from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention
         else:
             from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention
+        pad = kv_cache[0].shape[-1] - k_tkh.shape[-1]
+        if pad:  # the cache is kept at the kernel's head size; the extra lanes stay zero
+            k_tkh, v_tkh = (jnp.pad(x, ((0, 0), (0, 0), (0, pad))) for x in (k_tkh, v_tkh))
         k_pages, v_pages = write_kv(*kv_cache, k_tkh, v_tkh, metadata.slot_mapping_t, layer_idx)
         kh, num_layers, num_pages = k_pages.shape[:3]
         flat = (kh, num_layers * num_pages, *k_pages.shape[3:])

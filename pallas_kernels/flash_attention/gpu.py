@@ -27,11 +27,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import check_block_sizes
+from pallas_kernels.common import check_block_sizes, pad_head_dims
 from pallas_kernels.flash_attention.reference import check_flash_inputs
 from pallas_kernels.flash_attention.tuned_block_sizes import GpuFlashBlockSizes, gpu_flash_block_sizes
-from pallas_kernels.paged_attention.gpu import (M_INIT, MIN_DOT_DIM, _dot, normalise, online_softmax_step,
-                                               scaled_logits)
+from pallas_kernels.paged_attention.gpu import (M_INIT, MIN_DOT_DIM, _dot, gpu_head_dim, normalise,
+                                               online_softmax_step, scaled_logits)
 from pallas_kernels.ragged_paged_attention.gpu import find_sequence
 
 
@@ -115,7 +115,8 @@ def flash_attention(q, k, v, cu_seq_lens, *, scale, causal=True, sliding_window=
     """Variable-length flash attention (GPU kernel).
 
     Args:
-      q: [T, N, H]; k, v: [T, K, H], N a multiple of K (query head n reads kv head n // (N // K)).
+      q: [T, N, H]; k, v: [T, K, H], N a multiple of K; any head size H (zero-padded to
+        gpu_head_dim(H) lanes inside) (query head n reads kv head n // (N // K)).
       cu_seq_lens: [S + 1] int32, non-decreasing, cu_seq_lens[0] = 0: sequence s owns rows
         cu_seq_lens[s]:cu_seq_lens[s + 1]; rows past cu_seq_lens[-1] are padding.
       scale: logit scale (static). causal: mask keys after the query, per sequence.
@@ -126,11 +127,10 @@ def flash_attention(q, k, v, cu_seq_lens, *, scale, causal=True, sliding_window=
     Returns:
       [T, N, H] in q.dtype; padding rows are zeros.
     """
+    q, k, v, true_head_dim = pad_head_dims(q, k, v, gpu_head_dim(q.shape[-1]))
     num_kv_heads = check_flash_inputs(q, k, v, cu_seq_lens, scale=scale, sliding_window=sliding_window,
                                       logit_softcap=logit_softcap)
     num_tokens, num_heads, head_dim = q.shape
-    if head_dim & (head_dim - 1) or head_dim < MIN_DOT_DIM:
-        raise ValueError(f"head_dim must be a power of 2 and at least {MIN_DOT_DIM}, got {head_dim}")
     if block_sizes is None:
         block_sizes = gpu_flash_block_sizes(head_dim=head_dim, dtype=q.dtype,
                                             device_kind="interpret" if interpret else None)
@@ -151,7 +151,7 @@ def flash_attention(q, k, v, cu_seq_lens, *, scale, causal=True, sliding_window=
     # the kernel is not bound by K, V traffic.
     head_spec = pl.BlockSpec((num_tokens, None, head_dim), lambda i, n: (0, n, 0))
     kv_spec = pl.BlockSpec((num_tokens, None, head_dim), lambda i, n: (0, n // group, 0))
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         grid=(num_rows, num_heads),
         in_specs=[pl.BlockSpec(cu_seq_lens.shape, lambda i, n: (0,)), head_spec, kv_spec, kv_spec],
@@ -162,3 +162,4 @@ def flash_attention(q, k, v, cu_seq_lens, *, scale, causal=True, sliding_window=
         interpret=interpret,
         name="flash_attention",
     )(cu_seq_lens, q, k, v)
+    return out[..., :true_head_dim]

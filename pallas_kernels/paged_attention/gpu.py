@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (check_block_sizes, check_decode_inputs, check_options, merge_splits,
-                                   next_power_of_2, page_blocks)
+                                   next_power_of_2, page_blocks, next_power_of_2_at_least, pad_head_dims)
 from pallas_kernels.paged_attention.tuned_block_sizes import (GpuDecodeBlockSizes,
                                                               gpu_decode_block_sizes)
 
@@ -34,6 +34,12 @@ LOG2E = math.log2(math.e)
 # Running-max start: finite, so exp2(m_prev - m_next) is never inf - inf.
 M_INIT = -1e30
 MIN_DOT_DIM = 16  # smallest M, N or K of a tensor-core dot in Triton
+
+
+def gpu_head_dim(head_dim: int) -> int:
+    """The head size the Triton kernels tile: a power of 2 (Triton tensor sizes), at least
+    MIN_DOT_DIM. Other sizes (40, 80, 96, ...) are zero-padded to it (common.pad_head_dims)."""
+    return next_power_of_2_at_least(head_dim, MIN_DOT_DIM)
 
 
 def scaled_logits(s, *, scale, logit_softcap):
@@ -165,8 +171,10 @@ def paged_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale, slidi
     """Paged decode attention (GPU kernel).
 
     Args:
-      q: [B, N, H] one query per sequence (RoPE applied).
-      k_pages, v_pages: [K, num_pages, page_size, H] paged cache, this step's k, v written.
+      q: [B, N, H] one query per sequence (RoPE applied), any head size H (padded to
+        gpu_head_dim(H) lanes inside).
+      k_pages, v_pages: [K, num_pages, page_size, H or gpu_head_dim(H)] paged cache, this
+        step's k, v written.
       block_tables: [B, P] int32; token p of sequence b is in page block_tables[b, p // page_size]
         at offset p % page_size. Slots past the sequence's last page may hold any value.
       seq_lens: [B] int32 cached tokens per sequence; 0 gives a zero row. Values over
@@ -179,12 +187,11 @@ def paged_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale, slidi
     Returns:
       [B, N, H] in q.dtype.
     """
+    q, k_pages, v_pages, true_head_dim = pad_head_dims(q, k_pages, v_pages, gpu_head_dim(q.shape[-1]))
     num_kv_heads, page_size = check_decode_inputs(q, k_pages, v_pages, block_tables, seq_lens)
     check_options(scale, sliding_window, logit_softcap)
     batch, num_heads, head_dim = q.shape
     pages_per_seq = block_tables.shape[1]
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"head_dim must be a power of 2 and at least 16, got {head_dim}")
     if block_sizes is None:
         block_sizes = gpu_decode_block_sizes(
             head_dim=head_dim, page_size=page_size, dtype=q.dtype, batch=batch,
@@ -220,6 +227,5 @@ def paged_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale, slidi
         interpret=interpret,
         name="paged_decode_attention",
     )(seq_lens, block_tables, q, k_pages, v_pages)
-    if splits == 1:
-        return outs[0]
-    return merge_splits(outs[0], outs[1], q.dtype)
+    out = outs[0] if splits == 1 else merge_splits(outs[0], outs[1], q.dtype)
+    return out[..., :true_head_dim]

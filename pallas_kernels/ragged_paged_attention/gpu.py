@@ -30,8 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (check_block_sizes, check_options, check_ragged_inputs,
-                                   next_power_of_2, page_blocks)
-from pallas_kernels.paged_attention.gpu import MIN_DOT_DIM, flash_over_pages, normalise
+                                   next_power_of_2, pad_head_dims, page_blocks)
+from pallas_kernels.paged_attention.gpu import MIN_DOT_DIM, flash_over_pages, gpu_head_dim, normalise
 from pallas_kernels.ragged_paged_attention.tuned_block_sizes import (GpuRaggedBlockSizes,
                                                                      gpu_ragged_block_sizes)
 
@@ -129,9 +129,11 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     """Ragged paged attention (GPU kernel): prefill chunks and decodes in one launch.
 
     Args:
-      q: [T, N, H]; sequence s owns rows cu_q_lens[s]:cu_q_lens[s + 1], the last q_len of its
+      q: [T, N, H], any head size H (padded to `gpu_head_dim(H)` lanes inside; see
+        common.pad_head_dims); sequence s owns rows cu_q_lens[s]:cu_q_lens[s + 1], the last q_len of its
         kv_lens[s] cached tokens (this step's k, v already written), causal inside the chunk.
-      k_pages, v_pages: [K, num_pages, page_size, H] paged cache.
+      k_pages, v_pages: [K, num_pages, page_size, H or gpu_head_dim(H)] paged cache (already
+        padded: no copy).
       kv_lens: [S] int32. block_tables: [S, P] int32 (slots past a sequence's last page may
         hold anything). cu_q_lens: [S + 1] int32, non-decreasing, cu_q_lens[0] = 0.
       num_seqs: int32 scalar or [1] (dynamic): sequences in use.
@@ -141,6 +143,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     Returns:
       [T, N, H] in q.dtype; rows past cu_q_lens[num_seqs] are zeros.
     """
+    q, k_pages, v_pages, true_head_dim = pad_head_dims(q, k_pages, v_pages, gpu_head_dim(q.shape[-1]))
     num_kv_heads, page_size, num_seqs = check_ragged_inputs(
         q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
     check_options(scale, sliding_window, logit_softcap)
@@ -148,8 +151,6 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     max_seqs = block_tables.shape[0]
     group = num_heads // num_kv_heads
     group_pad = next_power_of_2(group)
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"head_dim must be a power of 2 and at least 16, got {head_dim}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of 2 for the Triton lowering, got {page_size}")
     if block_sizes is None:
@@ -182,7 +183,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
     pages_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda i, h: (h, 0, 0, 0))
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         grid=(num_long_rows + max_seqs, num_kv_heads),
         in_specs=[whole(kv_lens), whole(block_tables), whole(cu_q_lens), whole(num_seqs), whole(q),
@@ -194,3 +195,4 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         interpret=interpret,
         name="ragged_paged_attention",
     )(kv_lens, block_tables, cu_q_lens, num_seqs, q, k_pages, v_pages)
+    return out[..., :true_head_dim]
