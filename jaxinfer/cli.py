@@ -200,7 +200,18 @@ def cmd_serve(args) -> int:
     """The OpenAI-compatible server (server/ is imported only here, so the engine never needs FastAPI)."""
     from server.cli import serve
 
-    return serve(args, lambda: _make_llm(args, warmup=True).engine)
+    import functools
+
+    # The engine's arguments alone (no parser callables), so they pickle into an engine process.
+    engine_args = argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                        if not callable(v) and not isinstance(v, argparse.ArgumentParser)})
+    return serve(args, functools.partial(engine_for_serving, engine_args))
+
+
+def engine_for_serving(args):
+    """The warmed-up engine `serve` runs (module-level: with --engine-process it is built in
+    the engine's own process from the pickled arguments)."""
+    return _make_llm(args, warmup=True).engine
 
 
 def cmd_bench_serve(args) -> int:

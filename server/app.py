@@ -54,6 +54,10 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
 
 
+def _ping(engine) -> None:
+    """Runs where the engine runs (module-level, so it can be sent to an engine process)."""
+
+
 def create_app(front, settings: ServerSettings = ServerSettings()) -> FastAPI:
     """The app serving `front`.
 
@@ -98,7 +102,7 @@ def create_app(front, settings: ServerSettings = ServerSettings()) -> FastAPI:
     async def health():
         """200 while the engine thread answers; 503 when it has stopped or is stuck."""
         try:
-            await asyncio.wait_for(front.call(lambda engine: None), settings.health_timeout)
+            await asyncio.wait_for(front.call(_ping), settings.health_timeout)
         except asyncio.TimeoutError:
             raise OpenAIError(503, f"the engine did not answer within {settings.health_timeout} s") from None
         except Exception as e:

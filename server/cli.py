@@ -32,6 +32,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests before cancelling them")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the engine in its own process, off the HTTP server's interpreter")
 
 
 def serve(args: argparse.Namespace, make_engine) -> int:
@@ -56,11 +58,18 @@ def serve(args: argparse.Namespace, make_engine) -> int:
     if args.host not in LOOPBACK_HOSTS and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                     args.host)
-    engine = make_engine()
-    front = AsyncLLMEngine(engine, max_waiting_requests=args.max_waiting_requests)
+    if args.engine_process:
+        from jaxinfer.engine.core_process import AsyncEngineCore
+        from jaxinfer.loading.loader import load_tokenizer
+
+        # The engine steps in its own process; this one keeps HTTP, templates and streaming.
+        front = AsyncEngineCore(make_engine, tokenizer=load_tokenizer(args.model),
+                                max_waiting_requests=args.max_waiting_requests)
+    else:
+        front = AsyncLLMEngine(make_engine(), max_waiting_requests=args.max_waiting_requests)
     app = create_app(front, settings)
-    log.info("serving %s (max_model_len %d) on http://%s:%d", ", ".join(names), engine.max_model_len, args.host,
-             args.port)
+    log.info("serving %s (max_model_len %d) on http://%s:%d", ", ".join(names), front.engine.max_model_len,
+             args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
     try:

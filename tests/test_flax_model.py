@@ -109,21 +109,48 @@ def test_module_rejects_foreign_objects():
         LLM(NotAFamily())
 
 
+LOOP_PROMPTS = [[5, 9, 33], list(range(3, 20)), [200]]
+
+
+def _loop_engine(model, **kw):
+    return LLMEngine(model, EngineConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, page_size=4,
+                                         num_pages=48, compilation_cache_dir="", warmup=False, **kw),
+                     kv_fill=float("nan"))
+
+
+def _greedy_tokens(engine):
+    for i, p in enumerate(LOOP_PROMPTS):
+        engine.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=6,
+                                                                          ignore_eos=True))
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    return [done[str(i)] for i in range(len(LOOP_PROMPTS))]
+
+
 @pytest.mark.parametrize("scan_layers,linear_kernel", [(True, "xla"), (False, "xla"), (None, "xla"),
                                                        (True, "pallas"), (None, "pallas")])
 def test_layer_loops_and_linear_kernels_match_reference(scan_layers, linear_kernel):
     """Scanned, unrolled and the CPU hybrid (one-token steps unrolled over views of the stacked
     weights), with XLA dots or the Pallas skinny matmul (interpret mode): the reference's tokens."""
     model = tiny_model(seed=2)
-    prompts = [[5, 9, 33], list(range(3, 20)), [200]]
-    engine = LLMEngine(model, EngineConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16,
-                                           page_size=4, num_pages=48, compilation_cache_dir="", warmup=False,
-                                           scan_layers=scan_layers, linear_kernel=linear_kernel),
-                       kv_fill=float("nan"))
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=6,
-                                                                          ignore_eos=True))
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
-    assert [done[str(i)] for i in range(len(prompts))] == generate(model, prompts, 6)
+    engine = _loop_engine(model, scan_layers=scan_layers, linear_kernel=linear_kernel)
+    assert _greedy_tokens(engine) == generate(model, LOOP_PROMPTS, 6)
+
+
+@pytest.mark.parametrize("linear_kernel", ["xla", "pallas"])
+def test_small_steps_unrolled_over_stacked_weights_match_reference(linear_kernel):
+    """Steps of up to `ModelRunner.unroll_max_tokens` tokens unrolled over the stacked weights,
+    larger ones scanned (measured faster on the H200 but slower to load; off by default)."""
+    model = tiny_model(seed=2)
+    engine = _loop_engine(model, scan_layers=True, linear_kernel=linear_kernel)
+    engine.runner.unroll_max_tokens = 4
+    step, loops = engine.runner._step, set()
+
+    def recording_step(*args, unroll, **kw):
+        loops.add(unroll)
+        return step(*args, unroll=unroll, **kw)
+
+    engine.runner._step = recording_step
+    assert _greedy_tokens(engine) == generate(model, LOOP_PROMPTS, 6)
+    assert loops == {True, False}  # unrolled small steps, scanned prefill chunks

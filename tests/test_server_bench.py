@@ -79,12 +79,14 @@ def test_bench_cli_writes_json(stack, tmp_path, capsys):
     assert bad == 1  # every request failed (unknown model)
 
 
-def test_serve_process_drains_on_sigterm(stack, tmp_path):
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_serve_process_drains_on_sigterm(stack, tmp_path, engine_process):
     port = free_port()
     env = {**os.environ, "JAXINFER_API_KEY": "from-env", "JAXINFER_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "jaxinfer.cli", "serve", "--model", str(stack.checkpoint), "--port", str(port),
            "--served-model-name", "tiny", "--max-model-len", "128", "--max-num-seqs", "2",
-           "--max-num-batched-tokens", "16", "--page-size", "8", "--num-pages", "64", "--log-level", "warning"]
+           "--max-num-batched-tokens", "16", "--page-size", "8", "--num-pages", "64", "--log-level", "warning",
+           *(["--engine-process"] if engine_process else [])]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -98,6 +100,7 @@ def test_serve_process_drains_on_sigterm(stack, tmp_path):
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.25)
+        children = _children(proc.pid)
         assert httpx.get(url + "/v1/models").status_code == 401
         headers = {"Authorization": "Bearer from-env"}
         assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny"
@@ -114,8 +117,37 @@ def test_serve_process_drains_on_sigterm(stack, tmp_path):
         assert json.loads(events[-2])["usage"]["completion_tokens"] == 60
         # uvicorn re-raises the signal once it has drained, so the exit reads as SIGTERM's.
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
-        assert "Traceback" not in proc.stdout.read()
+        output = proc.stdout.read()
+        assert "Traceback" not in output
+        if engine_process:  # the engine's process stopped with the server, leaving no orphan
+            deadline = time.monotonic() + 20
+            while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert children and not any(_alive(pid) for pid in children), (children, output)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -75,14 +75,13 @@ class AsyncLLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = (loop, stream)
         try:
-            add = functools.partial(self.engine.add_request, priority=priority)
-            await asyncio.wrap_future(self._submit(add, request_id, prompt, params))
+            await asyncio.wrap_future(self._add(request_id, prompt, params, priority))
         except BaseException as e:
             self._streams.pop(request_id, None)
             if not isinstance(e, ValueError):
                 # Cancelled while the engine thread may already be adding it: abort, so no
                 # request runs on with nobody reading it (aborting an unknown id is a no-op).
-                self._submit_quietly(self.engine.abort_request, request_id)
+                self._abort_quietly(request_id)
             raise
         finished = False
         try:
@@ -97,24 +96,34 @@ class AsyncLLMEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._submit_quietly(self.engine.abort_request, request_id)
+                self._abort_quietly(request_id)
 
     async def abort(self, request_id: str) -> None:
         """Aborts a request; its stream ends with a final output whose finish_reason is "abort"."""
         entry = self._streams.get(request_id)
-        await asyncio.wrap_future(self._submit(self.engine.abort_request, request_id))
+        await asyncio.wrap_future(self._abort(request_id))
         if entry is not None:
             entry[0].call_soon_threadsafe(entry[1].put_nowait, _aborted_output(request_id))
 
-    def _submit_quietly(self, fn, *args):
+    def _abort_quietly(self, request_id: str):
         try:
-            self._submit(fn, *args)
+            self._abort(request_id)
         except EngineDeadError:
             pass
 
     async def call(self, fn, *args):
-        """Runs `fn(engine, *args)` on the engine thread (for reads that must not race a step)."""
-        return await asyncio.wrap_future(self._submit(fn, self.engine, *args))
+        """Runs `fn(engine, *args)` where the engine runs (for reads that must not race a step)."""
+        return await asyncio.wrap_future(self._call(fn, *args))
+
+    # What runs where the engine runs; an engine in another process sends these instead.
+    def _add(self, request_id, prompt, params, priority) -> concurrent.futures.Future:
+        return self._submit(functools.partial(self.engine.add_request, priority=priority), request_id, prompt, params)
+
+    def _abort(self, request_id) -> concurrent.futures.Future:
+        return self._submit(self.engine.abort_request, request_id)
+
+    def _call(self, fn, *args) -> concurrent.futures.Future:
+        return self._submit(fn, self.engine, *args)
 
     def shutdown(self, timeout: float | None = 10.0):
         self._stopped.set()

@@ -91,6 +91,15 @@ class EngineMetrics:
             for v in itls:
                 self.inter_token_latency_seconds.observe(v)
 
+    def __getstate__(self):
+        """Pickled without its lock (a snapshot travels from an engine process to the server)."""
+        with self._lock:
+            return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def snapshot(self) -> "EngineMetrics":
         import copy
 

@@ -78,7 +78,8 @@ def _fed_token_ids(token_ids_t, feed_t, prev_tokens_s):
     return jnp.where(feed_t >= 0, prev_tokens_s[jnp.maximum(feed_t, 0)], token_ids_t)
 
 
-def _model_step(state, packed, kv_cache, prev_tokens_s, *, spec: PackSpec, graphdef, attention, linear):
+def _model_step(state, packed, kv_cache, prev_tokens_s, *, spec: PackSpec, graphdef, attention, linear,
+                unroll: bool = False):
     """One forward over the step's tokens: logits of the rows that sample, and every token's
     final hidden state (for prompt logprobs, scored only when asked by `_score_prompt`). A pure
     function of the model state: the module is rebuilt from its graph definition at trace time.
@@ -86,7 +87,7 @@ def _model_step(state, packed, kv_cache, prev_tokens_s, *, spec: PackSpec, graph
     token_ids_t, positions_t, metadata, logits_indices_s, feed_t = unpack(packed, spec)
     model = nnx.merge(graphdef, state)
     token_ids_t = _fed_token_ids(token_ids_t, feed_t, prev_tokens_s)
-    hidden, kv_cache = model(token_ids_t, positions_t, kv_cache, metadata, attention, linear)
+    hidden, kv_cache = model(token_ids_t, positions_t, kv_cache, metadata, attention, linear, unroll=unroll)
     return model.compute_logits(hidden[logits_indices_s], linear), hidden, kv_cache
 
 
@@ -126,7 +127,7 @@ class ModelRunner:
 
     def __init__(self, config: ModelConfig, graphdef, params, kv_spec: KVCacheSpec, runner_config: RunnerConfig,
                  attention: AttentionBackend, *, linear: Linear = XLA_LINEAR, eos_token_ids: Sequence[int] = (),
-                 kv_fill: float = 0.0, kv_sharding=None, unrolled_params=None):
+                 kv_fill: float = 0.0, kv_sharding=None, unrolled_params=None, unroll_max_tokens: int = 0):
         if kv_spec.page_size != runner_config.page_size:
             raise ValueError("KV cache and runner disagree on page_size")
         self.config = config
@@ -135,6 +136,9 @@ class ModelRunner:
         # Per-layer views of `params` for steps of at most UNROLLED_MAX_TOKENS tokens, which then
         # run their layers unrolled (see EngineConfig.scan_layers); None: every step uses params.
         self.unrolled_params = unrolled_params
+        # Steps of at most this many tokens run their stacked layers unrolled (see the model's
+        # `unroll`); larger ones scan.
+        self.unroll_max_tokens = unroll_max_tokens
         self.linear = linear
         self.kv_spec = kv_spec
         self.rc = runner_config
@@ -166,7 +170,7 @@ class ModelRunner:
             copy_out = dict(out_shardings=kv_sharding)
         static = dict(graphdef=graphdef, attention=attention, linear=linear)
         donate = () if self._stages_writes else ("kv_cache",)
-        self._step = jax.jit(functools.partial(_model_step, **static), static_argnames=("spec",),
+        self._step = jax.jit(functools.partial(_model_step, **static), static_argnames=("spec", "unroll"),
                              donate_argnames=donate, **step_out)
         self._score = jax.jit(functools.partial(_score_prompt, graphdef=graphdef, linear=linear), **score_out)
         if self._stages_writes:
@@ -228,9 +232,10 @@ class ModelRunner:
             params = self.unrolled_params if self.unrolled_params is not None and t <= UNROLLED_MAX_TOKENS \
                 else self.params
             args = (params, sds(packed.shape, packed.dtype), self.kv_cache, self._prev_tokens)
-            _, hidden, staged = self._step.eval_shape(*args, spec=spec)
-            jobs.append((("step", t), functools.partial(lambda a, sp: self._step.lower(*a, spec=sp).compile(),
-                                                          args, spec)))
+            _, hidden, staged = self._step.eval_shape(*args, spec=spec, unroll=False)
+            jobs.append((("step", t), functools.partial(
+                lambda a, sp, u: self._step.lower(*a, spec=sp, unroll=u).compile(), args, spec,
+                t <= self.unroll_max_tokens)))
             jobs.append((("score", t), functools.partial(
                 lambda h, n: self._score.lower(self.params, h, sds((n,), np.int32)).compile(),
                 sds(hidden.shape, hidden.dtype), t)))
@@ -308,7 +313,8 @@ class ModelRunner:
         params = self.params
         if self.unrolled_params is not None and t <= UNROLLED_MAX_TOKENS:
             params = self.unrolled_params
-        step = self._executables.get(("step", t)) or functools.partial(self._step, spec=spec)
+        step = self._executables.get(("step", t)) or functools.partial(self._step, spec=spec,
+                                                                       unroll=t <= self.unroll_max_tokens)
         logits, hidden, kv_out = step(params, packed, self.kv_cache, self._prev_tokens)
         if self._stages_writes:
             commit = self._executables.get(("commit", t)) or functools.partial(self._commit, spec=spec)

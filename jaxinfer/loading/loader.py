@@ -74,6 +74,21 @@ def _load_tokenizer(path: Path):
     return None
 
 
+def load_tokenizer(ref: str | None = None):
+    """The tokenizer of `ref` alone (no weights, no device): for a front end whose engine runs
+    in another process. None when the checkpoint has none."""
+    from jaxinfer.loading.resolve import resolve_model
+
+    resolved = resolve_model(ref)
+    path = Path(resolved.path)
+    if resolved.kind == "gguf":
+        from jaxinfer.loading.gguf import GGUFCheckpoint
+        from jaxinfer.tokenizer import Tokenizer
+
+        return Tokenizer.from_gguf(GGUFCheckpoint(path).reader)
+    return _load_tokenizer(path)
+
+
 def load_model(ref: str | None = None, dtype=None, *, load_tokenizer: bool = True,
                sharding=None) -> LoadedModel:
     """Resolves `ref` (directory, .gguf file, alias or hub id) and loads it.

@@ -130,7 +130,7 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else init.normal((config.vocab_size, D), (VOCAB, EMBED))
 
     def __call__(self, token_ids_t, positions_t, kv_cache, metadata, attention: AttentionBackend,
-                 linear: Linear = XLA_LINEAR):
+                 linear: Linear = XLA_LINEAR, unroll: bool = False):
         """Runs the decoder over a flat batch of tokens.
 
         Args:
@@ -140,6 +140,8 @@ class LlamaForCausalLM(nnx.Module):
           metadata: the attention backend's step metadata.
           attention: the attention backend (static).
           linear: the projection hook (static).
+          unroll: run stacked layers in a Python loop (each layer's index a constant) instead of
+            `lax.scan`: no loop counter, no dynamic slices, fewer kernels; slower to compile.
         Returns:
           (hidden_td [T, D] after the final norm, updated kv_cache)
         """
@@ -156,7 +158,7 @@ class LlamaForCausalLM(nnx.Module):
         carry = (x, attention.open_step(kv_cache, x.shape[0]))
         stacked = not isinstance(weights["w_qkv"], (tuple, list))
         for start, stop, spec in layer_runs(c):
-            if stacked and stop - start > 1:
+            if stacked and stop - start > 1 and not unroll:
                 carry, _ = lax.scan(lambda cr, i, spec=spec: layer_fn(cr, i, spec), carry,
                                     jnp.arange(start, stop, dtype=jnp.int32))
             else:
