@@ -14,6 +14,13 @@ import jax.numpy as jnp
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def check_dtypes(**arrays) -> None:
+    """Each named array has one of the kernels' SUPPORTED_DTYPES."""
+    for name, x in arrays.items():
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype {x.dtype} is not one of {[str(d) for d in SUPPORTED_DTYPES]}")
+
+
 def check_paged_kv(q, k_pages, v_pages) -> tuple[int, int, int]:
     """Validates q [..., N, H] against k_pages, v_pages [K, num_pages, page_size, H].
 
@@ -26,9 +33,7 @@ def check_paged_kv(q, k_pages, v_pages) -> tuple[int, int, int]:
         raise ValueError(f"v_pages shape {v_pages.shape} must equal k_pages shape {k_pages.shape}")
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"k_pages dtype {k_pages.dtype} differs from v_pages dtype {v_pages.dtype}")
-    for name, x in (("q", q), ("k_pages", k_pages)):
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype {x.dtype} is not one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    check_dtypes(q=q, k_pages=k_pages)
     if q.dtype != k_pages.dtype:
         raise ValueError(f"q dtype {q.dtype} must equal the KV cache dtype {k_pages.dtype}")
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape

@@ -8,7 +8,7 @@ import pytest
 from jaxinfer.engine.input_batch import PersistentBatch
 from jaxinfer.engine.packing import pack, unpack
 from jaxinfer.engine.sampling import SamplingMetadata, SamplingRow
-from jaxinfer.engine.step_inputs import SeqChunk, build_step_inputs
+from tests.step_inputs_reference import SeqChunk, build_step_inputs
 from jaxinfer.sampling_params import SamplingParams
 
 PAGE, WIDTH = 4, 10

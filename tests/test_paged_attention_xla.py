@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxinfer.config import preset
 from jaxinfer.engine.kv_cache import KVCacheSpec, allocate_kv_cache
-from jaxinfer.engine.step_inputs import SeqChunk, build_step_inputs
+from tests.step_inputs_reference import SeqChunk, build_step_inputs
 from jaxinfer.generate import prefill_logits
 from jaxinfer.models import create_model
 from jaxinfer.models.paged_attention_xla import PagedAttentionXLA

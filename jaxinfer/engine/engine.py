@@ -163,7 +163,7 @@ class LLMEngine:
             # Every program is cached, however fast it compiled: a warm start compiles nothing.
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size)
-        unrolled_params, unroll_max_tokens = None, 0
+        unroll_max_tokens, unrolled_params = 0, None
         if config.scan_layers is False and layers_are_stacked(model.params):
             # Per-layer arrays replace the stacked ones in the model too, so memory is not doubled.
             model.params = unstack_layers(model.params)
@@ -172,7 +172,7 @@ class LLMEngine:
             # On the CPU, a decode runs unrolled over per-layer views of the stacked weights (no
             # copy): XLA's CPU backend copies a layer's weights out of a stack before each dot,
             # 30% of a decode step. Larger steps keep the scan, which compiles 6x faster.
-            unrolled_params = layer_views(model.params)
+            unroll_max_tokens, unrolled_params = 1, layer_views(model.params)
         linear = resolve_linear(config.linear_kernel, mesh=mesh)
         # Unrolling the small steps over the stacked weights on a GPU measured 5-7% faster decode
         # (594 -> 435 kernels a step for the 8B shape) but a warm start of 14.4 s instead of
@@ -221,7 +221,7 @@ class LLMEngine:
                          min_token_bucket=smallest_token_bucket()),
             attention,
             linear=linear, eos_token_ids=self.eos_token_ids, kv_fill=kv_fill, kv_sharding=kv_sharding,
-            unrolled_params=unrolled_params, unroll_max_tokens=unroll_max_tokens)
+            unroll_max_tokens=unroll_max_tokens, unrolled_params=unrolled_params)
         self.mesh = mesh
         self.metrics = EngineMetrics()
         self._groups: dict[str, _Group] = {}

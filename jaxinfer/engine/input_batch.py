@@ -79,7 +79,7 @@ class PersistentBatch:
     def step_inputs(self, num_tokens_padded: int, num_seqs_padded: int, request_ids: Sequence[str],
                     starts: Sequence[int], num_tokens: Sequence[int], token_ids: Sequence[int],
                     logits_indices: Sequence[int] | None = None) -> StepInputs:
-        """A step's padded inputs, as `step_inputs.build_step_inputs` makes them from chunks.
+        """A step's padded inputs (laid out as tests/step_inputs_reference.py does, chunk by chunk).
 
         Args:
           num_tokens_padded, num_seqs_padded: T and S of the token bucket.

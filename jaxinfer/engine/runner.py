@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.kv_cache import KVCacheSpec, allocate_kv_cache
 from jaxinfer.engine.sampling import (VARIANTS, Logprobs, PenaltySlots, SamplerOutput, SamplingMetadata, SamplingRow,
-                                      SamplingWidths, gather_logprobs, sample_packed, sampler_variant)
+                                      SamplingWidths, prompt_logprobs, sample_packed)
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.engine.input_batch import PersistentBatch
 from jaxinfer.engine.packing import PackSpec, pack, unpack
@@ -40,9 +40,6 @@ logger = logging.getLogger(__name__)
 SCORE_CHUNK = 256
 # Copy-on-write page copies are applied in fixed-size batches so they compile once.
 COPY_BATCH = 8
-# Largest step that runs unrolled when the runner has per-layer views: a batch-1 decode, where
-# reading the weights is the whole cost; unrolled steps compile 6x slower than scanned ones.
-UNROLLED_MAX_TOKENS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +89,7 @@ def _model_step(state, packed, kv_cache, prev_tokens_s, *, spec: PackSpec, graph
 
 
 def _score_prompt(state, hidden_td, target_ids_t, *, graphdef, linear):
-    """Raw logprobs of target_ids_t under the logits of hidden_td, with the top MAX_LOGPROBS.
+    """`sampling.prompt_logprobs` of target_ids_t under the logits of hidden_td (top MAX_LOGPROBS).
 
     Scored SCORE_CHUNK rows at a time: a step's [T, V] float32 logits at once would need
     gigabytes (8192 tokens x 128k vocab: 4 GB, times the softmax's temporaries)."""
@@ -103,12 +100,8 @@ def _score_prompt(state, hidden_td, target_ids_t, *, graphdef, linear):
     hidden = jnp.pad(hidden_td, ((0, n * c - t), (0, 0))).reshape(n, c, -1)
     targets = jnp.pad(target_ids_t, (0, n * c - t)).reshape(n, c)
 
-    def score(chunk):
-        h, tgt = chunk
-        logprobs = jax.nn.log_softmax(model.compute_logits(h, linear).astype(jnp.float32), axis=1)
-        return gather_logprobs(logprobs, tgt, MAX_LOGPROBS)
-
-    out = jax.lax.map(score, (hidden, targets))
+    out = jax.lax.map(lambda chunk: prompt_logprobs(model.compute_logits(chunk[0], linear), chunk[1],
+                                                    num_logprobs=MAX_LOGPROBS), (hidden, targets))
     return jax.tree.map(lambda a: a.reshape(n * c, *a.shape[2:])[:t], out)
 
 
@@ -127,18 +120,17 @@ class ModelRunner:
 
     def __init__(self, config: ModelConfig, graphdef, params, kv_spec: KVCacheSpec, runner_config: RunnerConfig,
                  attention: AttentionBackend, *, linear: Linear = XLA_LINEAR, eos_token_ids: Sequence[int] = (),
-                 kv_fill: float = 0.0, kv_sharding=None, unrolled_params=None, unroll_max_tokens: int = 0):
+                 kv_fill: float = 0.0, kv_sharding=None, unroll_max_tokens: int = 0, unrolled_params=None):
         if kv_spec.page_size != runner_config.page_size:
             raise ValueError("KV cache and runner disagree on page_size")
         self.config = config
         self.graphdef = graphdef
         self.params = params
-        # Per-layer views of `params` for steps of at most UNROLLED_MAX_TOKENS tokens, which then
-        # run their layers unrolled (see EngineConfig.scan_layers); None: every step uses params.
-        self.unrolled_params = unrolled_params
-        # Steps of at most this many tokens run their stacked layers unrolled (see the model's
-        # `unroll`); larger ones scan.
+        # Steps of at most `unroll_max_tokens` tokens run their layers unrolled (the model's
+        # `unroll`; see EngineConfig.scan_layers), over `unrolled_params` when given (per-layer
+        # views of `params`) or the stacked `params`; larger steps scan.
         self.unroll_max_tokens = unroll_max_tokens
+        self.unrolled_params = unrolled_params
         self.linear = linear
         self.kv_spec = kv_spec
         self.rc = runner_config
@@ -226,12 +218,8 @@ class ModelRunner:
 
         jobs = []
         for t in self.rc.token_buckets:
-            inputs = self._rows.step_inputs(t, self.rc.seq_slots(t), (), (), (), ())
-            packed, spec = pack((inputs.token_ids_t, inputs.positions_t, inputs.metadata, inputs.logits_indices_s,
-                                 np.full(t, -1, np.int32)))
-            params = self.unrolled_params if self.unrolled_params is not None and t <= UNROLLED_MAX_TOKENS \
-                else self.params
-            args = (params, sds(packed.shape, packed.dtype), self.kv_cache, self._prev_tokens)
+            packed, spec = self._pack_step(t)
+            args = (self._params_for(t), sds(packed.shape, packed.dtype), self.kv_cache, self._prev_tokens)
             _, hidden, staged = self._step.eval_shape(*args, spec=spec, unroll=False)
             jobs.append((("step", t), functools.partial(
                 lambda a, sp, u: self._step.lower(*a, spec=sp, unroll=u).compile(), args, spec,
@@ -263,18 +251,18 @@ class ModelRunner:
         from tqdm.auto import tqdm
 
         plan = self.warmup_plan()
+        hidden_by_bucket = {}  # each step's hidden states, which its bucket's scorer then scores
         for kind, size in tqdm(plan, desc="compiling buckets", disable=not progress, unit="graph"):
             if kind == "step":
-                self._run_model(token_bucket=size)
+                _, hidden_by_bucket[size] = self._run_model(token_bucket=size, with_hidden=True)
             elif kind == "copy":
                 self.copy_pages([])
             elif kind == "history":
                 self._penalties.warmup()
             elif kind == "score":
-                _, hidden = self._run_model(token_bucket=size, with_hidden=True)
                 targets = jax.device_put(np.zeros(size, np.int32), self._placement)
                 score = self._executables.get(("score", size), self._score)
-                jax.block_until_ready(score(self.params, hidden, targets))
+                jax.block_until_ready(score(self.params, hidden_by_bucket.pop(size), targets))
             else:
                 rows = [SamplingRow(SamplingParams(temperature=0.0), [0], [])] * size
                 # Placed as the step leaves them: the sampler compiles for that.
@@ -302,34 +290,44 @@ class ModelRunner:
         PersistentBatch.step_inputs). feed: flat token index -> the previous step's sampling row
         whose token goes there."""
         t = token_bucket or bucket_for(len(token_ids), self.rc.token_buckets)
-        inputs: StepInputs = self._rows.step_inputs(t, self.rc.seq_slots(t), request_ids, starts, num_tokens,
-                                                    token_ids, logits_indices)
-        feed_t = np.full(t, -1, np.int32)
-        for index, row in (feed or {}).items():
-            feed_t[index] = row
-        packed, spec = pack((inputs.token_ids_t, inputs.positions_t, inputs.metadata, inputs.logits_indices_s,
-                             feed_t))
+        packed, spec = self._pack_step(t, request_ids, starts, num_tokens, token_ids, logits_indices, feed)
         packed = jax.device_put(packed, self._placement)
-        params = self.params
-        if self.unrolled_params is not None and t <= UNROLLED_MAX_TOKENS:
-            params = self.unrolled_params
         step = self._executables.get(("step", t)) or functools.partial(self._step, spec=spec,
                                                                        unroll=t <= self.unroll_max_tokens)
-        logits, hidden, kv_out = step(params, packed, self.kv_cache, self._prev_tokens)
+        logits, hidden, kv_out = step(self._params_for(t), packed, self.kv_cache, self._prev_tokens)
         if self._stages_writes:
             commit = self._executables.get(("commit", t)) or functools.partial(self._commit, spec=spec)
             kv_out = commit(self.kv_cache, kv_out, packed)
         self.kv_cache = kv_out
         return (logits, hidden) if with_hidden else logits
 
+    def _pack_step(self, t: int, request_ids=(), starts=(), num_tokens=(), token_ids=(), logits_indices=None,
+                   feed: Mapping[int, int] | None = None):
+        """A step's inputs in one int32 array (and its PackSpec) for a bucket of t tokens."""
+        inputs: StepInputs = self._rows.step_inputs(t, self.rc.seq_slots(t), request_ids, starts, num_tokens,
+                                                    token_ids, logits_indices)
+        feed_t = np.full(t, -1, np.int32)
+        for index, row in (feed or {}).items():
+            feed_t[index] = row
+        return pack((inputs.token_ids_t, inputs.positions_t, inputs.metadata, inputs.logits_indices_s, feed_t))
+
+    def _params_for(self, t: int):
+        """The weights a step of bucket t runs on: the per-layer views for unrolled steps."""
+        if self.unrolled_params is not None and t <= self.unroll_max_tokens:
+            return self.unrolled_params
+        return self.params
+
     def _sample(self, logits_sv, request_ids: Sequence[str], rows: Sequence[SamplingRow],
                 variant: str | None = None) -> SamplerOutput:
         """Samples rows with the cheapest compiled variant that serves them all (or `variant`)."""
-        variant = variant or sampler_variant(rows, self.eos_token_ids)
-        slots = self._penalties.slots_for(request_ids, rows) if variant == "full" else None
+        # Only rows with penalties hold a slot of the penalty state (and only the full sampler
+        # has such rows), so the variant is decided once, by `build`.
+        slots = (self._penalties.slots_for(request_ids, rows)
+                 if any(r is not None and r.params.has_penalties for r in rows) else None)
         md = SamplingMetadata.build(rows, batch_size=logits_sv.shape[0], vocab_size=self.config.vocab_size,
                                     eos_token_ids=self.eos_token_ids, widths=self.sampling_widths,
                                     penalty_slots=slots, variant=variant)
+        variant = md.variant
         packed, spec = pack(md)
         packed = jax.device_put(packed, self._placement)
         run = (self._executables.get(("sample", logits_sv.shape[0], variant))

@@ -130,14 +130,6 @@ class SamplingMetadata:
     variant: str = dataclasses.field(default="greedy", metadata=dict(static=True))
 
     @property
-    def all_greedy(self) -> bool:
-        return self.variant == "greedy"
-
-    @property
-    def any_penalties(self) -> bool:
-        return self.variant == "full"
-
-    @property
     def num_logprobs(self) -> int | None:
         return MAX_LOGPROBS if self.variant == "full" else None
 
@@ -327,17 +319,15 @@ class PenaltySlots:
         raise RuntimeError(f"more than {self.num_slots} requests with penalties in one step")
 
     def write(self, slot: int, prompt_ids: Sequence[int], output_ids: Sequence[int], *, reset: bool):
-        prompt_ids, output_ids = list(prompt_ids), list(output_ids)
-        first = True
-        while first or prompt_ids or output_ids:
+        """Adds the ids to `slot` (cleared first when `reset`), HISTORY_CHUNK of each per call."""
+        for start in range(0, max(len(prompt_ids), len(output_ids), 1), HISTORY_CHUNK):
             chunk = []
             for ids in (prompt_ids, output_ids):
                 part = np.full(HISTORY_CHUNK, -1, np.int32)
-                part[:min(len(ids), HISTORY_CHUNK)] = ids[:HISTORY_CHUNK]
-                del ids[:HISTORY_CHUNK]
+                piece = ids[start:start + HISTORY_CHUNK]
+                part[:len(piece)] = piece
                 chunk.append(jax.device_put(part, self._placement))
-            self.state = write_history(self.state, jnp.int32(slot), jnp.bool_(reset and first), *chunk)
-            first = False
+            self.state = write_history(self.state, jnp.int32(slot), jnp.bool_(reset and start == 0), *chunk)
 
 
 @jax.tree_util.register_dataclass

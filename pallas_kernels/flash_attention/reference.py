@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import SUPPORTED_DTYPES, check_int32, check_options
+from pallas_kernels.common import check_dtypes, check_int32, check_options
 
 
 def check_flash_inputs(q, k, v, cu_seq_lens, *, scale, sliding_window, logit_softcap) -> int:
@@ -20,9 +20,7 @@ def check_flash_inputs(q, k, v, cu_seq_lens, *, scale, sliding_window, logit_sof
         raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
     if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
         raise ValueError(f"k {k.shape} must have the tokens and head_dim of q {q.shape}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype {x.dtype} is not one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    check_dtypes(q=q, k=k, v=v)
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     num_tokens, num_heads, _ = q.shape

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+from pallas_kernels.common import check_dtypes
 
 
 def check_matmul_inputs(x, w, layer):
@@ -24,9 +24,7 @@ def check_matmul_inputs(x, w, layer):
         raise ValueError(f"x must be [num_tokens, k], got shape {x.shape}")
     if w.ndim not in (2, 3):
         raise ValueError(f"w must be [k, n] or stacked [num_layers, k, n], got shape {w.shape}")
-    for name, a in (("x", x), ("w", w)):
-        if jnp.dtype(a.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype {a.dtype} is not one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    check_dtypes(x=x, w=w)
     if x.dtype != w.dtype:
         raise ValueError(f"x dtype {x.dtype} must equal w dtype {w.dtype}")
     num_tokens, k = x.shape
