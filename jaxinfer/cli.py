@@ -64,18 +64,27 @@ def _sampling_params(args, seed=None):
                           max_tokens=args.max_tokens, seed=seed)
 
 
+def engine_config_kwargs(args) -> dict:
+    """EngineConfig fields from the engine flags (`_add_engine_args`); unset ones are left out."""
+    kwargs = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
+                  num_pages=args.num_pages, kv_cache_memory_fraction=args.gpu_memory_utilization,
+                  enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
+                  linear_kernel=args.linear_kernel, scan_layers=args.scan_layers,
+                  async_scheduling=args.async_scheduling, seed=args.seed,
+                  tensor_parallel_size=args.tensor_parallel_size,
+                  compilation_cache_dir=args.compilation_cache_dir)
+    # None means "the EngineConfig default" for the flags whose default is not None there.
+    for name in ("max_num_seqs", "max_num_batched_tokens", "compilation_cache_dir"):
+        if kwargs[name] is None:
+            del kwargs[name]
+    return kwargs
+
+
 def _make_llm(args, warmup: bool):
     from jaxinfer.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
-               num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
-               enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
-               linear_kernel=args.linear_kernel, scan_layers=args.scan_layers,
-               async_scheduling=args.async_scheduling, seed=args.seed, warmup=warmup,
-               tensor_parallel_size=args.tensor_parallel_size,
-               **({"compilation_cache_dir": args.compilation_cache_dir} if args.compilation_cache_dir is not None
-                  else {}))
+    return LLM(args.model, dtype=args.dtype, warmup=warmup, **engine_config_kwargs(args))
 
 
 def _read_prompts(path: str) -> list:

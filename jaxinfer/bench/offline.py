@@ -80,19 +80,16 @@ def _load(args):
 
 
 def _engine(model, args, *, max_num_seqs: int, max_len: int, batched_tokens: int):
+    """The engine for the benchmark's shape; engine flags given on the command line win."""
+    from jaxinfer.cli import engine_config_kwargs
     from jaxinfer.engine.config import EngineConfig
     from jaxinfer.engine.engine import LLMEngine
 
-    page = args.page_size
-    max_model_len = args.max_model_len or -(-max_len // page) * page
-    return LLMEngine(model, EngineConfig(
-        max_model_len=max_model_len, max_num_seqs=args.max_num_seqs or max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens or batched_tokens, page_size=page,
-        num_pages=args.num_pages, kv_cache_memory_fraction=args.gpu_memory_utilization,
-        attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
-        scan_layers=args.scan_layers, async_scheduling=args.async_scheduling,
-        tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
-        **({"compilation_cache_dir": args.compilation_cache_dir} if args.compilation_cache_dir is not None else {})))
+    kwargs = engine_config_kwargs(args)
+    kwargs["max_model_len"] = args.max_model_len or -(-max_len // args.page_size) * args.page_size
+    kwargs["max_num_seqs"] = args.max_num_seqs or max_num_seqs
+    kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens or batched_tokens
+    return LLMEngine(model, EngineConfig(**kwargs))
 
 
 def _prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:

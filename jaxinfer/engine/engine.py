@@ -181,8 +181,7 @@ class LLMEngine:
         kv_dtype = weights_dtype if config.kv_cache_dtype == "auto" else jnp.dtype(config.kv_cache_dtype)
         attention = resolve_attention_backend(config.attention_backend, mesh=mesh, num_kv_heads=mc.num_kv_heads)
         # A kernel that tiles only some head sizes keeps its cache zero-padded to one.
-        cache_head_dim = attention.cache_head_dim(mc.head_dim) if hasattr(attention, "cache_head_dim") \
-            else mc.head_dim
+        cache_head_dim = attention.cache_head_dim(mc.head_dim)
         num_pages = config.num_pages
         if num_pages is None:
             num_pages = pages_for_memory_fraction(mc, config.page_size, kv_dtype, config.kv_cache_memory_fraction,

@@ -55,6 +55,10 @@ class AttentionBackend(Protocol):
 
     def close_step(self, kv_cache: Any, metadata: Any) -> Any: ...
 
+    def cache_head_dim(self, head_dim: int) -> int:
+        """The head size of the backend's cache for a model's `head_dim` (a kernel that tiles
+        only some sizes keeps its pages zero-padded to one)."""
+
 
 class WritesInPlace:
     """Backends that write each layer's k, v into the cache as the layer runs: the step's

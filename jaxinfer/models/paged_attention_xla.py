@@ -187,6 +187,9 @@ class PagedAttentionXLA:
     name: str = "xla"
     stages_writes = True  # the model returns pending writes; see `commit`
 
+    def cache_head_dim(self, head_dim: int) -> int:
+        return head_dim  # any head size as it is
+
     def open_step(self, kv_cache, num_tokens: int) -> StagedKV:
         k_pages, v_pages = kv_cache
         kh, num_layers, _, _, h = k_pages.shape
