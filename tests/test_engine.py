@@ -126,3 +126,27 @@ def test_pallas_backend_matches_xla(model, head_dim):
         if head_dim is not None:
             assert engine.kv_spec.head_dim == (64 if backend == "pallas" else head_dim)
     assert outs["pallas"] == outs["xla"]
+
+
+def test_warm_engine_runs_the_ahead_of_time_executables(model, monkeypatch):
+    """After warm-up, steps, samplers and prompt scorers of every bucket run from the programs
+    `precompile` built; the jitted functions (which would trace and compile) are never called."""
+    from jaxinfer.engine import runner as runner_module
+
+    engine = _engine(model)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a jitted function ran instead of its precompiled executable")
+
+    monkeypatch.setattr(engine.runner, "_step", must_not_run)
+    monkeypatch.setattr(engine.runner, "_score", must_not_run)
+    monkeypatch.setattr(engine.runner, "_commit", must_not_run, raising=False)
+    monkeypatch.setattr(runner_module, "sample_packed", must_not_run)
+    rng = np.random.default_rng(2)
+    for i in range(8):
+        n = int(rng.integers(1, 60))
+        engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(3, 200, n).tolist()},
+                           SamplingParams(max_tokens=int(rng.integers(1, 30)), ignore_eos=True,
+                                          **_feature_params(rng, i)))
+    while engine.has_unfinished_requests():
+        engine.step()
