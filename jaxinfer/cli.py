@@ -42,6 +42,10 @@ def _add_engine_args(p: argparse.ArgumentParser):
                    help="JAX's persistent compilation cache (default: under $JAXINFER_CACHE_DIR; '' disables)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices to split the model over (heads, mlp width, vocabulary)")
+    p.add_argument("--quantization", "-q", choices=("int8", "int4", "fp8", "gguf"), default=None,
+                   help="weight-only quantization of the decoder projections at start; gguf: run a GGUF "
+                        "file's own quantized blocks")
+    p.add_argument("--quantization-group-size", type=int, default=128, help="rows per int4 scale group")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -73,6 +77,7 @@ def engine_config_kwargs(args) -> dict:
                   linear_kernel=args.linear_kernel, scan_layers=args.scan_layers,
                   async_scheduling=args.async_scheduling, seed=args.seed,
                   tensor_parallel_size=args.tensor_parallel_size,
+                  quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                   compilation_cache_dir=args.compilation_cache_dir)
     # None means "the EngineConfig default" for the flags whose default is not None there.
     for name in ("max_num_seqs", "max_num_batched_tokens", "compilation_cache_dir"):
@@ -245,6 +250,9 @@ def _add_server_commands(sub) -> None:
     from jaxinfer.bench.offline import add_args as add_offline_bench_args
 
     add_offline_bench_args(bench_sub)
+    from jaxinfer.bench.quality import add_args as add_quality_bench_args
+
+    add_quality_bench_args(bench_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ class LLM:
         `kv_cache_memory_fraction`).
       **engine_kwargs: any EngineConfig field (max_model_len, max_num_seqs,
         max_num_batched_tokens, page_size, num_pages, enable_prefix_caching, seed,
-        attention_backend, tensor_parallel_size, ...).
+        attention_backend, tensor_parallel_size, quantization ("int8", "int4", "fp8", or "gguf"
+        to run a GGUF file's own blocks), ...).
     The functional model is reachable as `llm.model.config`, `llm.model.graphdef` and
     `llm.model.params` (the NNX state; `nnx.merge(graphdef, params)` rebuilds the module).
     """
@@ -52,7 +53,8 @@ class LLM:
         elif isinstance(model, nnx.Module):
             self.model = LoadedModel.from_module(model)
         else:
-            self.model = load_model(model, dtype=None if dtype == "auto" else getattr(jnp, dtype))
+            self.model = load_model(model, dtype=None if dtype == "auto" else getattr(jnp, dtype),
+                                    gguf_blocks=config.quantization == "gguf")
         if tokenizer is not None:
             self.model.tokenizer = tokenizer
         self.engine = LLMEngine(self.model, config)

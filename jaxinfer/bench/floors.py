@@ -13,17 +13,34 @@ import dataclasses
 from jaxinfer.config import ModelConfig
 
 
+def stored_decode_weight_bytes(config: ModelConfig, state) -> int:
+    """Bytes a decode step reads of a model state as stored (quantized projections count their
+    codes, scales and offsets): every array but an untied embedding table."""
+    import jax
+
+    from jaxinfer.models import param_value
+
+    total = sum(int(a.nbytes) for a in jax.tree.leaves(state))
+    if not config.tie_word_embeddings:
+        total -= int(param_value(state["embed"]).nbytes)
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelCost:
-    """Per-model constants for the floors (weights in `weight_bytes_per_param` bytes each)."""
+    """Per-model constants for the floors (weights in `weight_bytes_per_param` bytes each, or
+    `stored_decode_weight_bytes` counted off the actual arrays, e.g. quantized ones)."""
 
     config: ModelConfig
     weight_bytes_per_param: float
     kv_bytes_per_element: float
+    stored_decode_weight_bytes: float | None = None
 
     @property
     def decode_weight_bytes(self) -> float:
         """Weights one decode step reads (every projection and the LM head; no embedding rows)."""
+        if self.stored_decode_weight_bytes is not None:
+            return self.stored_decode_weight_bytes
         c = self.config
         params = c.num_params() - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
         return params * self.weight_bytes_per_param

@@ -76,7 +76,7 @@ def _load(args):
         graphdef, state = nnx.split(create_model(config, dtype=dtype))
         jax.block_until_ready(state)
         return LoadedModel(config, state, None, ".", graphdef=graphdef)
-    return load_model(args.model, dtype=dtype, load_tokenizer=False)
+    return load_model(args.model, dtype=dtype, load_tokenizer=False, gguf_blocks=args.quantization == "gguf")
 
 
 def _engine(model, args, *, max_num_seqs: int, max_len: int, batched_tokens: int):
@@ -119,11 +119,13 @@ def _run_batch(engine, prompts, output_len: int, tag: str) -> dict:
 
 # -- floors and reports ---------------------------------------------------------------------
 def _cost(model):
-    from jaxinfer.bench.floors import ModelCost
+    """The model's floors, its decode bytes counted off its arrays as the engine holds them
+    (so after the engine quantized them)."""
+    from jaxinfer.bench.floors import ModelCost, stored_decode_weight_bytes
     from jaxinfer.models import param_dtype
 
     itemsize = param_dtype(model.params).itemsize
-    return ModelCost(model.config, itemsize, itemsize)
+    return ModelCost(model.config, itemsize, itemsize, stored_decode_weight_bytes(model.config, model.params))
 
 
 def _floors(cost, ceilings, spec, **shape) -> dict:
@@ -348,10 +350,10 @@ def cmd_throughput(args) -> int:
 
     model = _load(args)
     ceilings, spec = measure_ceilings(), datasheet()
-    cost = _cost(model)
     prompts = _prompts(model.config.vocab_size, args.num_prompts, args.input_len, args.seed)
     engine = _engine(model, args, max_num_seqs=min(256, args.num_prompts),
                      max_len=args.input_len + args.output_len, batched_tokens=8192)
+    cost = _cost(model)
     _run_batch(engine, prompts[:8], 4, "warm")
     runs = [_run_batch(engine, prompts, args.output_len, f"t{i}") for i in range(args.num_iters)]
     median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]

@@ -7,6 +7,7 @@ import os
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 LINEAR_KERNELS = ("auto", "xla", "pallas")
+QUANTIZATION_METHODS = (None, "int8", "int4", "fp8", "gguf")
 # On devices that report no memory statistics (the CPU), the KV cache gets this many bytes.
 DEFAULT_HOST_KV_BYTES = 256 * 1024 * 1024
 
@@ -48,6 +49,12 @@ class EngineConfig:
       warmup: compile every shape bucket when the engine starts.
       tensor_parallel_size: devices one model replica is split over (heads, mlp width and
         vocabulary; see docs/sharding.md); the first that many of `jax.devices()` are used.
+      quantization: weight-only quantization of the decoder projections at start (vLLM's
+        name): None, "int8" (per channel), "int4" (grouped, with offsets) or "fp8" (e4m3, per
+        channel), see jaxinfer/quantization.py for what stays in the model's dtype; or "gguf":
+        a GGUF file's decoder projections run in their own quantized blocks (Q8_0, Q4_0, Q4_1,
+        Q4_K, Q6_K; loading/gguf_blocks.py), which `LLM` and the CLI load so.
+      quantization_group_size: rows per int4 scale group (128: AWQ's and GPTQ's default).
     """
 
     max_model_len: int | None = None
@@ -67,6 +74,8 @@ class EngineConfig:
     compilation_cache_dir: str = dataclasses.field(default_factory=default_compilation_cache_dir)
     warmup: bool = True
     tensor_parallel_size: int = 1
+    quantization: str | None = None
+    quantization_group_size: int = 128
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "tensor_parallel_size"):
@@ -87,5 +96,11 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {self.quantization!r}")
+        if (not isinstance(self.quantization_group_size, int) or self.quantization_group_size < 2
+                or self.quantization_group_size % 2):
+            raise ValueError(f"quantization_group_size must be an even integer >= 2, got "
+                             f"{self.quantization_group_size!r}")
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS}, got {self.linear_kernel!r}")

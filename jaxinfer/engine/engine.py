@@ -162,6 +162,25 @@ class LLMEngine:
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
             # Every program is cached, however fast it compiled: a warm start compiles nothing.
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        if config.quantization is not None:
+            if config.tensor_parallel_size > 1:
+                raise ValueError("quantization with tensor_parallel_size > 1 is not supported yet: the "
+                                 "sharding rules do not cover quantized weights")
+            from jaxinfer.quantization import quantization_method, quantize_params
+
+            held = quantization_method(model.params)
+            if config.quantization == "gguf":
+                if held is None:
+                    raise ValueError("quantization='gguf' runs a GGUF file's quantized blocks, but this model's "
+                                     "projections are floats (load a .gguf with gguf_blocks=True)")
+            elif held is None:
+                t0 = time.perf_counter()
+                model.params = quantize_params(model.params, config.quantization, config.quantization_group_size)
+                logger.info("quantized the projections to %s in %.1f s", config.quantization,
+                            time.perf_counter() - t0)
+            elif held != config.quantization:
+                raise ValueError(f"the model's projections are quantized as {held}; quantization="
+                                 f"{config.quantization!r} needs the float checkpoint")
         mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size)
         unroll_max_tokens, unrolled_params = 0, None
         if config.scan_layers is False and layers_are_stacked(model.params):

@@ -29,6 +29,7 @@ from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.engine.input_batch import PersistentBatch
 from jaxinfer.engine.packing import PackSpec, pack, unpack
 from jaxinfer.engine.step_inputs import StepInputs, bucket_for, pow2_buckets
+from jaxinfer.models import param_value
 from jaxinfer.models.attention import AttentionBackend
 from jaxinfer.models.linear import XLA_LINEAR, Linear
 from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -88,21 +89,26 @@ def _model_step(state, packed, kv_cache, prev_tokens_s, *, spec: PackSpec, graph
     return model.compute_logits(hidden[logits_indices_s], linear), hidden, kv_cache
 
 
-def _score_prompt(state, hidden_td, target_ids_t, *, graphdef, linear):
-    """`sampling.prompt_logprobs` of target_ids_t under the logits of hidden_td (top MAX_LOGPROBS).
+def _score_prompt(head, hidden_td, target_ids_c, start, *, linear):
+    """`sampling.prompt_logprobs` of target_ids_c [C] under the logits of rows [start, start +
+    C) of hidden_td (top MAX_LOGPROBS); head is the LM head's weight [V, D] (see
+    `_lm_head`): the scorer takes only that, not the whole model state.
 
-    Scored SCORE_CHUNK rows at a time: a step's [T, V] float32 logits at once would need
-    gigabytes (8192 tokens x 128k vocab: 4 GB, times the softmax's temporaries)."""
-    model = nnx.merge(graphdef, state)
-    t = hidden_td.shape[0]
-    c = min(t, SCORE_CHUNK)
-    n = -(-t // c)
-    hidden = jnp.pad(hidden_td, ((0, n * c - t), (0, 0))).reshape(n, c, -1)
-    targets = jnp.pad(target_ids_t, (0, n * c - t)).reshape(n, c)
+    One chunk of C <= SCORE_CHUNK rows per call, the host dispatching as many as a step needs:
+    a step's [T, V] float32 logits at once would need gigabytes (8192 tokens x 128k vocab:
+    4 GB, times the softmax's temporaries). Measured on the H200 with int8 weights, a scorer
+    that took the whole (quantized) state failed at run time asking for 41 GB that its
+    memory analysis (0.8 GB of temporaries) does not show; taking the head alone runs."""
+    hidden = jax.lax.dynamic_slice_in_dim(hidden_td, start, target_ids_c.shape[0], axis=0)
+    logits = linear(hidden, head, transpose=True, out_dtype=jnp.float32)
+    return prompt_logprobs(logits, target_ids_c, num_logprobs=MAX_LOGPROBS)
 
-    out = jax.lax.map(lambda chunk: prompt_logprobs(model.compute_logits(chunk[0], linear), chunk[1],
-                                                    num_logprobs=MAX_LOGPROBS), (hidden, targets))
-    return jax.tree.map(lambda a: a.reshape(n * c, *a.shape[2:])[:t], out)
+
+def _lm_head(state):
+    """The LM head's weight of a model state (the embedding when tied): what `compute_logits`
+    multiplies the final hidden states by."""
+    head = param_value(state["lm_head"]) if "lm_head" in state else None
+    return head if head is not None else param_value(state["embed"])
 
 
 def _commit_staged(kv_cache, staged, packed, *, spec: PackSpec, attention):
@@ -164,7 +170,7 @@ class ModelRunner:
         donate = () if self._stages_writes else ("kv_cache",)
         self._step = jax.jit(functools.partial(_model_step, **static), static_argnames=("spec", "unroll"),
                              donate_argnames=donate, **step_out)
-        self._score = jax.jit(functools.partial(_score_prompt, graphdef=graphdef, linear=linear), **score_out)
+        self._score = jax.jit(functools.partial(_score_prompt, linear=linear), **score_out)
         if self._stages_writes:
             self._commit = jax.jit(functools.partial(_commit_staged, attention=attention), static_argnames=("spec",),
                                    donate_argnums=(0,), **copy_out)
@@ -185,6 +191,7 @@ class ModelRunner:
         # Ahead-of-time compiled programs by (kind, size[, variant]) (see `precompile`); a step
         # without one goes through the jitted function, which compiles on first use.
         self._executables: dict[tuple, object] = {}
+        self._score_chunk = SCORE_CHUNK  # rows per scorer call (fixed when its programs compile)
 
     # -- warm-up ---------------------------------------------------------------------------
     @property
@@ -224,9 +231,11 @@ class ModelRunner:
             jobs.append((("step", t), functools.partial(
                 lambda a, sp, u: self._step.lower(*a, spec=sp, unroll=u).compile(), args, spec,
                 t <= self.unroll_max_tokens)))
-            jobs.append((("score", t), functools.partial(
-                lambda h, n: self._score.lower(self.params, h, sds((n,), np.int32)).compile(),
-                sds(hidden.shape, hidden.dtype), t)))
+            # Keyed by the hidden states' rows, which is what a step looks the scorer up by.
+            jobs.append((("score", hidden.shape[0]), functools.partial(
+                lambda h, n: self._score.lower(_lm_head(self.params), h, sds((n,), np.int32),
+                                              sds((), np.int32)).compile(),
+                sds(hidden.shape, hidden.dtype), min(hidden.shape[0], self._score_chunk))))
             if self._stages_writes:
                 jobs.append((("commit", t), functools.partial(
                     lambda st, p, sp: self._commit.lower(self.kv_cache, st, p, spec=sp).compile(),
@@ -260,9 +269,8 @@ class ModelRunner:
             elif kind == "history":
                 self._penalties.warmup()
             elif kind == "score":
-                targets = jax.device_put(np.zeros(size, np.int32), self._placement)
-                score = self._executables.get(("score", size), self._score)
-                jax.block_until_ready(score(self.params, hidden_by_bucket.pop(size), targets))
+                hidden = hidden_by_bucket.pop(size)
+                jax.block_until_ready(self._score_chunks(hidden, np.zeros(hidden.shape[0], np.int32), [0]))
             else:
                 rows = [SamplingRow(SamplingParams(temperature=0.0), [0], [])] * size
                 # Placed as the step leaves them: the sampler compiles for that.
@@ -432,10 +440,30 @@ class ModelRunner:
                 if count:
                     spans[rid] = (cursor, count, start + 1)
             cursor += n
-        targets = jax.device_put(targets, self._placement)
-        score = self._executables.get(("score", hidden_td.shape[0]), self._score)
-        lp = score(self.params, hidden_td, targets)  # stays on the device until result()
-        return lp, spans
+        c = min(hidden_td.shape[0], self._score_chunk)
+        chunks = sorted({i for cursor, count, _ in spans.values()
+                         for i in range(cursor // c, (cursor + count - 1) // c + 1)})
+        return (c, hidden_td.shape[0], chunks, self._score_chunks(hidden_td, targets, chunks)), spans
+
+    def _score_chunks(self, hidden_td, targets, chunks):
+        """Logprobs of each listed chunk of the step's rows (left on the device). Chunk i covers
+        rows [chunk_start(i), + c): the last one is moved back to end at the last row, so
+        every call scores exactly c rows."""
+        t = hidden_td.shape[0]
+        c = min(t, self._score_chunk)
+        score = self._executables.get(("score", t), self._score)
+        out = []
+        for i in chunks:
+            start = chunk_start(i, c, t)
+            tgt = jax.device_put(targets[start:start + c], self._placement)
+            out.append(score(_lm_head(self.params), hidden_td, tgt,
+                             jax.device_put(np.int32(start), self._placement)))
+        return out
+
+
+def chunk_start(i: int, size: int, total: int) -> int:
+    """First row of scoring chunk i of `size` rows over `total` rows (the last one ends at total)."""
+    return min(i * size, total - size)
 
 
 @dataclasses.dataclass
@@ -452,7 +480,8 @@ class PendingStep:
     """A dispatched step: its outputs as device arrays until `result()` fetches them."""
 
     sampled: SamplerOutput | None = None
-    prompt_logprobs: Logprobs | None = None  # every token row of the step
+    # (rows per chunk, the step's rows, chunk indices, each chunk's Logprobs on the device)
+    prompt_logprobs: tuple | None = None
     # request id -> (its first token row, rows scored, position of the first prompt token scored)
     prompt_spans: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
 
@@ -461,9 +490,18 @@ class PendingStep:
         prompt rows are cut on the host (slicing on the device would compile per span)."""
         spans = {}
         if self.prompt_logprobs is not None:
-            lp = jax.tree.map(np.asarray, self.prompt_logprobs)
-            spans = {rid: (first, jax.tree.map(lambda a: a[c:c + k], lp))
-                     for rid, (c, k, first) in self.prompt_spans.items()}
+            size, total, chunks, parts = self.prompt_logprobs
+            host = {i: jax.tree.map(np.asarray, part) for i, part in zip(chunks, parts)}
+
+            def rows(start, count):  # rows [start, start + count) of the step, across chunks
+                pieces = []
+                for i in range(start // size, (start + count - 1) // size + 1):
+                    first = chunk_start(i, size, total)
+                    lo, hi = max(start, i * size), min(start + count, (i + 1) * size)
+                    pieces.append(jax.tree.map(lambda a: a[lo - first:hi - first], host[i]))
+                return jax.tree.map(lambda *a: np.concatenate(a), *pieces)
+
+            spans = {rid: (first, rows(c, k)) for rid, (c, k, first) in self.prompt_spans.items()}
         return StepResult(sampled=None if self.sampled is None else jax.tree.map(np.asarray, self.sampled),
                           prompt_logprobs=spans)
 

@@ -313,17 +313,25 @@ class GGUFCheckpoint:
         return self.tensor(hf_name).dequantize()
 
 
-def load_gguf(path_or_checkpoint: str | os.PathLike | GGUFCheckpoint, dtype=jnp.float32):
+def load_gguf(path_or_checkpoint: str | os.PathLike | GGUFCheckpoint, dtype=jnp.float32, keep_blocks: bool = False):
     """Loads a GGUF file into the parameter tree of `models/llama.py`.
 
     Args:
       path_or_checkpoint: the .gguf file, or a `GGUFCheckpoint` already open (parsing the metadata
         takes seconds, so a caller that also builds the tokenizer can open the file once).
       dtype: parameter dtype (quantized tensors are dequantized, then cast).
+      keep_blocks: keep the decoder projections' quantized blocks as `QuantizedWeight`s (on
+        the device; see gguf_blocks.py) where the file's types allow; the rest dequantized.
     Returns:
-      (ModelConfig, params) with params as host numpy arrays.
+      (ModelConfig, params) with params as host numpy arrays (and quantized device arrays).
     """
     checkpoint = (path_or_checkpoint if isinstance(path_or_checkpoint, GGUFCheckpoint)
                   else GGUFCheckpoint(path_or_checkpoint))
-    params = params_from_hf(checkpoint.config, checkpoint.get, checkpoint.names(), dtype)
+    native = {}
+    if keep_blocks:
+        from jaxinfer.loading.gguf_blocks import native_layer_weights
+
+        native = native_layer_weights(checkpoint)
+    params = params_from_hf(checkpoint.config, checkpoint.get, checkpoint.names(), dtype, skip=set(native))
+    params["layers"].update(native)
     return checkpoint.config, params

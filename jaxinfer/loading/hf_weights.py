@@ -48,7 +48,8 @@ def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def params_from_hf(config: ModelConfig, get: GetTensor, names: set[str], dtype=jnp.float32) -> Tree:
+def params_from_hf(config: ModelConfig, get: GetTensor, names: set[str], dtype=jnp.float32,
+                   skip: set[str] = frozenset()) -> Tree:
     """Builds the module's state, as a nested dict of host arrays, from HF-named tensors.
 
     Args:
@@ -56,6 +57,7 @@ def params_from_hf(config: ModelConfig, get: GetTensor, names: set[str], dtype=j
       get: returns the HF-layout numpy array for a tensor name.
       names: every tensor name the checkpoint holds (to tell tied heads and spot omissions).
       dtype: target dtype of the parameters.
+      skip: layer parameters ("w_qkv", "w_o", "w_gate_up", "w_down") the caller fills itself.
     Returns:
       {"embed", "layers": {...}, "final_norm", "lm_head"?} of numpy arrays of `dtype`
       (`models.state_from_tree` turns it into the module's state).
@@ -76,17 +78,22 @@ def params_from_hf(config: ModelConfig, get: GetTensor, names: set[str], dtype=j
 
     # Stacked arrays are allocated once and filled layer by layer: peak host memory stays at
     # the model plus one layer.
-    layers = {name: np.empty((c.num_layers, *shape), target) for name, shape in _layer_shapes(c).items()}
+    layers = {name: np.empty((c.num_layers, *shape), target) for name, shape in _layer_shapes(c).items()
+              if name not in skip}
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
-        wq = load(p + "self_attn.q_proj.weight", (n * h, d)).reshape(k, g, h, d)
-        wk = load(p + "self_attn.k_proj.weight", (k * h, d)).reshape(k, 1, h, d)
-        wv = load(p + "self_attn.v_proj.weight", (k * h, d)).reshape(k, 1, h, d)
-        layers["w_qkv"][i] = np.concatenate([wq, wk, wv], axis=1).transpose(3, 0, 1, 2)  # [D, K, E, H]
-        layers["w_o"][i] = load(p + "self_attn.o_proj.weight", (d, n * h)).reshape(d, n, h).transpose(1, 2, 0)
-        layers["w_gate_up"][i, :, 0] = load(p + "mlp.gate_proj.weight", (f, d)).T
-        layers["w_gate_up"][i, :, 1] = load(p + "mlp.up_proj.weight", (f, d)).T
-        layers["w_down"][i] = load(p + "mlp.down_proj.weight", (d, f)).T
+        if "w_qkv" not in skip:
+            wq = load(p + "self_attn.q_proj.weight", (n * h, d)).reshape(k, g, h, d)
+            wk = load(p + "self_attn.k_proj.weight", (k * h, d)).reshape(k, 1, h, d)
+            wv = load(p + "self_attn.v_proj.weight", (k * h, d)).reshape(k, 1, h, d)
+            layers["w_qkv"][i] = np.concatenate([wq, wk, wv], axis=1).transpose(3, 0, 1, 2)  # [D, K, E, H]
+        if "w_o" not in skip:
+            layers["w_o"][i] = load(p + "self_attn.o_proj.weight", (d, n * h)).reshape(d, n, h).transpose(1, 2, 0)
+        if "w_gate_up" not in skip:
+            layers["w_gate_up"][i, :, 0] = load(p + "mlp.gate_proj.weight", (f, d)).T
+            layers["w_gate_up"][i, :, 1] = load(p + "mlp.up_proj.weight", (f, d)).T
+        if "w_down" not in skip:
+            layers["w_down"][i] = load(p + "mlp.down_proj.weight", (d, f)).T
         layers["attn_norm"][i] = load(p + "input_layernorm.weight", (d,))
         layers["mlp_norm"][i] = load(p + "post_attention_layernorm.weight", (d,))
         if c.qkv_bias:

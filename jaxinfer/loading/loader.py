@@ -90,7 +90,7 @@ def load_tokenizer(ref: str | None = None):
 
 
 def load_model(ref: str | None = None, dtype=None, *, load_tokenizer: bool = True,
-               sharding=None) -> LoadedModel:
+               sharding=None, gguf_blocks: bool = False) -> LoadedModel:
     """Resolves `ref` (directory, .gguf file, alias or hub id) and loads it.
 
     Args:
@@ -98,6 +98,8 @@ def load_model(ref: str | None = None, dtype=None, *, load_tokenizer: bool = Tru
       dtype: parameter dtype; default bfloat16 on accelerators and float32 on the CPU.
       load_tokenizer: also load the tokenizer (and chat template).
       sharding: optional shardings as a nested dict in the state's structure (see `sharding/`).
+      gguf_blocks: a GGUF file's decoder projections stay in their quantized blocks
+        (loading/gguf_blocks.py) instead of being dequantized to `dtype`.
     """
     from jaxinfer.loading.resolve import resolve_model
 
@@ -111,7 +113,7 @@ def load_model(ref: str | None = None, dtype=None, *, load_tokenizer: bool = Tru
         from jaxinfer.tokenizer import Tokenizer
 
         checkpoint = GGUFCheckpoint(path)  # parsing the metadata takes seconds: once for both
-        config, host_params = load_gguf(checkpoint, dtype=dtype)
+        config, host_params = load_gguf(checkpoint, dtype=dtype, keep_blocks=gguf_blocks)
         if load_tokenizer:
             tokenizer = Tokenizer.from_gguf(checkpoint.reader)
     else:

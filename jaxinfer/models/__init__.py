@@ -46,8 +46,8 @@ def state_from_tree(config: ModelConfig, tree, dtype=None) -> tuple[nnx.GraphDef
 
 
 def param_dtype(state) -> jnp.dtype:
-    """The dtype of the model's weights (its first parameter's)."""
-    return jnp.dtype(jax.tree.leaves(state)[0].dtype)
+    """The dtype the model computes in (its embedding's; projections may be quantized)."""
+    return jnp.dtype(param_value(state["embed"]).dtype)
 
 
 def unstack_layers(state: nnx.State) -> nnx.State:
@@ -82,4 +82,4 @@ def layer_views(state: nnx.State) -> nnx.State:
 
 def layers_are_stacked(state: nnx.State) -> bool:
     """Whether the layer parameters are stacked arrays (not per-layer tuples)."""
-    return not isinstance(param_value(state["layers"]["w_qkv"]), tuple)
+    return not isinstance(param_value(state["layers"]["attn_norm"]), tuple)

@@ -156,7 +156,8 @@ class LlamaForCausalLM(nnx.Module):
             return (x, kv), None
 
         carry = (x, attention.open_step(kv_cache, x.shape[0]))
-        stacked = not isinstance(weights["w_qkv"], (tuple, list))
+        # (attn_norm: always an array or a tuple of them; a projection may be a quantized weight)
+        stacked = not isinstance(weights["attn_norm"], (tuple, list))
         for start, stop, spec in layer_runs(c):
             if stacked and stop - start > 1 and not unroll:
                 carry, _ = lax.scan(lambda cr, i, spec=spec: layer_fn(cr, i, spec), carry,

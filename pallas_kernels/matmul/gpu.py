@@ -127,12 +127,23 @@ def skinny_matmul(x, w, layer=None, *, block_sizes: GpuMatmulBlockSizes | None =
         block_k=bs.block_k, steps=k // (bs.block_k * bs.split_k), split_k=bs.split_k,
         swap_ab=bs.swap_ab, stacked=layer is not None)
 
+    operands = (x, w) if layer is None else (layer, x, w)
+    return weight_stream_call(kernel, operands, grid=grid, num_tokens=num_tokens, n=n, dtype=x.dtype,
+                              block_sizes=bs, interpret=interpret, name="skinny_matmul")
+
+
+def weight_stream_call(kernel, operands, *, grid, num_tokens: int, n: int, dtype, block_sizes, interpret: bool,
+                       name: str):
+    """The pallas_call of a skinny-matmul kernel (this one or the quantized one): every operand
+    passed whole, the output [T, N] in `dtype` or, with split-K, float32 partials [split_k, T,
+    N] summed here (XLA fuses the sum into the consumer)."""
+    bs = block_sizes
+
     def whole(a):
         return pl.BlockSpec(a.shape, lambda *_, nd=a.ndim: (0,) * nd)
 
-    operands = (x, w) if layer is None else (layer, x, w)
     if bs.split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((num_tokens, n), x.dtype)
+        out_shape = jax.ShapeDtypeStruct((num_tokens, n), dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((bs.split_k, num_tokens, n), jnp.float32)
     out = pl.pallas_call(
@@ -143,8 +154,8 @@ def skinny_matmul(x, w, layer=None, *, block_sizes: GpuMatmulBlockSizes | None =
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
-        name="skinny_matmul",
+        name=name,
     )(*operands)
     if bs.split_k == 1:
         return out
-    return jnp.sum(out, axis=0).astype(x.dtype)
+    return jnp.sum(out, axis=0).astype(dtype)
