@@ -42,7 +42,7 @@ def _add_engine_args(p: argparse.ArgumentParser):
                    help="JAX's persistent compilation cache (default: under $JAXINFER_CACHE_DIR; '' disables)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices to split the model over (heads, mlp width, vocabulary)")
-    p.add_argument("--quantization", "-q", choices=("int8", "int4", "fp8", "gguf"), default=None,
+    p.add_argument("--quantization", "-q", choices=("int8", "int4", "fp8", "gguf", "awq", "gptq"), default=None,
                    help="weight-only quantization of the decoder projections at start; gguf: run a GGUF "
                         "file's own quantized blocks")
     p.add_argument("--quantization-group-size", type=int, default=128, help="rows per int4 scale group")

@@ -7,7 +7,8 @@ import os
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 LINEAR_KERNELS = ("auto", "xla", "pallas")
-QUANTIZATION_METHODS = (None, "int8", "int4", "fp8", "gguf")
+QUANTIZATION_METHODS = (None, "int8", "int4", "fp8", "gguf", "awq", "gptq")
+CHECKPOINT_QUANTIZATION = ("gguf", "awq", "gptq")  # the checkpoint's own format, loaded as it is
 # On devices that report no memory statistics (the CPU), the KV cache gets this many bytes.
 DEFAULT_HOST_KV_BYTES = 256 * 1024 * 1024
 
@@ -53,7 +54,8 @@ class EngineConfig:
         name): None, "int8" (per channel), "int4" (grouped, with offsets) or "fp8" (e4m3, per
         channel), see jaxinfer/quantization.py for what stays in the model's dtype; or "gguf":
         a GGUF file's decoder projections run in their own quantized blocks (Q8_0, Q4_0, Q4_1,
-        Q4_K, Q6_K; loading/gguf_blocks.py), which `LLM` and the CLI load so.
+        Q4_K, Q6_K; loading/gguf_blocks.py), which `LLM` and the CLI load so; "awq" / "gptq":
+        such a checkpoint (which loads 4-bit whether or not this is set; loading/awq_gptq.py).
       quantization_group_size: rows per int4 scale group (128: AWQ's and GPTQ's default).
     """
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.engine.block_manager import BlockManager
-from jaxinfer.engine.config import DEFAULT_HOST_KV_BYTES, EngineConfig
+from jaxinfer.engine.config import CHECKPOINT_QUANTIZATION, DEFAULT_HOST_KV_BYTES, EngineConfig
 from jaxinfer.engine.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine.kv_cache import KVCacheSpec, pages_for_memory_fraction
 from jaxinfer.engine.metrics import EngineMetrics
@@ -169,10 +169,10 @@ class LLMEngine:
             from jaxinfer.quantization import quantization_method, quantize_params
 
             held = quantization_method(model.params)
-            if config.quantization == "gguf":
+            if config.quantization in CHECKPOINT_QUANTIZATION:
                 if held is None:
-                    raise ValueError("quantization='gguf' runs a GGUF file's quantized blocks, but this model's "
-                                     "projections are floats (load a .gguf with gguf_blocks=True)")
+                    raise ValueError(f"quantization={config.quantization!r} runs a checkpoint's own quantized "
+                                     "weights, but this model's projections are floats")
             elif held is None:
                 t0 = time.perf_counter()
                 model.params = quantize_params(model.params, config.quantization, config.quantization_group_size)

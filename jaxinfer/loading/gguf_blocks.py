@@ -85,56 +85,17 @@ def codes_from_blocks(data: np.ndarray, ggml_type, shape: tuple[int, int]):
     return values, scales, offsets
 
 
-def _fused_codes(checkpoint, names: list[str], column_shapes: list[tuple[int, ...]], fuse):
-    """The codes of HF-named weights converted and joined column-wise by `fuse` (a function of
-    a list of [rows, *column_shape] arrays), or None when they are not all one native type."""
-    tensors = [checkpoint.tensor(name) for name in names]
-    types = {t.ggml_type for t in tensors}
-    if len(types) != 1 or next(iter(types)) not in NATIVE_TYPES:
-        return None
-    parts = [codes_from_blocks(t.data, t.ggml_type, t.shape) for t in tensors]
-    out = []
-    for field in range(3):
-        arrays = [p[field] for p in parts]
-        if arrays[0] is None:
-            out.append(None)
-            continue
-        shaped = [a.reshape(a.shape[0], *cols) for a, cols in zip(arrays, column_shapes)]
-        joined = fuse(shaped)
-        out.append(joined.reshape(joined.shape[0], -1))
-    return (*out, block_layout(tensors[0].ggml_type))
-
 
 def native_layer_weights(checkpoint) -> dict:
     """{param name: QuantizedWeight stacked over layers} for each decoder projection whose
     every layer's GGUF tensors share one native block type (a mixed file, such as llama.cpp's
-    *_K_M presets that keep some layers in Q6_K, leaves that projection to the float path).
-    Columns are joined in the fused layout models/llama.py projects with: q|k|v grouped by kv
-    head, gate|up side by side."""
-    import jax.numpy as jnp
+    *_K_M presets that keep some layers in Q6_K, leaves that projection to the float path)."""
+    from jaxinfer.loading.quantized_layers import stack_projection_codes
 
-    from jaxinfer.quantization import QuantizedWeight
+    def codes_for(module: str):
+        t = checkpoint.tensor(module + ".weight")
+        if t.ggml_type not in NATIVE_TYPES:
+            return None
+        return (*codes_from_blocks(t.data, t.ggml_type, t.shape), block_layout(t.ggml_type))
 
-    c = checkpoint.config
-    k, g, h = c.num_kv_heads, c.q_per_kv, c.head_dim
-    plans = {
-        "w_qkv": (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], [(k, g, h), (k, 1, h), (k, 1, h)],
-                  lambda a: np.concatenate(a, axis=2)),
-        "w_o": (["self_attn.o_proj"], [(-1,)], lambda a: a[0]),
-        "w_gate_up": (["mlp.gate_proj", "mlp.up_proj"], [(1, -1), (1, -1)], lambda a: np.concatenate(a, axis=1)),
-        "w_down": (["mlp.down_proj"], [(-1,)], lambda a: a[0]),
-    }
-    out = {}
-    for param, (parts, columns, fuse) in plans.items():
-        layers = []
-        for i in range(c.num_layers):
-            codes = _fused_codes(checkpoint, [f"model.layers.{i}.{p}.weight" for p in parts], columns, fuse)
-            if codes is None or (layers and codes[3] != layers[0][3]):
-                layers = None
-                break
-            layers.append(codes)
-        if not layers:
-            continue
-        stack = [None if layers[0][f] is None else jnp.asarray(np.stack([l[f] for l in layers])) for f in range(3)]
-        out[param] = QuantizedWeight(stack[0], stack[1], stack[2], layers[0][3])
-    return out
+    return stack_projection_codes(checkpoint.config, codes_for)
