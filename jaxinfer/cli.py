@@ -42,6 +42,8 @@ def _add_engine_args(p: argparse.ArgumentParser):
                    help="JAX's persistent compilation cache (default: under $JAXINFER_CACHE_DIR; '' disables)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices to split the model over (heads, mlp width, vocabulary)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "fp8", "fp8_e4m3"), default="auto",
+                   help="KV cache storage (fp8: e4m3, on the XLA attention path)")
     p.add_argument("--quantization", "-q", choices=("int8", "int4", "fp8", "gguf", "awq", "gptq"), default=None,
                    help="weight-only quantization of the decoder projections at start; gguf: run a GGUF "
                         "file's own quantized blocks")
@@ -78,6 +80,7 @@ def engine_config_kwargs(args) -> dict:
                   async_scheduling=args.async_scheduling, seed=args.seed,
                   tensor_parallel_size=args.tensor_parallel_size,
                   quantization=args.quantization, quantization_group_size=args.quantization_group_size,
+                  kv_cache_dtype=args.kv_cache_dtype,
                   compilation_cache_dir=args.compilation_cache_dir)
     # None means "the EngineConfig default" for the flags whose default is not None there.
     for name in ("max_num_seqs", "max_num_batched_tokens", "compilation_cache_dir"):

@@ -24,8 +24,9 @@ def add_args(sub) -> None:
 
     p = sub.add_parser("quality", help="perplexity of a fixed text for each quantization mode")
     _add_engine_args(p)
-    p.add_argument("--modes", default="none,int8,int4,fp8",
-                   help="comma list of quantization modes to score ('none': the float model)")
+    p.add_argument("--modes", default="none,int8,int4,fp8,kv-fp8",
+                   help="comma list of modes to score: 'none' (the float model), a weight quantization "
+                        "(int8, int4, fp8), or kv-fp8 (float weights, fp8 KV cache)")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text to score")
     p.add_argument("--window", type=int, default=512, help="tokens per scored prompt")
     p.add_argument("--output-dir", default="benchmarks/results")
@@ -66,7 +67,10 @@ def score_modes(model_ref, modes: list[str], prompts: list[list[int]], *, dtype:
     for mode in modes:
         t0 = time.perf_counter()
         model = load() if load is not None else model_ref
-        llm = LLM(model, dtype=dtype, quantization=None if mode == "none" else mode, **engine_kwargs)
+        kwargs = dict(engine_kwargs)
+        if mode == "kv-fp8":
+            kwargs["kv_cache_dtype"] = "fp8"
+        llm = LLM(model, dtype=dtype, quantization=None if mode in ("none", "kv-fp8") else mode, **kwargs)
         results[mode] = perplexity(llm, prompts)
         results[mode]["seconds"] = time.perf_counter() - t0
         del llm
@@ -84,13 +88,14 @@ def cmd_quality(args) -> int:
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        if m not in ("none", "int8", "int4", "fp8"):
-            raise SystemExit(f"error: unknown mode {m!r} (none, int8, int4, fp8)")
+        if m not in ("none", "int8", "int4", "fp8", "kv-fp8"):
+            raise SystemExit(f"error: unknown mode {m!r} (none, int8, int4, fp8, kv-fp8)")
     tokenizer = load_tokenizer(args.model)
     text = Path(args.text).read_text(encoding="utf-8")
     prompts = windows(tokenizer.encode(text), args.window)
     kwargs = engine_config_kwargs(args)
     kwargs.pop("quantization")
+    kwargs.pop("kv_cache_dtype")
     kwargs["max_model_len"] = kwargs.get("max_model_len") or max(len(p) for p in prompts) + 16
     results = score_modes(args.model, modes, prompts, dtype=args.dtype, **kwargs)
     record = dict(run_header(), text=os.path.basename(args.text), window=args.window, results=results)

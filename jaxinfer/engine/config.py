@@ -7,6 +7,8 @@ import os
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 LINEAR_KERNELS = ("auto", "xla", "pallas")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "fp8_e4m3")
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 QUANTIZATION_METHODS = (None, "int8", "int4", "fp8", "gguf", "awq", "gptq")
 CHECKPOINT_QUANTIZATION = ("gguf", "awq", "gptq")  # the checkpoint's own format, loaded as it is
 # On devices that report no memory statistics (the CPU), the KV cache gets this many bytes.
@@ -29,7 +31,10 @@ class EngineConfig:
       page_size: tokens per KV page (a power of two).
       num_pages: KV pages including the scratch page 0 (None: sized from memory).
       kv_cache_memory_fraction: share of the device's free memory given to the KV cache.
-      kv_cache_dtype: "auto" (the parameters' dtype), "float32" or "bfloat16".
+      kv_cache_dtype: "auto" (the parameters' dtype), "float32", "bfloat16", or "fp8" (vLLM's
+        name; also "fp8_e4m3"): keys and values stored as float8 e4m3 with a scale of 1, as
+        vLLM's uncalibrated default, saturated at +-448; half the bytes of bf16. Runs on the
+        XLA attention path (the Pallas kernels read 16- and 32-bit caches only).
       scheduling_policy: "fcfs" or "priority".
       enable_prefix_caching: reuse KV pages of identical prompt prefixes.
       attention_backend: "auto" (Pallas on GPU/TPU, XLA on CPU), "xla" or "pallas".
@@ -92,8 +97,8 @@ class EngineConfig:
             raise ValueError(f"num_pages must be an integer >= 2 (page 0 is scratch), got {self.num_pages!r}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"kv_cache_dtype must be auto, float32 or bfloat16, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.engine.block_manager import BlockManager
-from jaxinfer.engine.config import CHECKPOINT_QUANTIZATION, DEFAULT_HOST_KV_BYTES, EngineConfig
+from jaxinfer.engine.config import CHECKPOINT_QUANTIZATION, FP8_KV_CACHE_DTYPES, DEFAULT_HOST_KV_BYTES, EngineConfig
 from jaxinfer.engine.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine.kv_cache import KVCacheSpec, pages_for_memory_fraction
 from jaxinfer.engine.metrics import EngineMetrics
@@ -197,8 +197,16 @@ class LLMEngine:
         # (594 -> 435 kernels a step for the 8B shape) but a warm start of 14.4 s instead of
         # 10.1 (the unrolled executables load slowly): not the default (benchmarks/NOTES.md).
         weights_dtype = param_dtype(model.params)
-        kv_dtype = weights_dtype if config.kv_cache_dtype == "auto" else jnp.dtype(config.kv_cache_dtype)
-        attention = resolve_attention_backend(config.attention_backend, mesh=mesh, num_kv_heads=mc.num_kv_heads)
+        fp8_kv = config.kv_cache_dtype in FP8_KV_CACHE_DTYPES
+        kv_dtype = (weights_dtype if config.kv_cache_dtype == "auto" else
+                    jnp.dtype(jnp.float8_e4m3fn) if fp8_kv else jnp.dtype(config.kv_cache_dtype))
+        backend = config.attention_backend
+        if fp8_kv:  # only the XLA path reads float8 pages
+            if backend == "pallas":
+                raise ValueError("kv_cache_dtype='fp8' runs on attention_backend='xla' (the Pallas kernels read "
+                                 "16- and 32-bit caches); use 'auto' or 'xla'")
+            backend = "xla"
+        attention = resolve_attention_backend(backend, mesh=mesh, num_kv_heads=mc.num_kv_heads)
         # A kernel that tiles only some head sizes keeps its cache zero-padded to one.
         cache_head_dim = attention.cache_head_dim(mc.head_dim)
         num_pages = config.num_pages

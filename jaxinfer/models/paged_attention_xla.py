@@ -53,6 +53,16 @@ class PagedMetadata:
     num_seqs: jax.Array
 
 
+def to_cache_dtype(x, dtype):
+    """x in the cache's dtype; into float8, saturated at its largest finite value first (e4m3fn
+    has no infinity: an overflow would become NaN)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -top, top)
+    return x.astype(dtype)
+
+
 def write_kv(k_pages, v_pages, k_tkh, v_tkh, slot_mapping_t, layer_idx):
     """Scatters this step's k/v into layer `layer_idx` of the stacked pools (in place when the
     pools are donated)."""
@@ -60,7 +70,7 @@ def write_kv(k_pages, v_pages, k_tkh, v_tkh, slot_mapping_t, layer_idx):
 
     def write(pages, x_tkh):
         flat = pages.reshape(kh, L, p * ps, h)
-        flat = flat.at[:, layer_idx, slot_mapping_t].set(jnp.swapaxes(x_tkh, 0, 1).astype(pages.dtype),
+        flat = flat.at[:, layer_idx, slot_mapping_t].set(to_cache_dtype(jnp.swapaxes(x_tkh, 0, 1), pages.dtype),
                                                      mode="promise_in_bounds")
         return flat.reshape(pages.shape)
 
@@ -89,6 +99,8 @@ def _partial(q_ktgh, k_keys, v_keys, mask_tl, layer: LayerSpec, keys: str):
     """Unnormalised softmax pieces of queries over one block of keys (float32), kv head major
     throughout so XLA's batched dots need no transposes. `keys` are the key arrays' subscripts:
     "klh" (keys shared by every query) or "ktlh" (keys per query)."""
+    # A float8 cache is widened to the queries' dtype; otherwise the two are one dtype already.
+    k_keys, v_keys = k_keys.astype(q_ktgh.dtype), v_keys.astype(q_ktgh.dtype)
     logits = jnp.einsum(f"ktgh,{keys}->ktgl", q_ktgh, k_keys, preferred_element_type=jnp.float32)
     m, p = masked_exp(logits, mask_tl[None, :, None, :], layer)
     acc = jnp.einsum(f"ktgl,{keys}->ktgh", p.astype(v_keys.dtype), v_keys, preferred_element_type=jnp.float32)
@@ -217,8 +229,8 @@ class PagedAttentionXLA:
         kh = k_tkh.shape[1]
         q = jnp.swapaxes(q_tnh.reshape(t, kh, n // kh, h), 0, 1)  # [K, T, G, H]
         # This step's k/v at the cache's precision: the same numbers a read from the pages gives.
-        k_step = k_tkh.astype(staged.k_pages.dtype)
-        v_step = v_tkh.astype(staged.v_pages.dtype)
+        k_step = to_cache_dtype(k_tkh, staged.k_pages.dtype)
+        v_step = to_cache_dtype(v_tkh, staged.v_pages.dtype)
         state = in_step_attention(q, jnp.swapaxes(k_step, 0, 1), jnp.swapaxes(v_step, 0, 1), metadata, layer)
         m, l, acc = context_attention(q, staged.k_pages, staged.v_pages, metadata, layer, layer_idx, state)
         staged = StagedKV(staged.k_pages, staged.v_pages,
