@@ -505,16 +505,18 @@ class LLMEngine:
             return None
         completions = []
         for c in group.completions:
-            ids = c.request.output_token_ids
             if kind == RequestOutputKind.DELTA:
-                text, token_ids = c.delta_text, ids[c.delta_start:]
+                # Only the new tokens are sliced out (a fresh list); copying every output token
+                # each step made this O(output length) per request per step.
+                all_ids, start = c.request.all_token_ids, c.request.num_prompt_tokens + c.delta_start
+                text, token_ids = c.delta_text, all_ids[start:]
                 logprobs = c.logprobs[c.delta_start:] if c.logprobs is not None else None
-                c.delta_text, c.delta_start = "", len(ids)
+                c.delta_text, c.delta_start = "", len(all_ids) - c.request.num_prompt_tokens
             else:
                 text = c.detokenizer.output_text if c.detokenizer is not None else ""
-                token_ids, logprobs = list(ids), c.logprobs
+                token_ids, logprobs = c.request.output_token_ids, c.logprobs  # a fresh list already
             completions.append(CompletionOutput(
-                index=c.index, text=text, token_ids=list(token_ids), finish_reason=c.finish_reason,
+                index=c.index, text=text, token_ids=token_ids, finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason, logprobs=list(logprobs) if logprobs is not None else None,
                 cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None))
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
