@@ -28,10 +28,11 @@ from benchmarks.kernels import timings
 from benchmarks.matmul import SHAPES, compile_all, max_rel_err, random_sets
 from benchmarks.record import kernel_bench_parser, report_saver, run_header
 from jaxinfer.devices import datasheet
-from jaxinfer.quantization import QuantizedWeight, quantize_weight
+from jaxinfer.quantization import QuantizedWeight, dequantize_weight, quantize_weight
 from pallas_kernels.matmul import GpuMatmulBlockSizes, skinny_matmul
 from pallas_kernels.quantized_matmul import quantized_block_sizes, quantized_matmul, quantized_matmul_reference
 from pallas_kernels.quantized_matmul.gpu import REDUCE_MAX_TOKENS
+from pallas_kernels.quantized_matmul.tuned_block_sizes import split_to_fill
 
 TOKENS = (1, 4, 16, 64)
 KINDS = ("bf16", "int8", "int4", "fp8")
@@ -50,10 +51,7 @@ def sweep_tilings(default: GpuMatmulBlockSizes, k: int, n: int, unit: int):
         bk = max(bk, unit) // unit * unit
         if n % bn or k % bk:
             continue
-        blocks = k // bk
-        divisors = [d for d in range(1, min(blocks, 32) + 1) if blocks % d == 0]
-        split = next((d for d in divisors if n // bn * d >= 264), divisors[-1])
-        out.append(GpuMatmulBlockSizes(bn, bk, split, 4, stages))
+        out.append(GpuMatmulBlockSizes(bn, bk, split_to_fill(k // bk, n // bn, 264), 4, stages))
     return list(dict.fromkeys(out))
 
 
@@ -102,7 +100,7 @@ def main():
                             x, w.values, w.scales, w.offsets, layout=w.layout, block_sizes=bs, mode=mode,
                             interpret=interpret), (xs[t][0], w0))
                 jobs[(t, kind, "xla", None)] = (
-                    lambda x, w: jnp.dot(x, _dequant(w, x.dtype)), (xs[t][0], w0))
+                    lambda x, w: jnp.dot(x, dequantize_weight(w, x.dtype)), (xs[t][0], w0))
         compiled = compile_all(jobs, min(16, os.cpu_count() or 1))
         print(f"{name} [{k} x {n}]: compiled {len(jobs)}", flush=True)
         base_us = {}
@@ -148,12 +146,6 @@ def main():
         f.write(markdown(report))
     print(markdown(report))
     return 1 if any(r.get("ok") is False for r in report["rows"]) else 0
-
-
-def _dequant(w, dtype):
-    from pallas_kernels.quantized_matmul import dequantize
-
-    return dequantize(w.values, w.scales, w.offsets, w.layout, dtype)
 
 
 def markdown(report) -> str:

@@ -181,12 +181,16 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path) as f:
-            try:
-                hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_config(hf)
+        return cls.from_hf_config(read_hf_config(path))
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """An HF `config.json` as a dictionary (ValueError naming the file if it is not JSON)."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def _as_id_tuple(value) -> tuple[int, ...]:

@@ -67,12 +67,6 @@ class QuantizedWeight:
         return (*lead, rows * 2 if self.layout.kind == "int4" else rows, n)
 
     @property
-    def dtype(self):
-        """The dtype the weight computes in (its scales')."""
-        scales = self.scales[0] if isinstance(self.scales, (tuple, list)) else self.scales
-        return scales.dtype
-
-    @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in jax.tree.leaves(self))
 
@@ -87,9 +81,9 @@ class QuantizedWeight:
         return self
 
     def layer(self, i):
-        """(values, scales, offsets, layer) to read layer i: a per-layer tuple is indexed here,
-        a stack is passed whole with its index."""
-        if isinstance(self.values, (tuple, list)):
+        """(values, scales, offsets, layer) to read layer i (None: the weight is not stacked): a
+        per-layer tuple is indexed here, a stack is passed whole with its index."""
+        if i is not None and isinstance(self.values, (tuple, list)):
             pick = (lambda a: None if a is None else a[i])
             return pick(self.values), pick(self.scales), pick(self.offsets), None
         return self.values, self.scales, self.offsets, i
@@ -98,7 +92,7 @@ class QuantizedWeight:
 def _quantized_linear(linear: Linear, x_tk, w: QuantizedWeight, layer, transpose: bool, out_dtype):
     if transpose:
         raise ValueError("quantized weights are stored [K, N]; transposed use (the tied LM head) is not quantized")
-    values, scales, offsets, layer = w.layer(layer) if layer is not None else (w.values, w.scales, w.offsets, None)
+    values, scales, offsets, layer = w.layer(layer)
     k, n = w.shape[-2:]
     if (linear.kernel == "pallas" and x_tk.ndim == 2 and x_tk.shape[0] <= linear.max_kernel_tokens
             and kernel_supports(w.layout, k, n)):

@@ -110,3 +110,15 @@ def test_shipped_configs_use_known_settings(name):
 
     generate_parser = build_parser().parse_args(["generate"]).subparser
     assert _read_config(str(Path(__file__).parent.parent / "configs" / name), generate_parser)
+
+
+def test_quantization_and_kv_cache_flags_reach_the_engine_config():
+    from jaxinfer.cli import build_parser, engine_config_kwargs
+    from jaxinfer.engine.config import EngineConfig
+
+    args = build_parser().parse_args(["generate", "--quantization", "int4", "--quantization-group-size", "64",
+                                      "--kv-cache-dtype", "fp8"])
+    config = EngineConfig(**engine_config_kwargs(args))
+    assert (config.quantization, config.quantization_group_size, config.kv_cache_dtype) == ("int4", 64, "fp8")
+    defaults = EngineConfig(**engine_config_kwargs(build_parser().parse_args(["generate"])))
+    assert (defaults.quantization, defaults.kv_cache_dtype) == (None, "auto")

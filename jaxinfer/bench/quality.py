@@ -31,7 +31,7 @@ def add_args(sub) -> None:
     p.add_argument("--window", type=int, default=512, help="tokens per scored prompt")
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--tag", default="", help="appended to the result files' names")
-    p.set_defaults(func=cmd_quality)
+    p.set_defaults(func=cmd_quality, preset=None)  # result files are named by --model
 
 
 def windows(token_ids: list[int], window: int) -> list[list[int]]:
@@ -104,6 +104,5 @@ def cmd_quality(args) -> int:
         vs = f"{100 * r['vs_float']:+.2f}%" if "vs_float" in r else "-"
         table.append(f"| {mode} | {r['perplexity']:.3f} | {vs} | {r['scored_tokens']} |")
     print("\n".join(table))
-    args.preset = None
     _save(record, args, "quality", table)
     return 0

@@ -162,12 +162,9 @@ class LLMEngine:
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
             # Every program is cached, however fast it compiled: a warm start compiles nothing.
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        if config.quantization is not None:
-            if config.tensor_parallel_size > 1:
-                raise ValueError("quantization with tensor_parallel_size > 1 is not supported yet: the "
-                                 "sharding rules do not cover quantized weights")
-            from jaxinfer.quantization import quantization_method, quantize_params
+        from jaxinfer.quantization import quantization_method, quantize_params
 
+        if config.quantization is not None:
             held = quantization_method(model.params)
             if config.quantization in CHECKPOINT_QUANTIZATION:
                 if held is None:
@@ -181,6 +178,9 @@ class LLMEngine:
             elif held != config.quantization:
                 raise ValueError(f"the model's projections are quantized as {held}; quantization="
                                  f"{config.quantization!r} needs the float checkpoint")
+        if config.tensor_parallel_size > 1 and quantization_method(model.params) is not None:
+            raise ValueError("quantized weights with tensor_parallel_size > 1 are not supported yet: the "
+                             "sharding rules do not cover quantized weights")
         mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size)
         unroll_max_tokens, unrolled_params = 0, None
         if config.scan_layers is False and layers_are_stacked(model.params):
@@ -508,10 +508,9 @@ class LLMEngine:
             if kind == RequestOutputKind.DELTA:
                 # Only the new tokens are sliced out (a fresh list); copying every output token
                 # each step made this O(output length) per request per step.
-                all_ids, start = c.request.all_token_ids, c.request.num_prompt_tokens + c.delta_start
-                text, token_ids = c.delta_text, all_ids[start:]
+                text, token_ids = c.delta_text, c.request.all_token_ids[c.request.num_prompt_tokens + c.delta_start:]
                 logprobs = c.logprobs[c.delta_start:] if c.logprobs is not None else None
-                c.delta_text, c.delta_start = "", len(all_ids) - c.request.num_prompt_tokens
+                c.delta_text, c.delta_start = "", c.request.num_output_tokens
             else:
                 text = c.detokenizer.output_text if c.detokenizer is not None else ""
                 token_ids, logprobs = c.request.output_token_ids, c.logprobs  # a fresh list already

@@ -89,19 +89,20 @@ def _model_step(state, packed, kv_cache, prev_tokens_s, *, spec: PackSpec, graph
     return model.compute_logits(hidden[logits_indices_s], linear), hidden, kv_cache
 
 
-def _score_prompt(head, hidden_td, target_ids_c, start, *, linear):
-    """`sampling.prompt_logprobs` of target_ids_c [C] under the logits of rows [start, start +
-    C) of hidden_td (top MAX_LOGPROBS); head is the LM head's weight [V, D] (see
-    `_lm_head`): the scorer takes only that, not the whole model state.
+def _score_prompt(head, hidden_td, target_ids_t, start, *, linear, rows: int):
+    """`sampling.prompt_logprobs` of rows [start, start + C) of the step, C = min(T, rows):
+    targets target_ids_t[start:start + C] under the logits of hidden_td's rows (top
+    MAX_LOGPROBS); head is the LM head's weight [V, D] (`_lm_head`), all a scorer reads of the
+    model.
 
-    One chunk of C <= SCORE_CHUNK rows per call, the host dispatching as many as a step needs:
-    a step's [T, V] float32 logits at once would need gigabytes (8192 tokens x 128k vocab:
-    4 GB, times the softmax's temporaries). Measured on the H200 with int8 weights, a scorer
-    that took the whole (quantized) state failed at run time asking for 41 GB that its
-    memory analysis (0.8 GB of temporaries) does not show; taking the head alone runs."""
-    hidden = jax.lax.dynamic_slice_in_dim(hidden_td, start, target_ids_c.shape[0], axis=0)
+    One chunk per call, the host dispatching as many as a step needs: a step's [T, V] float32
+    logits at once would need gigabytes (8192 tokens x 128k vocab: 4 GB, times the softmax's
+    temporaries)."""
+    c = min(hidden_td.shape[0], rows)
+    hidden = jax.lax.dynamic_slice_in_dim(hidden_td, start, c, axis=0)
+    targets = jax.lax.dynamic_slice_in_dim(target_ids_t, start, c, axis=0)
     logits = linear(hidden, head, transpose=True, out_dtype=jnp.float32)
-    return prompt_logprobs(logits, target_ids_c, num_logprobs=MAX_LOGPROBS)
+    return prompt_logprobs(logits, targets, num_logprobs=MAX_LOGPROBS)
 
 
 def _lm_head(state):
@@ -170,7 +171,8 @@ class ModelRunner:
         donate = () if self._stages_writes else ("kv_cache",)
         self._step = jax.jit(functools.partial(_model_step, **static), static_argnames=("spec", "unroll"),
                              donate_argnames=donate, **step_out)
-        self._score = jax.jit(functools.partial(_score_prompt, linear=linear), **score_out)
+        self._score_chunk = SCORE_CHUNK  # rows per scorer call (fixed when its programs compile)
+        self._score = jax.jit(functools.partial(_score_prompt, linear=linear, rows=self._score_chunk), **score_out)
         if self._stages_writes:
             self._commit = jax.jit(functools.partial(_commit_staged, attention=attention), static_argnames=("spec",),
                                    donate_argnums=(0,), **copy_out)
@@ -191,7 +193,6 @@ class ModelRunner:
         # Ahead-of-time compiled programs by (kind, size[, variant]) (see `precompile`); a step
         # without one goes through the jitted function, which compiles on first use.
         self._executables: dict[tuple, object] = {}
-        self._score_chunk = SCORE_CHUNK  # rows per scorer call (fixed when its programs compile)
 
     # -- warm-up ---------------------------------------------------------------------------
     @property
@@ -233,9 +234,9 @@ class ModelRunner:
                 t <= self.unroll_max_tokens)))
             # Keyed by the hidden states' rows, which is what a step looks the scorer up by.
             jobs.append((("score", hidden.shape[0]), functools.partial(
-                lambda h, n: self._score.lower(_lm_head(self.params), h, sds((n,), np.int32),
-                                              sds((), np.int32)).compile(),
-                sds(hidden.shape, hidden.dtype), min(hidden.shape[0], self._score_chunk))))
+                lambda h: self._score.lower(_lm_head(self.params), h, sds((h.shape[0],), np.int32),
+                                            sds((), np.int32)).compile(),
+                sds(hidden.shape, hidden.dtype))))
             if self._stages_writes:
                 jobs.append((("commit", t), functools.partial(
                     lambda st, p, sp: self._commit.lower(self.kv_cache, st, p, spec=sp).compile(),
@@ -452,13 +453,9 @@ class ModelRunner:
         t = hidden_td.shape[0]
         c = min(t, self._score_chunk)
         score = self._executables.get(("score", t), self._score)
-        out = []
-        for i in chunks:
-            start = chunk_start(i, c, t)
-            tgt = jax.device_put(targets[start:start + c], self._placement)
-            out.append(score(_lm_head(self.params), hidden_td, tgt,
-                             jax.device_put(np.int32(start), self._placement)))
-        return out
+        head, targets = _lm_head(self.params), jax.device_put(targets, self._placement)
+        return [score(head, hidden_td, targets, jax.device_put(np.int32(chunk_start(i, c, t)), self._placement))
+                for i in chunks]
 
 
 def chunk_start(i: int, size: int, total: int) -> int:

@@ -69,7 +69,7 @@ def _awq_columns(words: np.ndarray) -> np.ndarray:
     return codes.reshape(words.shape[0], -1)
 
 
-def codes_from_packed(get, module: str, q: Mapping[str, Any]):
+def codes_from_packed(get, names, module: str, q: Mapping[str, Any]):
     """(values, scales, offsets, layout) of one AWQ/GPTQ linear module (names `module`.qweight, ...)."""
     qweight = np.asarray(get(module + ".qweight"))
     qzeros = np.asarray(get(module + ".qzeros"))
@@ -89,26 +89,18 @@ def codes_from_packed(get, module: str, q: Mapping[str, Any]):
                               f"do not describe one 4-bit weight")
     g = k // groups
     if q["quant_method"] == "gptq":
-        g_idx = get(module + ".g_idx") if _has(get, module + ".g_idx") else None
+        g_idx = get(module + ".g_idx") if module + ".g_idx" in names else None
         if g_idx is not None and not np.array_equal(np.asarray(g_idx), np.arange(k) // g):
             raise CheckpointError(f"{module}: g_idx is not [i // {g}] (act-order), which is not supported yet")
     offsets = -(zeros * scales.astype(np.float32))
     return pack_int4(codes, g), scales, offsets, QuantLayout("int4", g, g)
 
 
-def _has(get, name: str) -> bool:
-    try:
-        get(name)
-        return True
-    except (KeyError, CheckpointError):
-        return False
-
-
-def packed_layer_weights(config, get, q: Mapping[str, Any]) -> dict:
+def packed_layer_weights(config, get, names, q: Mapping[str, Any]) -> dict:
     """{param name: QuantizedWeight} of every decoder projection of an AWQ/GPTQ checkpoint."""
     from jaxinfer.loading.quantized_layers import stack_projection_codes
 
-    out = stack_projection_codes(config, lambda module: codes_from_packed(get, module, q))
+    out = stack_projection_codes(config, lambda module: codes_from_packed(get, names, module, q))
     missing = {"w_qkv", "w_o", "w_gate_up", "w_down"} - set(out)
     if missing:
         raise CheckpointError(f"{q['quant_method']} checkpoint: {sorted(missing)} do not share one group size "

@@ -54,8 +54,7 @@ class LoadedModel:
 
 def load_hf_directory(directory: str | os.PathLike, dtype=jnp.float32):
     """(config, host params) from an HF directory with config.json and safetensors."""
-    import json
-
+    from jaxinfer.config import read_hf_config
     from jaxinfer.loading.awq_gptq import packed_layer_weights, quantization_of
     from jaxinfer.loading.hf_weights import params_from_hf
     from jaxinfer.loading.safetensors import SafetensorsCheckpoint
@@ -64,17 +63,17 @@ def load_hf_directory(directory: str | os.PathLike, dtype=jnp.float32):
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no config.json; expected an HF model directory")
-    config = ModelConfig.from_json_file(config_path)
+    hf_config = read_hf_config(config_path)
+    config = ModelConfig.from_hf_config(hf_config)
     checkpoint = SafetensorsCheckpoint(directory)
     quantized = {}
-    with open(config_path) as f:
-        quantization = quantization_of(json.load(f))
+    quantization = quantization_of(hf_config)
     if quantization is not None and quantization["quant_method"] == "compressed-tensors":
         from jaxinfer.loading.fp8_weights import fp8_layer_weights
 
         quantized = fp8_layer_weights(config, checkpoint.get)  # projections stay fp8
     elif quantization is not None:  # AWQ / GPTQ: the projections stay 4-bit
-        quantized = packed_layer_weights(config, checkpoint.get, quantization)
+        quantized = packed_layer_weights(config, checkpoint.get, checkpoint.names(), quantization)
     params = params_from_hf(config, checkpoint.get, checkpoint.names(), dtype, skip=set(quantized))
     params["layers"].update(quantized)
     return config, params

@@ -33,6 +33,13 @@ def kernel_supports(layout: QuantLayout, k: int, n: int) -> bool:
     return n % 16 == 0 and pow2(seg) and pow2(unit) and k % unit == 0
 
 
+def split_to_fill(blocks: int, columns: int, programs: int) -> int:
+    """The smallest split of `blocks` K steps (a divisor, at most _MAX_SPLIT_K) that gives
+    columns * split >= programs, else the largest such divisor."""
+    divisors = [d for d in range(1, min(blocks, _MAX_SPLIT_K) + 1) if blocks % d == 0]
+    return next((d for d in divisors if columns * d >= programs), divisors[-1])
+
+
 def quantized_block_sizes(*, num_tokens: int, k: int, n: int, layout: QuantLayout,
                           device_kind: str | None = None) -> GpuMatmulBlockSizes:
     """The tiling for x [num_tokens, k] @ W [k, n] stored as `layout` on this device.
@@ -57,14 +64,7 @@ def quantized_block_sizes(*, num_tokens: int, k: int, n: int, layout: QuantLayou
     while k % block_k and block_k > unit:
         block_k //= 2
     blocks = k // block_k
-    sms = sm_count(device_family(device_kind), device_kind)
-    columns = n // block_n
-    split_k = 1
-    for cand in range(1, min(blocks, _MAX_SPLIT_K) + 1):
-        if blocks % cand == 0:
-            split_k = cand
-            if columns * cand >= _PROGRAMS_PER_SM * sms:
-                break
+    split_k = split_to_fill(blocks, n // block_n, _PROGRAMS_PER_SM * sm_count(device_family(device_kind), device_kind))
     stages = 3 if num_tokens == 1 or block_k >= 128 and block_n >= 128 else 4
     return GpuMatmulBlockSizes(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4,
                                num_stages=stages, swap_ab=swap_ab)
