@@ -6,16 +6,16 @@ live in the subpackages. Imports are lazy so `import jaxinfer` stays cheap.
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
 
 
 def __getattr__(name):
     if name == "LLM":
         from jaxinfer.llm import LLM
         return LLM
-    if name == "SamplingParams":
-        from jaxinfer.sampling_params import SamplingParams
-        return SamplingParams
+    if name in ("SamplingParams", "StructuredOutputsParams"):
+        import jaxinfer.sampling_params as sampling_params
+        return getattr(sampling_params, name)
     if name == "EngineConfig":
         from jaxinfer.engine.config import EngineConfig
         return EngineConfig

@@ -1,4 +1,5 @@
-"""The `jaxinfer` command line: generate, chat, serve, bench (serve, latency, throughput, startup)."""
+"""The `jaxinfer` command line: generate, chat, serve, bench (serve, latency, throughput, startup,
+quality, structured)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ def _add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--enable-prefix-caching", action="store_true")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV pages of shared prompt prefixes (default: on)")
+    p.add_argument("--kv-offloading-size", type=float, default=None,
+                   help="GiB of host memory for KV pages evicted from the device's prefix cache (default: none)")
     p.add_argument("--attention-backend", choices=("auto", "xla", "pallas"), default="auto")
     p.add_argument("--linear-kernel", choices=("auto", "xla", "pallas"), default="auto",
                    help="projections: the Pallas skinny matmul for decode-sized steps (auto: on one GPU) or XLA")
@@ -75,7 +79,8 @@ def engine_config_kwargs(args) -> dict:
     kwargs = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
                   num_pages=args.num_pages, kv_cache_memory_fraction=args.gpu_memory_utilization,
-                  enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
+                  enable_prefix_caching=args.enable_prefix_caching, kv_offloading_size=args.kv_offloading_size,
+                  attention_backend=args.attention_backend,
                   linear_kernel=args.linear_kernel, scan_layers=args.scan_layers,
                   async_scheduling=args.async_scheduling, seed=args.seed,
                   tensor_parallel_size=args.tensor_parallel_size,
@@ -83,7 +88,7 @@ def engine_config_kwargs(args) -> dict:
                   kv_cache_dtype=args.kv_cache_dtype,
                   compilation_cache_dir=args.compilation_cache_dir)
     # None means "the EngineConfig default" for the flags whose default is not None there.
-    for name in ("max_num_seqs", "max_num_batched_tokens", "compilation_cache_dir"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "compilation_cache_dir", "enable_prefix_caching"):
         if kwargs[name] is None:
             del kwargs[name]
     return kwargs
@@ -256,6 +261,12 @@ def _add_server_commands(sub) -> None:
     from jaxinfer.bench.quality import add_args as add_quality_bench_args
 
     add_quality_bench_args(bench_sub)
+    from jaxinfer.bench.prefix import add_args as add_prefix_bench_args
+
+    add_prefix_bench_args(bench_sub)
+    from jaxinfer.bench.structured import add_args as add_structured_bench_args
+
+    add_structured_bench_args(bench_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

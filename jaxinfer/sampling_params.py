@@ -106,6 +106,64 @@ def _check_logit_bias(bias) -> dict[int, float] | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on what a request may generate (vLLM's `StructuredOutputsParams`).
+
+    Exactly one of the constraint fields is set:
+      json: a JSON schema (dict, or its JSON text); the output is an instance of it.
+      regex: the output matches this regular expression in full.
+      choice: the output is exactly one of these strings.
+      grammar: a context-free grammar (Lark / GBNF text, as the grammar library takes it).
+      json_object: True for any JSON object (OpenAI's `response_format: json_object`).
+    disable_any_whitespace: JSON is emitted without free whitespace between tokens.
+    """
+
+    json: str | Mapping[str, Any] | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self):
+        set_fields = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                      if getattr(self, name) not in (None, False)]
+        if len(set_fields) != 1:
+            raise ValueError("structured_outputs: exactly one of json, regex, choice, grammar or "
+                             f"json_object must be set, got {set_fields or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, Mapping)):
+            raise ValueError(f"structured_outputs.json must be a schema (dict or JSON text), "
+                             f"got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None:
+            if (isinstance(self.choice, (str, bytes)) or not isinstance(self.choice, Iterable)
+                    or not self.choice or not all(isinstance(c, str) for c in self.choice)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if self.json_object is not None:
+            _check_bool("structured_outputs.json_object", self.json_object)
+        _check_bool("structured_outputs.disable_any_whitespace", self.disable_any_whitespace)
+
+    def __hash__(self):
+        import json as _json
+        schema = self.json if isinstance(self.json, (str, type(None))) else _json.dumps(
+            self.json, sort_keys=True)
+        return hash((schema, self.regex, self.choice, self.grammar, self.json_object,
+                     self.disable_any_whitespace))
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: 'json', 'regex', 'choice', 'grammar' or 'json_object'."""
+        for name in ("json", "regex", "choice", "grammar", "json_object"):
+            if getattr(self, name) not in (None, False):
+                return name
+        raise AssertionError("unreachable: validated in __post_init__")
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request (vLLM-compatible names and ranges).
 
@@ -131,6 +189,7 @@ class SamplingParams:
       spaces_between_special_tokens: separate special tokens from text with spaces
         (when they are not skipped).
       output_kind: what streamed outputs carry.
+      structured_outputs: a grammar constraint on the output (`StructuredOutputsParams`).
     """
 
     n: int = 1
@@ -154,6 +213,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         top_k = _check_int("top_k", self.top_k, -1)
@@ -163,6 +223,9 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be <= max_tokens ({max_tokens}), got {min_tokens}")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        if not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
         normalised = dict(
             n=_check_int("n", self.n, 1),
             temperature=_check_real("temperature", self.temperature, 0.0, math.inf, hi_open=True),

@@ -16,11 +16,17 @@ from fastapi.responses import JSONResponse, Response
 
 import jaxinfer
 from server.chat import router as chat_router
+from server.chat_page import add_chat_page
 from server.completions import router as completions_router
 from server.errors import OpenAIError, install_error_handlers
 from server.metrics import CONTENT_TYPE, MetricsRenderer, sample_engine
 from server.middleware import GuardMiddleware
+from server.responses import router as responses_router
+from server.responses_protocol import DEFAULT_MAX_STORED_RESPONSES, ResponseStore
 from server.serving import ModelInfo, Serving, engine_error
+from server.streaming import ClientDisconnected
+from server.tokenization import router as tokenization_router
+from server.tool_parsers import PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,10 @@ class ServerSettings:
       max_body_bytes: larger request bodies get a 413.
       health_timeout: seconds /health waits for the engine thread to answer.
       shutdown_engine: stop the engine when the app shuts down (after uvicorn drained requests).
+      enable_auto_tool_choice: read tool calls out of the model's text when a request lets the
+        model choose (`tool_choice` "auto"), with `tool_call_parser`.
+      tool_call_parser: the format the model writes tool calls in (server/tool_parsers/).
+      max_stored_responses: /v1/responses results kept for `previous_response_id`.
     """
 
     served_model_names: tuple[str, ...] = ("jaxinfer",)
@@ -44,6 +54,9 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     health_timeout: float = 10.0
     shutdown_engine: bool = False
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES
 
     def __post_init__(self):
         names = tuple(self.served_model_names)
@@ -52,6 +65,13 @@ class ServerSettings:
         object.__setattr__(self, "served_model_names", names)
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(sorted(PARSERS))}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser")
+        if self.max_stored_responses < 0:
+            raise ValueError(f"max_stored_responses must be >= 0, got {self.max_stored_responses}")
 
 
 def _ping(engine) -> None:
@@ -78,12 +98,25 @@ def create_app(front, settings: ServerSettings = ServerSettings()) -> FastAPI:
 
     app = FastAPI(title="jaxinfer", version=jaxinfer.__version__, lifespan=lifespan,
                   description="OpenAI-compatible API over the jaxinfer engine", strict_content_type=False)
-    app.state.serving = Serving(front, info)
+    serving = app.state.serving = Serving(
+        front, info, settings.tool_call_parser if settings.enable_auto_tool_choice else None)
+    app.state.responses = ResponseStore(settings.max_stored_responses)
     renderer = MetricsRenderer(info.served_names[0])
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_gone(request, exc: ClientDisconnected):
+        serving.note_disconnect(f"{exc.what} before its answer")
+        # Nobody is left to read it; 499 is what proxies log for a request its client closed.
+        return Response(status_code=499)
+
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       on_disconnect=lambda path: serving.note_disconnect(f"{path} while sending its body"))
     app.include_router(completions_router)
     app.include_router(chat_router)
+    app.include_router(responses_router)
+    app.include_router(tokenization_router)
+    add_chat_page(app)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": info.created, "owned_by": "jaxinfer", "root": info.root,
@@ -115,7 +148,7 @@ def create_app(front, settings: ServerSettings = ServerSettings()) -> FastAPI:
             sample = await front.call(sample_engine)
         except Exception as e:
             raise engine_error(e) from None
-        return Response(renderer.render(sample), media_type=CONTENT_TYPE)
+        return Response(renderer.render(sample, disconnects=serving.disconnects), media_type=CONTENT_TYPE)
 
     @app.get("/version", tags=["Server"])
     async def version():

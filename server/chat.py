@@ -1,19 +1,23 @@
-"""POST /v1/chat/completions: the model's chat template renders the conversation into one prompt."""
+"""POST /v1/chat/completions: the model's chat template renders the conversation into one prompt;
+tool calls are read back out of the text (server/tools.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.errors import bad_request
 from server.protocol import ChatCompletionRequest
-from server.serving import Serving, StreamedChoices, new_id, usage
+from server.serving import Serving, StreamedChoices, new_id, salt_of, usage
 from server.streaming import EventStreamResponse, unless_disconnected
+from server.structured import structured_outputs
+from server.tool_parsers import ToolCallStream, tool_calls_field
+from server.tools import ToolPlan, plan_tools
 
 router = APIRouter()
 
@@ -26,76 +30,111 @@ def _template_handles_tools(tok) -> bool:
     return "tool_use" in templates or re.search(r"\btools\b", tok.chat_template or "") is not None
 
 
-def render_chat(serving: Serving, body: ChatCompletionRequest) -> tuple[str, list[int]]:
-    """The prompt text and token ids of the conversation, as the model's chat template writes it."""
+def render_messages(serving: Serving, messages: Sequence[dict[str, Any]], *, tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None,
+                    param: str = "messages") -> tuple[str, list[int]]:
+    """The prompt text and token ids of a conversation (template dicts), as the model's chat
+    template writes it; a 400 naming `param` when the template cannot render it."""
     tok = serving.info.tokenizer
     if tok is None or not tok.chat_template:
-        raise bad_request("this model has no chat template; use /v1/completions with a plain prompt", "messages")
-    tools = None
-    if body.tools:
-        if not _template_handles_tools(tok):
-            raise bad_request("tools: this model's chat template does not support tools", "tools")
-        tools = [t.model_dump(exclude_none=True) for t in body.tools]
-    kwargs = dict(body.chat_template_kwargs or {})
+        raise bad_request("this model has no chat template; use /v1/completions with a plain prompt", param)
+    if tools and not _template_handles_tools(tok):
+        raise bad_request("tools: this model's chat template does not support tools", "tools")
+    kwargs = dict(template_kwargs or {})
     reserved = sorted(_RESERVED_TEMPLATE_VARIABLES & kwargs.keys())
     if reserved:
         raise bad_request(f"chat_template_kwargs: {', '.join(reserved)} cannot be set here", "chat_template_kwargs")
-    messages = [m.as_template_dict() for m in body.messages]
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt, tools=tools,
+        text = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tools=tools,
                                        **kwargs)
     except Exception as e:  # the template is fixed, so whatever breaks it came with the request
-        raise bad_request(f"the chat template could not render these messages: {e}", "messages") from None
+        raise bad_request(f"the chat template could not render these messages: {e}", param) from None
     ids = tok.encode(text, add_special_tokens=False)
     if not ids:
-        raise bad_request("the chat template rendered these messages as an empty prompt", "messages")
+        raise bad_request("the chat template rendered these messages as an empty prompt", param)
     return text, ids
+
+
+def render_chat(serving: Serving, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> tuple[str, list[int]]:
+    """The prompt of a chat request (with the tools its plan puts in the prompt)."""
+    return render_messages(serving, [m.as_template_dict() for m in body.messages],
+                           tools=plan.template_tools if plan else None,
+                           add_generation_prompt=body.add_generation_prompt,
+                           template_kwargs=body.chat_template_kwargs)
 
 
 @router.post("/v1/chat/completions", tags=["OpenAI"])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     serving: Serving = request.app.state.serving
     model = serving.resolve_model(body.model)
-    text, ids = await asyncio.to_thread(render_chat, serving, body)
+    plan = plan_tools(body, serving.tool_call_parser)
+    constraint = structured_outputs(body, plan.constraint)
+    text, ids = await asyncio.to_thread(render_chat, serving, body, plan)
     max_tokens = serving.completion_budget(len(ids), body.completion_limit, "messages")
     top_n = body.top_logprobs or 0
     params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=top_n if body.logprobs else None,
-                                     stream=body.stream, prompt_logprobs=body.prompt_logprobs)
+                                     stream=body.stream, prompt_logprobs=body.prompt_logprobs,
+                                     structured_outputs=constraint,
+                                     keep_special_tokens=plan.parser is not None and plan.parser.keep_special_tokens)
     request_id = new_id("chatcmpl")
     opened = await unless_disconnected(
-        request, serving.open_streams([({"prompt": text, "prompt_token_ids": ids}, params)], request_id))
+        request, serving.open_streams([({"prompt": text, "prompt_token_ids": ids, **salt_of(body)}, params)], request_id), request_id)
     header = {"id": request_id, "object": "chat.completion.chunk" if body.stream else "chat.completion",
               "created": int(time.time()), "model": model}
     if body.stream:
-        return EventStreamResponse(_stream(serving, body, header, opened, params))
+        return EventStreamResponse(_stream(serving, body, header, opened, params, plan),
+                                   on_disconnect=lambda: serving.note_disconnect(f"{request_id} mid-stream"))
     [(out, _)] = opened
     fmt = serving.logprobs(body.return_tokens_as_token_ids)
     choices = []
     for c in out.outputs:
-        choices.append({"index": c.index, "message": _message(c.text),
+        message, finish_reason = _message(c.text, c.finish_reason, plan)
+        choices.append({"index": c.index, "message": message,
                         "logprobs": fmt.chat_logprobs(c, top_n) if body.logprobs else None,
-                        "finish_reason": c.finish_reason, "stop_reason": serving.stop_reason(c, params)})
+                        "finish_reason": finish_reason, "stop_reason": serving.stop_reason(c, params)})
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     return JSONResponse({**header, "choices": choices, "usage": usage(len(ids), completion_tokens),
                          "system_fingerprint": None,
                          "prompt_logprobs": fmt.prompt_logprobs(out, body.prompt_logprobs or 0)})
 
 
-def _message(content: str) -> dict[str, Any]:
-    return {"role": "assistant", "content": content, "reasoning_content": None, "tool_calls": []}
+def _message(text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of a finished choice and its finish reason ("tool_calls" when the
+    text held tool calls)."""
+    message = {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": []}
+    if plan.parser is None:
+        return message, finish_reason
+    content, calls = plan.parser.extract(text)
+    if not calls:
+        return message, finish_reason
+    calls = calls[:plan.max_calls] if plan.max_calls is not None else calls
+    return {**message, "content": content, "tool_calls": tool_calls_field(plan.parser, calls)}, "tool_calls"
 
 
-def _stream(serving: Serving, body: ChatCompletionRequest, header: dict[str, Any], opened, params):
+def _stream(serving: Serving, body: ChatCompletionRequest, header: dict[str, Any], opened, params, plan: ToolPlan):
     choices = StreamedChoices(opened, body.n, body.stream_options, body.logprobs)
     top_n = body.top_logprobs or 0
     fmt = serving.logprobs(body.return_tokens_as_token_ids)
     # The first chunk of each choice names the role, as OpenAI's stream does.
     roles = [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
              for index in range(body.n)]
+    calls = {index: ToolCallStream(plan.parser, plan.max_calls) for index in range(body.n)} if plan.parser else {}
 
-    def choice_of(i: int, index: int, c) -> dict[str, Any]:
-        return {"index": index, "delta": {"content": c.text},
-                "logprobs": fmt.chat_logprobs(c, top_n) if body.logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": serving.stop_reason(c, params)}
+    def choice_of(i: int, index: int, c) -> list[dict[str, Any]]:
+        logprobs = fmt.chat_logprobs(c, top_n) if body.logprobs else None
+        finish_reason, stop_reason = c.finish_reason, serving.stop_reason(c, params)
+        if index not in calls:
+            deltas = [{"content": c.text}]
+        else:
+            deltas = calls[index].feed(c.text, final=finish_reason is not None)
+            if finish_reason is not None and calls[index].called:
+                finish_reason = "tool_calls"
+            if not deltas and (finish_reason is not None or logprobs is not None):
+                deltas = [{}]  # the finish reason (or the tokens' logprobs) still has to go out
+        out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        if out:
+            out[0]["logprobs"] = logprobs
+            out[-1].update(finish_reason=finish_reason, stop_reason=stop_reason)
+        return out
 
     return choices.events(header, choice_of, roles)

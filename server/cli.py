@@ -13,6 +13,8 @@ import logging
 import math
 import os
 
+from server.tool_parsers import PARSERS  # plain Python: defining the flags does not load FastAPI
+
 API_KEY_ENV = "JAXINFER_API_KEY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -32,6 +34,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests before cancelling them")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let requests with tool_choice 'auto' (the default with tools) get parsed tool calls; "
+                        "needs --tool-call-parser")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="the format the model writes tool calls in: hermes (Qwen2.5/Qwen3, Hermes), "
+                        "llama3_json (Llama 3.x), mistral")
     p.add_argument("--engine-process", action="store_true",
                    help="run the engine in its own process, off the HTTP server's interpreter")
 
@@ -53,8 +61,11 @@ def serve(args: argparse.Namespace, make_engine) -> int:
     log = logging.getLogger("jaxinfer.serve")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL])
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("error: --enable-auto-tool-choice needs --tool-call-parser")
     settings = ServerSettings(served_model_names=names, api_key=api_key, max_body_bytes=args.max_request_body_bytes or DEFAULT_MAX_BODY_BYTES,
-                              shutdown_engine=True)
+                              shutdown_engine=True, enable_auto_tool_choice=args.enable_auto_tool_choice,
+                              tool_call_parser=args.tool_call_parser)
     if args.host not in LOOPBACK_HOSTS and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                     args.host)

@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from server.errors import bad_request
 from server.logprobs import LogprobFormatter
 from server.protocol import MAX_PROMPTS, CompletionRequest
-from server.serving import Serving, StreamedChoices, new_id, usage
-from server.streaming import EventStreamResponse, unless_disconnected
+from server.serving import Serving, StreamedChoices, new_id, salt_of, usage
+from server.streaming import SSE_DONE, EventStreamResponse, sse, unless_disconnected
+from server.structured import structured_outputs
 
 router = APIRouter()
 
@@ -57,23 +58,31 @@ def prepare_prompts(serving: Serving, body: CompletionRequest) -> list[tuple[str
 async def create_completion(body: CompletionRequest, request: Request):
     serving: Serving = request.app.state.serving
     model = serving.resolve_model(body.model)
+    constraint = structured_outputs(body)
     prompts = await asyncio.to_thread(prepare_prompts, serving, body)
     # Echoed prompts get logprobs too, as vLLM gives them: the prompt's, then the completion's.
     prompt_logprobs = body.prompt_logprobs
     if body.echo and body.logprobs is not None:
         prompt_logprobs = max(body.logprobs, prompt_logprobs or 0)
+    # echo with max_tokens 0 scores the prompt: the engine generates one token (it cannot generate
+    # none), which the answer leaves out.
+    score_only = body.echo and body.max_tokens == 0
     requests = []
     for text, ids in prompts:
-        max_tokens = serving.completion_budget(len(ids), body.max_tokens, "prompt")
-        params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, stream=body.stream,
-                                         prompt_logprobs=prompt_logprobs)
-        requests.append(({"prompt": text, "prompt_token_ids": ids}, params))
+        max_tokens = serving.completion_budget(len(ids), 1 if score_only else body.max_tokens, "prompt")
+        params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
+                                         stream=body.stream and not score_only, prompt_logprobs=prompt_logprobs,
+                                         structured_outputs=constraint)
+        requests.append(({"prompt": text, "prompt_token_ids": ids, **salt_of(body)}, params))
     request_id = new_id("cmpl")
-    opened = await unless_disconnected(request, serving.open_streams(requests, request_id))
+    opened = await unless_disconnected(request, serving.open_streams(requests, request_id), request_id)
     echoes = [_echo_text(serving, text, ids, body) if body.echo else "" for text, ids in prompts]
     header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model}
+    if score_only:
+        return _scored(serving, body, header, opened, echoes)
     if body.stream:
-        return EventStreamResponse(_stream(serving, body, header, opened, echoes, [p for _, p in requests]))
+        return EventStreamResponse(_stream(serving, body, header, opened, echoes, [p for _, p in requests]),
+                                   on_disconnect=lambda: serving.note_disconnect(f"{request_id} mid-stream"))
     choices, completion_tokens = [], 0
     fmt = serving.logprobs(body.return_tokens_as_token_ids)
     for i, (out, _) in enumerate(opened):
@@ -89,6 +98,37 @@ async def create_completion(body: CompletionRequest, request: Request):
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     return JSONResponse({**header, "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
                          "system_fingerprint": None})
+
+
+def _scored(serving: Serving, body: CompletionRequest, header: dict[str, Any], opened, echoes):
+    """The answer to echo with max_tokens 0: each prompt as its choice's text (with its logprobs
+    when asked), no completion tokens; one chunk per choice when streamed."""
+    fmt = serving.logprobs(body.return_tokens_as_token_ids)
+    choices = []
+    for i, (out, _) in enumerate(opened):
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = fmt.completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], 0)[0]
+        for j in range(body.n):
+            choices.append({"index": i * body.n + j, "text": echoes[i], "logprobs": logprobs,
+                            "finish_reason": "length", "stop_reason": None,
+                            "prompt_logprobs": fmt.prompt_logprobs(out, body.prompt_logprobs or 0)
+                            if body.prompt_logprobs is not None else None})
+    prompt_tokens = sum(len(out.prompt_token_ids) for out, _ in opened)
+    if not body.stream:
+        return JSONResponse({**header, "choices": choices, "usage": usage(prompt_tokens, 0),
+                             "system_fingerprint": None})
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    extra = {"usage": None} if include_usage else {}
+    events = [sse({**header, "choices": [c], **extra}) for c in choices]
+    if include_usage:
+        events.append(sse({**header, "choices": [], "usage": usage(prompt_tokens, 0)}))
+    return EventStreamResponse(_iterate([*events, SSE_DONE]))
+
+
+async def _iterate(items):
+    for item in items:
+        yield item
 
 
 def _logprobs(fmt: LogprobFormatter, out, c, with_prompt: bool, offset: int) -> tuple[dict[str, Any], int]:

@@ -53,6 +53,10 @@ _COUNTERS = (
     ("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
      "prefix_cache_queries_total"),
     ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hits_total"),
+    ("external_prefix_cache_queries", "External prefix cache queries from the host KV tier, in terms of number "
+     "of queried tokens.", "external_prefix_cache_queries_total"),
+    ("external_prefix_cache_hits", "External prefix cache hits from the host KV tier, in terms of number of "
+     "cached tokens.", "external_prefix_cache_hits_total"),
 )
 _HISTOGRAMS = (
     ("time_to_first_token_seconds", "Histogram of time to first token in seconds."),
@@ -111,6 +115,17 @@ class MetricsRenderer:
         self._process = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self._process)
 
-    def render(self, sample: MetricsSample) -> bytes:
+    def render(self, sample: MetricsSample, disconnects: int = 0) -> bytes:
+        """The engine's series under both prefixes, the server's own, then the process's.
+
+        Args:
+          sample: the engine reading.
+          disconnects: requests whose client went away before their answer was complete.
+        """
         fams = [f for prefix in PREFIXES for f in families(sample, self.model_name, prefix)]
+        # The server's own series have no vLLM counterpart, so they appear under jaxinfer: only.
+        gone = CounterMetricFamily("jaxinfer:request_disconnects", "Requests whose client disconnected before "
+                                   "the answer was complete (each aborted in the engine).", labels=["model_name"])
+        gone.add_metric([self.model_name], disconnects)
+        fams.append(gone)
         return generate_latest(_Families(fams)) + generate_latest(self._process)

@@ -28,10 +28,12 @@ class GuardMiddleware:
       app: the ASGI app to guard.
       api_key: the key clients must send as `Authorization: Bearer KEY`; None disables the check.
       max_body_bytes: the largest request body accepted.
+      on_disconnect: called with the path when a client goes away while sending its body.
     """
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, on_disconnect=None):
         self.app = app
+        self.on_disconnect = on_disconnect
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
 
@@ -62,6 +64,8 @@ class GuardMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                if self.on_disconnect is not None:
+                    self.on_disconnect(scope["path"])
                 return
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes:

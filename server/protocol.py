@@ -11,6 +11,7 @@ checked by the tests with the official client.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -46,6 +47,33 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+class JsonSchemaFormat(StrictModel):
+    name: str
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(StrictModel):
+    """vLLM's `structured_outputs` request field (one constraint, as StructuredOutputsParams)."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def model_dump(self, **kwargs):
+        return super().model_dump(by_alias=True, **kwargs)
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -79,6 +107,16 @@ class SamplingFields(StrictModel):
     return_tokens_as_token_ids: bool = Field(
         False, description="vLLM's extension: logprob tokens as 'token_id:N' instead of text")
     user: str | None = None
+    cache_salt: str | None = Field(
+        None, min_length=1, description="vLLM's extension: requests share cached prompt pages only with "
+                                        "requests of the same salt (e.g. one per tenant)")
+    # Structured output: at most one of these (server/structured.py maps them for the engine).
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = Field(None, description="vLLM's extension: a JSON schema")
+    guided_regex: str | None = Field(None, description="vLLM's extension: a regular expression")
+    guided_choice: list[str] | None = Field(None, description="vLLM's extension: one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM's extension: a context-free grammar")
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -102,7 +140,8 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
         ..., description="a string, a list of strings, a list of token ids, or a list of lists of token ids")
-    max_tokens: _int(ge=1) | None = Field(16, description="null: up to the model's context length")
+    max_tokens: _int(ge=0) | None = Field(
+        16, description="null: up to the model's context length; 0 with echo scores the prompt only")
     logprobs: _int(ge=0, le=MAX_LOGPROBS) | None = None
     echo: bool = False
     suffix: str | None = None
@@ -114,6 +153,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix: is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: only best_of equal to n is supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo true (to score the prompt)")
         return self
 
 
@@ -125,6 +166,14 @@ class TextPart(StrictModel):
 class FunctionCall(StrictModel):
     name: str
     arguments: str
+
+    @model_validator(mode="after")
+    def _check_arguments(self):
+        try:
+            json.loads(self.arguments)
+        except json.JSONDecodeError:
+            raise ValueError("arguments: must be the call's arguments as JSON text") from None
+        return self
 
 
 class ToolCall(StrictModel):
@@ -168,6 +217,17 @@ class AssistantMessage(_Message):
     content: Content | None = None
     tool_calls: list[ToolCall] | None = None
 
+    def as_template_dict(self) -> dict[str, Any]:
+        """Tool calls' arguments become objects, as tool-use templates read them (`arguments |
+        tojson`, `arguments.items()`); a message with only tool calls has empty text content."""
+        out = super().as_template_dict()
+        if out["content"] is None:
+            out["content"] = ""
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        return out
+
     @model_validator(mode="after")
     def _check_content(self):
         if self.content is None and not self.tool_calls:
@@ -185,11 +245,6 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 ChatMessage = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
 
 
-class ResponseFormat(StrictModel):
-    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class FunctionDefinition(StrictModel):
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
     name: str
@@ -202,6 +257,15 @@ class Tool(StrictModel):
     function: FunctionDefinition
 
 
+class FunctionName(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -210,9 +274,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: _int(ge=1) | None = None
     logprobs: bool = False
     top_logprobs: _int(ge=0, le=MAX_LOGPROBS) | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="'auto' when tools are given, else 'none'")
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -220,12 +285,12 @@ class ChatCompletionRequest(SamplingFields):
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format: type {self.response_format.type!r} is not supported yet "
-                             "(structured output is not implemented); use type 'text'")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice: only 'none' and 'auto' are supported (forced tool calls need "
-                             "structured output, which is not implemented yet)")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice: needs tools to choose from")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice: the function {name!r} is not among the request's tools")
         return self
 
     @property

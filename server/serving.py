@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from jaxinfer.engine.async_engine import EngineDeadError, QueueFullError
 from jaxinfer.outputs import CompletionOutput, RequestOutput
-from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from server.errors import OpenAIError, bad_request, error_body, overloaded, param_of_message
 from server.logprobs import LogprobFormatter
 from server.protocol import SamplingFields
@@ -52,9 +52,17 @@ class Serving:
       info: the served model.
     """
 
-    def __init__(self, front, info: ModelInfo):
+    def __init__(self, front, info: ModelInfo, tool_call_parser: str | None = None):
         self.front = front
         self.info = info
+        self.tool_call_parser = tool_call_parser  # None: auto tool choice is off
+        self.disconnects = 0  # requests whose client went away before the answer was complete
+
+    def note_disconnect(self, what: str) -> None:
+        """Counts and logs (once, at INFO) a client that went away; its engine requests are
+        aborted by whoever closes their streams."""
+        self.disconnects += 1
+        logger.info("client disconnected: %s; its request was aborted", what)
 
     # -- checks ------------------------------------------------------------------------------
     def resolve_model(self, name: str | None) -> str:
@@ -89,8 +97,16 @@ class Serving:
         return max_tokens
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
-                        stream: bool, prompt_logprobs: int | None = None) -> SamplingParams:
-        """SamplingParams for a request; a 400 naming the field when a value is out of range."""
+                        stream: bool, prompt_logprobs: int | None = None,
+                        structured_outputs: StructuredOutputsParams | None = None,
+                        keep_special_tokens: bool = False) -> SamplingParams:
+        """SamplingParams for a request; a 400 naming the field when a value is out of range.
+
+        Args:
+          structured_outputs: the request's output constraint (server/structured.py).
+          keep_special_tokens: keep special tokens in the text whatever the request says (a tool
+            call parser whose markers are special tokens needs them).
+        """
         bias = None
         if req.logit_bias:
             bias = {}
@@ -112,7 +128,8 @@ class Serving:
                 include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
                 max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs, logit_bias=bias,
                 prompt_logprobs=prompt_logprobs,
-                skip_special_tokens=req.skip_special_tokens,
+                skip_special_tokens=req.skip_special_tokens and not keep_special_tokens,
+                structured_outputs=structured_outputs,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
         except ValueError as e:
@@ -214,15 +231,18 @@ class StreamedChoices:
 
     async def events(self, header: dict[str, Any], choice_of: Callable[[int, int, CompletionOutput], dict],
                      first_choices: Sequence[dict] = ()) -> AsyncIterator[str]:
-        """The response's server-sent events: a chunk per `first_choices` entry, then one per update
-        with `choice_of(prompt index, choice index, delta output)`, the usage chunk if asked for,
+        """The response's server-sent events: a chunk per `first_choices` entry, then a chunk per
+        choice that `choice_of(prompt index, choice index, delta output)` returns for an update
+        (one choice, or a list of them: none, or several chunks), the usage chunk if asked for,
         and [DONE]. An error after the stream started becomes an error event."""
         for choice in first_choices:
             yield sse({**header, "choices": [choice], **self.usage_field()})
         try:
             async with contextlib.aclosing(self.updates()) as updates:
                 async for i, index, c in updates:
-                    yield sse({**header, "choices": [choice_of(i, index, c)], **self.usage_field()})
+                    choices = choice_of(i, index, c)
+                    for choice in choices if isinstance(choices, list) else [choices]:
+                        yield sse({**header, "choices": [choice], **self.usage_field()})
             if self.include_usage:
                 yield sse({**header, "choices": [], "usage": self.usage()})
         except Exception as e:  # the status line already went out as 200
@@ -251,6 +271,11 @@ def stream_error_event(e: Exception) -> str:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def salt_of(body) -> dict:
+    """The request's prefix-cache namespace (vLLM's `cache_salt`) as a prompt dict entry."""
+    return {"cache_salt": body.cache_salt} if body.cache_salt else {}
 
 
 def new_id(prefix: str) -> str:

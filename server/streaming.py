@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any, AsyncIterator, Awaitable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -19,7 +19,15 @@ T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
-    """The client closed the connection before the answer was ready."""
+    """The client closed the connection before the answer was ready.
+
+    Args:
+      what: the request, for the log line (its id).
+    """
+
+    def __init__(self, what: str = "a request"):
+        super().__init__(what)
+        self.what = what
 
 
 async def _wait_for_disconnect(receive) -> None:
@@ -27,7 +35,7 @@ async def _wait_for_disconnect(receive) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+async def unless_disconnected(request: Request, work: Awaitable[T], what: str = "a request") -> T:
     """Awaits `work`, cancelling it (and raising ClientDisconnected) if the client goes away first.
 
     Starlette only notices a disconnect while it streams a body; a request still waiting for its
@@ -46,7 +54,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        raise ClientDisconnected
+        raise ClientDisconnected(what)
     return task.result()
 
 
@@ -116,25 +124,40 @@ SSE_DONE = "data: [DONE]\n\n"
 
 class EventStreamResponse(StreamingResponse):
     """A text/event-stream response that stops as soon as the client disconnects, whatever the
-    ASGI server's spec version, and always closes its body iterator (aborting engine requests)."""
+    ASGI server's spec version, and always closes its body iterator (aborting engine requests).
+
+    Args:
+      content: the events.
+      on_disconnect: called once if the client goes away before the last event went out.
+    """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], **kwargs):
+    def __init__(self, content: AsyncIterator[str], on_disconnect: Callable[[], None] | None = None, **kwargs):
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **kwargs.pop("headers", {})}
         super().__init__(content, headers=headers, **kwargs)
+        self.on_disconnect = on_disconnect
 
     async def __call__(self, scope, receive, send) -> None:
+        sent_all = gone = False
         try:
             async with anyio.create_task_group() as tasks:
                 async def stream():
-                    with contextlib.suppress(OSError):  # the connection broke while sending
+                    nonlocal sent_all, gone
+                    try:
                         await self.stream_response(send)
+                        sent_all = True
+                    except OSError:  # the connection broke while sending
+                        gone = True
                     tasks.cancel_scope.cancel()
 
                 tasks.start_soon(stream)
                 await _wait_for_disconnect(receive)
+                gone = True  # not reached when the stream ended first (that cancels this wait)
                 tasks.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+            # A server shutting down also cancels this; only a client going away counts.
+            if gone and not sent_all and self.on_disconnect is not None:
+                self.on_disconnect()

@@ -225,3 +225,29 @@ def shared_stack() -> ServerStack:
 
         atexit.register(close)
     return _shared["stack"]
+
+
+# Fixtures of the modules that test the shared live server through the openai client; a module
+# takes them with `from tests.server_fixtures import stack, client, engine_left_idle`.
+import pytest  # noqa: E402  (test-only module: pytest is there whenever these are used)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return shared_stack()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    import openai
+
+    with openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+def engine_left_idle(stack):
+    """Use with autouse in a module (see test_server_openai.py): no request may be left holding
+    KV pages after a test."""
+    yield
+    assert stack.wait_idle() == 0.0, "a request was left holding KV pages"

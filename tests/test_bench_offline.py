@@ -103,3 +103,24 @@ def test_hf_peer_runs_the_same_preset_on_the_cpu():
     result = run_peer(spec, timeout_s=300)
     assert "error" not in result, result
     assert result["name"] == "hf_transformers" and result["ttft_s"] > 0 and result["decode_tokens_per_s"] > 0
+
+
+def test_structured_command_writes_a_record(tmp_path):
+    """`bench structured` on the tiny preset with a byte-level tokenizer of its 256 ids: every
+    constrained output parses, and the unconstrained run makes as many tokens."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert main(["bench", "structured", "--preset", "tiny", "--tokenizer", str(tmp_path / "tokenizer.json"),
+                 "--batch-size", "2", "--input-len", "8", "--max-tokens", "160", "--max-string-len", "4",
+                 "--output-dir", str(tmp_path), "--compilation-cache-dir", ""]) == 0
+    [path] = tmp_path.glob("bench_structured_tiny_*.json")
+    result = json.loads(path.read_text())["result"]
+    assert result["valid_json"] == 2 and result["truncated"] == 0 and result["grammar_compiles"] == 2
+    assert result["structured_output_tokens_per_s"] > 0 and result["unconstrained_output_tokens_per_s"] > 0
+    assert result["structured_steps"] >= result["max_output_len"] and result["mask_steps"] > 0

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.block_manager import BlockManager, PrefixHit
 
 
 def assert_consistent(bm: BlockManager):
@@ -144,51 +144,69 @@ def tokens(*pages):
     return [t for page in pages for t in page]
 
 
+def lookup(bm: BlockManager, token_ids, cache_salt=None):
+    """The prefix hit of a request with these tokens."""
+    return bm.get_computed_pages(bm.hash_blocks(token_ids, cache_salt), len(token_ids))
+
+
+def hit(bm: BlockManager, token_ids, cache_salt=None):
+    """(device pages, tokens) of the prefix hit, for hits that stay on the device."""
+    found = lookup(bm, token_ids, cache_salt)
+    return list(found.pages), found.num_tokens
+
+
+def publish(bm: BlockManager, rid: str, token_ids, num_computed: int, cache_salt=None):
+    bm.cache_computed_pages(rid, bm.hash_blocks(token_ids, cache_salt), num_computed)
+
+
 def test_prefix_hits_need_computed_full_pages_and_never_cover_the_last_token():
     bm = BlockManager(num_pages=10, page_size=4, enable_prefix_caching=True)
     prompt = tokens([1, 2, 3, 4], [5, 6, 7, 8], [9, 10])
     bm.allocate_slots("a", 10)
-    assert bm.get_computed_pages(prompt) == ([], 0)  # nothing computed yet
-    bm.cache_computed_pages("a", prompt, 6)  # only the first page is full and computed
-    assert bm.get_computed_pages(prompt) == ([1], 4)
-    bm.cache_computed_pages("a", prompt, 10)
-    assert bm.get_computed_pages(prompt) == ([1, 2], 8)
+    assert hit(bm, prompt) == ([], 0)  # nothing computed yet
+    publish(bm, "a", prompt, 6)  # only the first page is full and computed
+    assert hit(bm, prompt) == ([1], 4)
+    publish(bm, "a", prompt, 10)
+    assert hit(bm, prompt) == ([1, 2], 8)
     # Exactly two pages: the last token must be computed, so only one page is a hit.
-    assert bm.get_computed_pages(prompt[:8]) == ([1], 4)
-    assert bm.get_computed_pages(prompt[:9]) == ([1, 2], 8)
+    assert hit(bm, prompt[:8]) == ([1], 4)
+    assert hit(bm, prompt[:9]) == ([1, 2], 8)
     # A different second page ends the hit; a different first page means no hit at all.
-    assert bm.get_computed_pages(tokens([1, 2, 3, 4], [5, 6, 7, 0], [9])) == ([1], 4)
-    assert bm.get_computed_pages(tokens([0, 2, 3, 4], [5, 6, 7, 8], [9])) == ([], 0)
+    assert hit(bm, tokens([1, 2, 3, 4], [5, 6, 7, 0], [9])) == ([1], 4)
+    assert hit(bm, tokens([0, 2, 3, 4], [5, 6, 7, 8], [9])) == ([], 0)
     # The chain hash names the whole prefix: the same page tokens after another prefix miss.
-    assert bm.get_computed_pages(tokens([5, 6, 7, 8], [1, 2, 3, 4], [9])) == ([], 0)
-    queries = 10 + 10 + 10 + 8 + 9 + 9 + 9 + 9
-    hits = 0 + 4 + 8 + 4 + 8 + 4 + 0 + 0
-    assert (bm.num_prefix_query_tokens, bm.num_prefix_hit_tokens) == (queries, hits)
-    assert bm.prefix_hit_rate == pytest.approx(hits / queries)
+    assert hit(bm, tokens([5, 6, 7, 8], [1, 2, 3, 4], [9])) == ([], 0)
+    # Lookups count nothing: an admission records its lookup once.
+    assert (bm.num_prefix_query_tokens, bm.num_prefix_hit_tokens) == (0, 0)
+    bm.record_admission(len(prompt), lookup(bm, prompt))
+    bm.record_admission(9, lookup(bm, prompt[:9]))
+    assert (bm.num_prefix_query_tokens, bm.num_prefix_hit_tokens) == (10 + 9, 8 + 8)
+    assert bm.prefix_hit_rate == pytest.approx(16 / 19)
+    # Without a host tier there are no external (host-tier) lookups.
+    assert (bm.num_external_query_tokens, bm.num_external_hit_tokens) == (0, 0)
 
 
 def test_cached_pages_survive_free_and_are_taken_back_on_a_hit():
     bm = BlockManager(num_pages=8, page_size=4, enable_prefix_caching=True)
     prompt = tokens([1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11])
     bm.allocate_slots("a", 11)
-    bm.cache_computed_pages("a", prompt, 11)
+    publish(bm, "a", prompt, 11)
     bm.free("a")
     assert bm.num_free_pages == 7 and bm.num_cached_free_pages == 2
     assert sorted(bm.cached_page_ids()) == [1, 2]
     assert_consistent(bm)
 
-    pages, num_cached = bm.get_computed_pages(prompt)
-    assert (pages, num_cached) == ([1, 2], 8)
-    added = bm.allocate_slots("b", 11, cached_pages=pages)
+    found = lookup(bm, prompt)
+    assert (found.pages, found.num_tokens) == ((1, 2), 8)
+    added = bm.allocate_slots("b", 11, prefix_hit=found)
     assert added[:2] == [1, 2] and len(added) == 3
     assert bm.num_free_pages == 4 and bm.num_cached_free_pages == 0
     # b computes nothing new in those pages but keeps extending the chain from them.
-    bm.cache_computed_pages("b", prompt + [12], 12)
-    assert bm.get_computed_pages(prompt + [12, 13]) == (added, 12)
+    publish(bm, "b", prompt + [12], 12)
+    assert hit(bm, prompt + [12, 13]) == (added, 12)
     # A running request sharing a hit takes a ref, no free page.
-    pages, _ = bm.get_computed_pages(prompt)
     free_before = bm.num_free_pages
-    bm.allocate_slots("c", 8, cached_pages=pages)
+    bm.allocate_slots("c", 8, prefix_hit=lookup(bm, prompt))
     assert bm.num_free_pages == free_before
     assert bm.ref_count(1) == 2
     assert_consistent(bm)
@@ -199,22 +217,22 @@ def test_cached_pages_are_evicted_lru_and_only_when_needed():
     a = [1, 2, 3, 4, 5]
     c = [7, 8, 9, 10, 11]
     bm.allocate_slots("a", 5)  # pages 1, 2, 3
-    bm.cache_computed_pages("a", a, 5)  # pages 1, 2 cached
+    publish(bm, "a", a, 5)  # pages 1, 2 cached
     bm.allocate_slots("c", 5)  # pages 4, 5, 6
-    bm.cache_computed_pages("c", c, 5)  # pages 4, 5 cached
+    publish(bm, "c", c, 5)  # pages 4, 5 cached
     bm.free("a")  # LRU order now: 2, 1 (a's tail first)
     bm.free("c")  # then 5, 4
     assert bm.num_cached_free_pages == 4
     # Uncached free pages (3, 6) go first; hits stay intact.
     assert bm.allocate_slots("x", 4) == [3, 6]
-    assert bm.get_computed_pages(a) == ([1, 2], 4)
-    assert bm.get_computed_pages(c) == ([4, 5], 4)
+    assert hit(bm, a) == ([1, 2], 4)
+    assert hit(bm, c) == ([4, 5], 4)
     # Next comes the least recently freed cached page: a's tail (2), then a's head (1).
     assert bm.allocate_slots("x", 6) == [2]
-    assert bm.get_computed_pages(a) == ([1], 2)
+    assert hit(bm, a) == ([1], 2)
     assert bm.allocate_slots("x", 8) == [1]
-    assert bm.get_computed_pages(a) == ([], 0)
-    assert bm.get_computed_pages(c) == ([4, 5], 4)
+    assert hit(bm, a) == ([], 0)
+    assert hit(bm, c) == ([4, 5], 4)
     assert_consistent(bm)
 
 
@@ -223,15 +241,15 @@ def test_a_revived_page_goes_back_to_the_lru_tail_when_freed():
     a, c = [1, 2, 3], [4, 5, 6]
     for rid, toks in (("a", a), ("c", c)):
         bm.allocate_slots(rid, 3)
-        bm.cache_computed_pages(rid, toks, 3)
+        publish(bm, rid, toks, 3)
         bm.free(rid)
     # LRU: a's page, then c's page (uncached tails went to the uncached pool).
-    pages, _ = bm.get_computed_pages(a)
-    bm.allocate_slots("a2", 3, cached_pages=pages)  # takes a's page and one uncached page
+    pages, _ = hit(bm, a)
+    bm.allocate_slots("a2", 3, prefix_hit=lookup(bm, a))  # takes a's page and one uncached page
     bm.free("a2")  # a's page is now the most recently freed
     bm.allocate_slots("x", 6)  # needs 3: the 2 uncached pages, then evicts c's page
-    assert bm.get_computed_pages(c) == ([], 0)
-    assert bm.get_computed_pages(a) == (pages, 2)
+    assert hit(bm, c) == ([], 0)
+    assert hit(bm, a) == (pages, 2)
 
 
 def test_duplicate_prefix_keeps_the_first_page_and_the_copy_stays_private():
@@ -239,26 +257,26 @@ def test_duplicate_prefix_keeps_the_first_page_and_the_copy_stays_private():
     toks = [1, 2, 3]
     bm.allocate_slots("a", 3)
     bm.allocate_slots("b", 3)  # computed concurrently, no hit possible
-    bm.cache_computed_pages("a", toks, 3)
-    bm.cache_computed_pages("b", toks, 3)
+    publish(bm, "a", toks, 3)
+    publish(bm, "b", toks, 3)
     assert bm.cached_page_ids() == [bm.block_table("a")[0]]
     bm.free("b")
     assert bm.num_cached_free_pages == 0
-    assert bm.get_computed_pages(toks) == ([bm.block_table("a")[0]], 2)
+    assert hit(bm, toks) == ([bm.block_table("a")[0]], 2)
 
 
 def test_writing_a_private_cached_page_drops_it_from_the_cache():
     bm = BlockManager(num_pages=6, page_size=2, enable_prefix_caching=True)
     toks = [1, 2, 3]
     bm.allocate_slots("a", 3)
-    bm.cache_computed_pages("a", toks, 3)
+    publish(bm, "a", toks, 3)
     assert bm.prepare_write("a", 1, 2) == []
-    assert bm.get_computed_pages(toks) == ([], 0)
+    assert hit(bm, toks) == ([], 0)
     # A shared cached page is copied instead and stays cached for the others.
-    bm.cache_computed_pages("a", toks, 3)  # already hashed for a: no re-publication
+    publish(bm, "a", toks, 3)  # already hashed for a: no re-publication
     assert bm.cached_page_ids() == []
     bm.allocate_slots("b", 3)
-    bm.cache_computed_pages("b", toks, 3)
+    publish(bm, "b", toks, 3)
     bm.fork("b", "c")
     [(src, dst)] = bm.prepare_write("c", 1, 2)
     assert bm.cached_page_ids() == [src] and dst not in bm.cached_page_ids()
@@ -269,22 +287,22 @@ def test_fork_keeps_hashes_only_for_pages_filled_by_the_shared_tokens():
     bm = BlockManager(num_pages=10, page_size=2, enable_prefix_caching=True)
     a = [1, 2, 3, 4, 5]
     bm.allocate_slots("a", 5)
-    bm.cache_computed_pages("a", a, 5)  # pages of [1,2] and [3,4]
+    publish(bm, "a", a, 5)  # pages of [1,2] and [3,4]
     bm.fork("a", "b", num_tokens=3)  # b = [1, 2, 3, ...]: its second page is not a's
     b = [1, 2, 3, 9, 9]
     bm.prepare_write("b", 2, 4)
     bm.allocate_slots("b", 5)
-    bm.cache_computed_pages("b", b, 5)
-    hit, n = bm.get_computed_pages(b + [0])
-    assert n == 4 and hit == bm.block_table("b")[:2]
+    publish(bm, "b", b, 5)
+    pages, n = hit(bm, b + [0])
+    assert n == 4 and pages == bm.block_table("b")[:2]
 
 
 def test_prefix_caching_disabled_never_hits():
     bm = BlockManager(num_pages=6, page_size=2)
     bm.allocate_slots("a", 5)
-    bm.cache_computed_pages("a", [1, 2, 3, 4, 5], 5)
+    publish(bm, "a", [1, 2, 3, 4, 5], 5)
     bm.free("a")
-    assert bm.get_computed_pages([1, 2, 3, 4, 5]) == ([], 0)
+    assert hit(bm, [1, 2, 3, 4, 5]) == ([], 0)
     assert bm.num_cached_free_pages == 0 and bm.prefix_hit_rate == 0.0
 
 
@@ -304,15 +322,19 @@ def test_bad_allocations_are_rejected():
     bm = BlockManager(num_pages=6, page_size=2, enable_prefix_caching=True)
     with pytest.raises(ValueError, match="non-negative"):
         bm.allocate_slots("a", -1)
+    stale = PrefixHit((1,), (), tuple(bm.hash_blocks([1, 2, 3])), 2)
     with pytest.raises(ValueError, match="not in the prefix cache"):
-        bm.allocate_slots("a", 4, cached_pages=[1])
+        bm.allocate_slots("a", 4, prefix_hit=stale)
     bm.allocate_slots("a", 3)
-    bm.cache_computed_pages("a", [1, 2, 3], 3)
+    publish(bm, "a", [1, 2, 3], 3)
+    found = lookup(bm, [1, 2, 3])
     with pytest.raises(ValueError, match="for admission"):
-        bm.allocate_slots("a", 4, cached_pages=[1])
+        bm.allocate_slots("a", 4, prefix_hit=found)
     with pytest.raises(ValueError, match="repeats"):
-        bm.allocate_slots("b", 4, cached_pages=[1, 1])
+        bm.allocate_slots("b", 4, prefix_hit=PrefixHit((1, 1), (), found.hashes * 2, 2))
+    with pytest.raises(ValueError, match="get_computed_pages"):
+        bm.allocate_slots("b", 4, prefix_hit=PrefixHit((1,), (), found.hashes, 4))
     with pytest.raises(ValueError, match="holds 2 pages"):
-        bm.cache_computed_pages("a", list(range(10)), 10)
+        publish(bm, "a", list(range(10)), 10)
     with pytest.raises(KeyError):
         bm.block_table("nobody")

@@ -182,6 +182,9 @@ def test_metrics_move(engine):
     assert len(m.token_times) == 6 and len(m.inter_token_latencies) == 5
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time == m.token_times[0] <= m.finished_time
     assert after.generation_tokens_total - before.generation_tokens_total == 6
+    # Prefix caching is on (the default): the prompt is looked up once, and counted whole as
+    # vLLM counts it, whatever part of it was found cached.
+    assert after.prefix_cache_queries_total - before.prefix_cache_queries_total == len(PROMPT)
     assert after.prompt_tokens_total - before.prompt_tokens_total == len(PROMPT)
     assert after.time_to_first_token_seconds.count == before.time_to_first_token_seconds.count + 1
     assert after.inter_token_latency_seconds.count == before.inter_token_latency_seconds.count + 5

@@ -73,8 +73,8 @@ def tokenizer(tmp_path_factory):
     return Tokenizer.from_directory(directory)
 
 
-def request(front, method, path, **kwargs):
-    app = create_app(front, ServerSettings(served_model_names=("fake",)))
+def request(front, method, path, settings=ServerSettings(served_model_names=("fake",)), **kwargs):
+    app = create_app(front, settings)
 
     async def go():
         transport = httpx.ASGITransport(app=app)
@@ -171,7 +171,8 @@ def test_tools_reach_a_template_that_renders_them(tokenizer):
                  "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
                 {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    r = request(FakeFront(with_tools), "POST", "/v1/chat/completions",
+    settings = ServerSettings(served_model_names=("fake",), enable_auto_tool_choice=True, tool_call_parser="hermes")
+    r = request(FakeFront(with_tools), "POST", "/v1/chat/completions", settings,
                 json={"messages": messages, "tools": tools, "tool_choice": "auto", "max_tokens": 1})
     assert r.status_code == 200, r.text
     rendered = with_tools.apply_chat_template(messages, tools=tools)

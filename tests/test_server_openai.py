@@ -4,26 +4,15 @@ import httpx
 import openai
 import pytest
 
-from tests.server_fixtures import MODEL_NAME, shared_stack
+from tests.server_fixtures import MODEL_NAME
+from tests.server_fixtures import client, engine_left_idle, stack  # noqa: F401 (fixtures)
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a capital city."}]
 
 
-@pytest.fixture(scope="module")
-def stack():
-    return shared_stack()
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
-
 @pytest.fixture(autouse=True)
-def engine_left_idle(stack):
-    yield
-    assert stack.wait_idle() == 0.0, "a request was left holding KV pages"
+def _idle_after_each_test(engine_left_idle):
+    pass
 
 
 def test_models_lists_every_served_name(client, stack):

@@ -77,9 +77,7 @@ for stage in "$@"; do
         | tail -52 ;;
     quant_engine)
       for q in ${QUANT_MODES:-none int8 int4 fp8}; do
-        # Quantized 8B engines fail their warm-up at the default 0.85 (an unexplained 41 GB
-        # allocation, benchmarks/NOTES.md): they run at 0.45 until that is found.
-        flags="--hf-peer"; [ "$q" != none ] && flags="--quantization $q --gpu-memory-utilization 0.45"
+        flags="--hf-peer"; [ "$q" != none ] && flags="--quantization $q"
         timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
           --batch-size 1,64 --num-iters 1 $flags --output-dir "$OUT/engine" --tag "quant_$q" 2>&1 \
           | grep -v "compiling" | tail -4 | cut -c1-1500

@@ -17,25 +17,70 @@ Pages move between three states:
     evicted (hash dropped) only when a page must be handed out and no uncached page is left.
 
 Prefix caching hashes each FULL page as sha256(parent page's hash + the page's token ids), so a
-hash names the whole prefix up to the end of that page. Pages are published to the cache only
-after their KV has been computed (`cache_computed_pages`, called once a step has run); a hit is
-therefore always valid KV. A hit never covers a request's last token: it must be computed to
-have logits to sample from.
+hash names the whole prefix up to the end of that page. The chain starts from a namespace root:
+the model's identity plus the request's `cache_salt`, so prompts that differ only in namespace
+never share a page. Callers keep each request's hashes (`extend_block_hashes`, incrementally as
+tokens arrive) and pass them in, so a request is hashed once however often it is looked up.
+Pages are published to the cache only after their KV has been computed (`cache_computed_pages`,
+called once a step has run); a hit is therefore always valid KV. A hit never covers a request's
+last token: it must be computed to have logits to sample from.
+
+With a host tier (`num_host_pages > 0`, see host_tier.py), a cached page that LRU eviction drops
+from the device is copied to a host slot first, and a lookup that misses on the device continues
+there: such pages get fresh device pages and are copied back. Both directions are returned as
+data (`take_transfer_ops`), once per step, for the runner to apply in this order before any
+other KV work of the step: offloads (device page -> host slot, read before anything overwrites
+the page), then reloads (host slot -> device page).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 from array import array
 from typing import Iterator, Sequence
 
-_ROOT_HASH = b""
+from jaxinfer.engine.host_tier import HostTier
 
 
 def _chain_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     # A cryptographic hash: a collision here would silently serve another prompt's KV.
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
+
+
+def namespace_root(namespace: bytes, cache_salt: str | None) -> bytes:
+    """The parent hash of a request's first page: the model's namespace and the request's salt."""
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+        raise ValueError(f"cache_salt must be a non-empty string or None, got {cache_salt!r}")
+    salt = b"" if cache_salt is None else b"salt\0" + cache_salt.encode("utf-8")
+    return hashlib.sha256(b"jaxinfer-kv\0" + namespace + b"\0" + salt).digest()
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixHit:
+    """The longest cached prefix of a request, in whole pages (from `get_computed_pages`).
+
+    pages[i] is the device page holding prefix page i, or 0 where that page is in the host tier;
+    host_slots lists the host slot of each such page, in order.
+    """
+
+    pages: tuple[int, ...] = ()
+    host_slots: tuple[int, ...] = ()
+    hashes: tuple[bytes, ...] = ()
+    page_size: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.pages) * self.page_size
+
+    @property
+    def num_host_tokens(self) -> int:
+        return len(self.host_slots) * self.page_size
+
+    @property
+    def num_device_tokens(self) -> int:
+        return self.num_tokens - self.num_host_tokens
 
 
 def _positive_int(name: str, value) -> int:
@@ -53,10 +98,12 @@ class BlockManager:
       enable_prefix_caching: keep hashed full pages for reuse by later requests.
       watermark_pages: pages a NEW request may not dip into, so running requests can still grow
         without preempting right after an admission (vLLM's watermark).
+      num_host_pages: pages of the host-memory tier evicted cached pages move to (0: none).
+      namespace: the model's identity; every hash chain starts from it.
     """
 
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = False,
-                 watermark_pages: int = 0):
+                 watermark_pages: int = 0, num_host_pages: int = 0, namespace: bytes = b""):
         _positive_int("num_pages", num_pages)
         _positive_int("page_size", page_size)
         if num_pages < 2:
@@ -64,9 +111,15 @@ class BlockManager:
         if not isinstance(watermark_pages, int) or not 0 <= watermark_pages < num_pages - 1:
             raise ValueError(
                 f"watermark_pages must be in [0, {num_pages - 1}) for {num_pages} pages, got {watermark_pages!r}")
+        if num_host_pages and not enable_prefix_caching:
+            raise ValueError("a host KV tier holds prefix-cache pages: it needs enable_prefix_caching")
+        if not isinstance(namespace, bytes):
+            raise ValueError(f"namespace must be bytes, got {type(namespace).__name__}")
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.namespace = namespace
+        self.host = HostTier(num_host_pages)
         self.watermark_pages = watermark_pages
         self._ref_counts = [0] * num_pages
         self._free_uncached: collections.deque[int] = collections.deque(range(1, num_pages))
@@ -74,11 +127,18 @@ class BlockManager:
         self._hash_of_page: dict[int, bytes] = {}
         self._page_of_hash: dict[bytes, int] = {}
         self._tables: dict[str, list[int]] = {}
-        # Per request, the chained hashes of its full computed pages (from its tokens, so they
-        # stay valid whichever physical page holds them).
-        self._request_hashes: dict[str, list[bytes]] = {}
+        # Per request, how many of its leading pages `cache_computed_pages` has considered (each
+        # is published, or left private because its prefix was cached elsewhere first).
+        self._num_hashed: dict[str, int] = {}
+        # Device work of the step being planned (see take_transfer_ops).
+        self._offload_ops: list[tuple[int, int]] = []
+        self._reload_ops: list[tuple[int, int]] = []
+        # Lookup counters, vLLM's: queries and device hits; external (host tier) queries and
+        # hits; prompt tokens served from either. Counted once per admission (`record_admission`).
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
+        self.num_external_query_tokens = 0
+        self.num_external_hit_tokens = 0
 
     # ----- accounting -------------------------------------------------------------------------
 
@@ -108,7 +168,7 @@ class BlockManager:
 
     @property
     def prefix_hit_rate(self) -> float:
-        """Cached tokens found over tokens looked up (0 before any lookup)."""
+        """Tokens found on the device over tokens looked up (0 before any lookup)."""
         if not self.num_prefix_query_tokens:
             return 0.0
         return self.num_prefix_hit_tokens / self.num_prefix_query_tokens
@@ -150,63 +210,105 @@ class BlockManager:
     # ----- allocation ---------------------------------------------------------------------------
 
     def allocate_slots(self, request_id: str, num_tokens_total: int,
-                       cached_pages: Sequence[int] = ()) -> list[int] | None:
+                       prefix_hit: PrefixHit | None = None) -> list[int] | None:
         """Makes sure the request has pages for `num_tokens_total` tokens.
 
-        A request without a table is a new admission: its table starts with `cached_pages` (a
-        prefix hit from `get_computed_pages`), and the watermark is kept free. A running request
-        may use every free page.
+        A request without a table is a new admission: its table starts with the pages of
+        `prefix_hit` (from `get_computed_pages`, looked up just before), device pages taken back
+        and host-tier pages given fresh device pages that reloads fill; the watermark is kept
+        free. A running request may use every free page.
 
-        Returns the page ids appended to the table (cached pages first), or None, changing
-        nothing, when there are not enough free pages.
+        Returns the page ids appended to the table (the hit's first), or None, changing nothing,
+        when there are not enough free pages.
         """
         if not isinstance(num_tokens_total, int) or num_tokens_total < 0:
             raise ValueError(f"num_tokens_total must be a non-negative integer, got {num_tokens_total!r}")
         table = self._tables.get(request_id)
         is_new = table is None
-        cached_pages = list(cached_pages)
-        if cached_pages:
+        hit = prefix_hit or PrefixHit(page_size=self.page_size)
+        if hit.pages:
             if not is_new:
-                raise ValueError(f"request {request_id!r} already holds pages; cached pages are for admission")
-            if len(set(cached_pages)) != len(cached_pages):
-                raise ValueError(f"cached_pages repeats a page: {cached_pages}")
-            for page in cached_pages:
-                if page not in self._hash_of_page:
-                    raise ValueError(f"page {page} is not in the prefix cache")
-        num_held = len(cached_pages) if is_new else len(table)
+                raise ValueError(f"request {request_id!r} already holds pages; a prefix hit is for admission")
+            self._check_hit(hit)
+        num_held = len(hit.pages) if is_new else len(table)
         num_new = max(0, self.pages_for(num_tokens_total) - num_held)
-        # Cached pages with ref count 0 leave the free pool when taken back.
-        num_revived = sum(1 for page in cached_pages if self._ref_counts[page] == 0)
+        # Cached pages with ref count 0 leave the free pool when taken back; reloads take free pages.
+        num_revived = sum(1 for page in hit.pages if page and self._ref_counts[page] == 0)
         available = self.num_admissible_pages if is_new else self.num_free_pages
-        if num_new + num_revived > available:
+        if num_new + num_revived + len(hit.host_slots) > available:
             return None
         if is_new:
             table = self._tables[request_id] = []
-            self._request_hashes[request_id] = [self._hash_of_page[p] for p in cached_pages]
-        for page in cached_pages:
-            if self._ref_counts[page] == 0:
-                del self._free_cached[page]
-            self._ref_counts[page] += 1
-        added = cached_pages + [self._take_free_page() for _ in range(num_new)]
+            self._num_hashed[request_id] = len(hit.pages)
+        # Host entries first become most recently used, so this admission's own offloads do
+        # not pick their slots; device pages are revived before any free page is taken, so
+        # taking one cannot evict them.
+        for digest, page in zip(hit.hashes, hit.pages):
+            if not page:
+                self.host.touch(digest)
+        for page in hit.pages:
+            if page:
+                if self._ref_counts[page] == 0:
+                    del self._free_cached[page]
+                self._ref_counts[page] += 1
+        added = []
+        host_slots = iter(hit.host_slots)
+        for digest, page in zip(hit.hashes, hit.pages):
+            if not page:
+                page = self._take_free_page()
+                self._reload_ops.append((next(host_slots), page))
+                # Published at once: the reload lands before the step that reads the page.
+                self._page_of_hash[digest] = page
+                self._hash_of_page[page] = digest
+            added.append(page)
+        added += [self._take_free_page() for _ in range(num_new)]
         table.extend(added)
         return added
+
+    def _check_hit(self, hit: PrefixHit) -> None:
+        if hit.page_size != self.page_size or len(hit.hashes) != len(hit.pages):
+            raise ValueError("prefix_hit does not come from this block manager's get_computed_pages")
+        device = [p for p in hit.pages if p]
+        if len(set(device)) != len(device):
+            raise ValueError(f"prefix_hit repeats a page: {hit.pages}")
+        host = iter(hit.host_slots)
+        for digest, page in zip(hit.hashes, hit.pages):
+            if page and self._hash_of_page.get(page) != digest:
+                raise ValueError(f"page {page} is not in the prefix cache")
+            if not page and self.host.lookup(digest) != next(host, None):
+                raise ValueError("a host-tier page of prefix_hit is no longer in the host tier")
+        if next(host, None) is not None:
+            raise ValueError("prefix_hit has more host slots than host pages")
 
     def _take_free_page(self) -> int:
         if self._free_uncached:
             page = self._free_uncached.popleft()
         else:
             page, _ = self._free_cached.popitem(last=False)
+            digest = self._hash_of_page[page]
             self._uncache(page)
+            slot = self.host.store(digest)
+            if slot is not None:
+                self._offload_ops.append((page, slot))
         self._ref_counts[page] = 1
         return page
 
     def _uncache(self, page: int) -> None:
         del self._page_of_hash[self._hash_of_page.pop(page)]
 
+    def take_transfer_ops(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The step's host-tier copies, once: (offloads as (device page, host slot), reloads as
+        (host slot, device page)). Call once per planned step and hand both to the runner with
+        it; from then on this step's offloaded pages can be found in the host tier."""
+        ops = self._offload_ops, self._reload_ops
+        self._offload_ops, self._reload_ops = [], []
+        self.host.end_step()
+        return ops
+
     def free(self, request_id: str) -> None:
         """Drops the request's table and its refs; unknown ids are ignored."""
         table = self._tables.pop(request_id, None)
-        self._request_hashes.pop(request_id, None)
+        self._num_hashed.pop(request_id, None)
         if table is None:
             return
         # Tail pages first, so LRU eviction takes a prefix's end before its shared beginning.
@@ -230,19 +332,19 @@ class BlockManager:
             raise ValueError(f"request {child_id!r} already holds pages")
         if num_tokens is None:
             num_shared = len(parent)
-            num_full = len(self._request_hashes[parent_id])
+            num_full = self._num_hashed[parent_id]
         else:
             if not isinstance(num_tokens, int) or not 0 <= num_tokens <= len(parent) * self.page_size:
                 raise ValueError(f"cannot fork {num_tokens!r} tokens from {parent_id!r}, which has "
                                  f"{len(parent)} pages of {self.page_size}")
             num_shared = self.pages_for(num_tokens)
             # Only pages the child fills entirely with the parent's tokens keep their hash.
-            num_full = min(num_tokens // self.page_size, len(self._request_hashes[parent_id]))
+            num_full = min(num_tokens // self.page_size, self._num_hashed[parent_id])
         shared = parent[:num_shared]
         for page in shared:
             self._ref_counts[page] += 1
         self._tables[child_id] = shared
-        self._request_hashes[child_id] = self._request_hashes[parent_id][:num_full]
+        self._num_hashed[child_id] = num_full
 
     def prepare_write(self, request_id: str, start_pos: int, end_pos: int) -> list[tuple[int, int]] | None:
         """Makes positions [start_pos, end_pos) of the request writable.
@@ -276,29 +378,57 @@ class BlockManager:
 
     # ----- prefix caching -------------------------------------------------------------------------
 
-    def get_computed_pages(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
-        """Longest cached prefix of `token_ids` in whole pages: (page ids, number of tokens).
+    def extend_block_hashes(self, hashes: list[bytes], token_ids: Sequence[int], cache_salt: str | None = None) -> int:
+        """Appends to `hashes` the chained hash of every full page of `token_ids` it lacks (those of
+        the pages before are kept, so tokens are hashed once as they arrive). Returns how many."""
+        parent = hashes[-1] if hashes else namespace_root(self.namespace, cache_salt)
+        ps = self.page_size
+        start = len(hashes)
+        for i in range(start, len(token_ids) // ps):
+            parent = _chain_hash(parent, token_ids[i * ps:(i + 1) * ps])
+            hashes.append(parent)
+        return len(hashes) - start
 
-        The last token is never covered. Counts the lookup for `prefix_hit_rate`. Pass the pages
-        to `allocate_slots(..., cached_pages=...)` before any other allocation.
+    def hash_blocks(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[bytes]:
+        """The chained hashes of every full page of `token_ids`."""
+        hashes: list[bytes] = []
+        self.extend_block_hashes(hashes, token_ids, cache_salt)
+        return hashes
+
+    def get_computed_pages(self, block_hashes: Sequence[bytes], num_tokens: int) -> PrefixHit:
+        """Longest cached prefix of a request of `num_tokens` tokens whose full pages hash to
+        `block_hashes`: on the device first, a page at a time, else in the host tier.
+
+        The last token is never covered. Changes nothing and counts nothing (`record_admission`
+        counts once the request is admitted). Pass the hit to `allocate_slots` before any other
+        allocation.
         """
         if not self.enable_prefix_caching:
-            return [], 0
-        pages = []
-        parent = _ROOT_HASH
-        for i in range((len(token_ids) - 1) // self.page_size):
-            parent = _chain_hash(parent, token_ids[i * self.page_size:(i + 1) * self.page_size])
-            page = self._page_of_hash.get(parent)
+            return PrefixHit(page_size=self.page_size)
+        pages, slots, hashes = [], [], []
+        for digest in block_hashes[:max(0, num_tokens - 1) // self.page_size]:
+            page = self._page_of_hash.get(digest)
             if page is None:
-                break
+                slot = self.host.lookup(digest)
+                if slot is None:
+                    break
+                page = 0
+                slots.append(slot)
             pages.append(page)
-        num_cached = len(pages) * self.page_size
-        self.num_prefix_query_tokens += len(token_ids)
-        self.num_prefix_hit_tokens += num_cached
-        return pages, num_cached
+            hashes.append(digest)
+        return PrefixHit(tuple(pages), tuple(slots), tuple(hashes), self.page_size)
 
-    def cache_computed_pages(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Publishes the request's full pages whose KV is computed (the first num_computed_tokens).
+    def record_admission(self, num_tokens: int, hit: PrefixHit) -> None:
+        """Counts one admitted request's lookup: its tokens as queries, the hit as hits."""
+        self.num_prefix_query_tokens += num_tokens
+        self.num_prefix_hit_tokens += hit.num_device_tokens
+        if self.host.num_slots:
+            self.num_external_query_tokens += num_tokens
+            self.num_external_hit_tokens += hit.num_host_tokens
+
+    def cache_computed_pages(self, request_id: str, block_hashes: Sequence[bytes], num_computed_tokens: int) -> None:
+        """Publishes the request's full pages whose KV is computed (the first num_computed_tokens);
+        `block_hashes` are the request's (`extend_block_hashes`).
 
         Call after the step that computed them has run. A prefix already cached under another
         page keeps that page; this one stays private.
@@ -306,16 +436,13 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         table = self._require(request_id)
-        hashes = self._request_hashes[request_id]
-        num_full = min(num_computed_tokens, len(token_ids)) // self.page_size
+        num_full = min(num_computed_tokens // self.page_size, len(block_hashes))
         if num_full > len(table):
             raise ValueError(f"request {request_id!r} claims {num_computed_tokens} computed tokens "
                              f"but holds {len(table)} pages")
-        for i in range(len(hashes), num_full):
-            parent = hashes[-1] if hashes else _ROOT_HASH
-            digest = _chain_hash(parent, token_ids[i * self.page_size:(i + 1) * self.page_size])
-            hashes.append(digest)
-            page = table[i]
+        for i in range(self._num_hashed[request_id], num_full):
+            digest, page = block_hashes[i], table[i]
             if digest not in self._page_of_hash and page not in self._hash_of_page:
                 self._page_of_hash[digest] = page
                 self._hash_of_page[page] = digest
+        self._num_hashed[request_id] = max(self._num_hashed[request_id], num_full)

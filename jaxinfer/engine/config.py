@@ -36,7 +36,13 @@ class EngineConfig:
         vLLM's uncalibrated default, saturated at +-448; half the bytes of bf16. Runs on the
         XLA attention path (the Pallas kernels read 16- and 32-bit caches only).
       scheduling_policy: "fcfs" or "priority".
-      enable_prefix_caching: reuse KV pages of identical prompt prefixes.
+      enable_prefix_caching: reuse KV pages of identical prompt prefixes (on by default, as in
+        vLLM: a hit skips computing, a miss costs one hash per full page). Prefixes are shared
+        within one model and one request `cache_salt` only.
+      kv_offloading_size: GiB of host memory for a second KV tier (vLLM's --kv-offloading-size):
+        cached pages evicted from the device pool are copied there and copied back when a later
+        prompt's prefix is found there, instead of being recomputed. None: no host tier. Needs
+        prefix caching.
       attention_backend: "auto" (Pallas on GPU/TPU, XLA on CPU), "xla" or "pallas".
       linear_kernel: the projections' kernel: "auto" (the Pallas skinny matmul for decode-sized
         steps on one GPU, XLA's dot elsewhere), "xla" or "pallas".
@@ -72,7 +78,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.85
     kv_cache_dtype: str = "auto"
     scheduling_policy: str = "fcfs"
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
+    kv_offloading_size: float | None = None
     attention_backend: str = "auto"
     linear_kernel: str = "auto"
     scan_layers: bool | None = None
@@ -109,5 +116,12 @@ class EngineConfig:
                 or self.quantization_group_size % 2):
             raise ValueError(f"quantization_group_size must be an even integer >= 2, got "
                              f"{self.quantization_group_size!r}")
+        if self.kv_offloading_size is not None:
+            size = self.kv_offloading_size
+            if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
+                raise ValueError(f"kv_offloading_size must be a positive number of GiB, got {size!r}")
+            if not self.enable_prefix_caching:
+                raise ValueError("kv_offloading_size keeps prefix-cache pages in host memory: it needs "
+                                 "enable_prefix_caching=True")
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS}, got {self.linear_kernel!r}")

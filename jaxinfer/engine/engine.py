@@ -25,6 +25,7 @@ from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.engine.request import Request
 from jaxinfer.engine.runner import ModelRunner, RunnerConfig
 from jaxinfer.engine.sampling import SamplingRow
+from jaxinfer.engine.structured import Grammar, StructuredOutputs
 from jaxinfer.models import layer_views, layers_are_stacked, param_dtype, unstack_layers
 from jaxinfer.models.linear import Linear
 from jaxinfer.engine.scheduler import Scheduler, SchedulerConfig
@@ -51,6 +52,8 @@ class _Completion:
     delta_start: int = 0  # output tokens already reported (DELTA outputs)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    grammar: Grammar | None = None  # structured outputs: the matcher of this completion
+    prompt_counted: bool = False  # its prompt is in the prompt-token metric
 
 
 @dataclasses.dataclass
@@ -60,6 +63,8 @@ class _LaunchedStep:
     out: object  # SchedulerOutput
     pending: object  # runner.PendingStep
     num_prompt_tokens: int
+    # Structured outputs: the sampler is not queued yet; it waits for the grammar bitmask.
+    needs_mask: bool = False
 
 
 @dataclasses.dataclass
@@ -173,6 +178,8 @@ class LLMEngine:
             elif held is None:
                 t0 = time.perf_counter()
                 model.params = quantize_params(model.params, config.quantization, config.quantization_group_size)
+                # The KV cache is sized from the memory in use: the float weights must be gone.
+                jax.block_until_ready(model.params)
                 logger.info("quantized the projections to %s in %.1f s", config.quantization,
                             time.perf_counter() - t0)
             elif held != config.quantization:
@@ -232,8 +239,13 @@ class LLMEngine:
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else mc.eos_token_ids
         self._async = (config.async_scheduling if config.async_scheduling is not None
                        else jax.default_backend() != "cpu")
+        self.num_host_pages = self._host_pages(config, self.kv_spec)
+        # Cached pages are shared only within this model's identity (weights' shape and kind,
+        # the cache's dtype and head size): the namespace every hash chain starts from.
+        namespace = repr((mc, self.kv_spec.dtype, cache_head_dim, config.quantization, weights_dtype.name)).encode()
         self.block_manager = BlockManager(num_pages, config.page_size,
-                                          enable_prefix_caching=config.enable_prefix_caching)
+                                          enable_prefix_caching=config.enable_prefix_caching,
+                                          num_host_pages=self.num_host_pages, namespace=namespace)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.max_model_len, page_size=config.page_size,
@@ -247,18 +259,33 @@ class LLMEngine:
                          min_token_bucket=smallest_token_bucket()),
             attention,
             linear=linear, eos_token_ids=self.eos_token_ids, kv_fill=kv_fill, kv_sharding=kv_sharding,
-            unroll_max_tokens=unroll_max_tokens, unrolled_params=unrolled_params)
+            unroll_max_tokens=unroll_max_tokens, unrolled_params=unrolled_params,
+            num_host_pages=self.num_host_pages)
         self.mesh = mesh
         self.metrics = EngineMetrics()
         self._groups: dict[str, _Group] = {}
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
         self._seed_rng = np.random.default_rng(config.seed)
         self._in_flight: _LaunchedStep | None = None
+        # Grammar state; the llguidance tokenizer is built only when a structured request arrives.
+        self.structured = StructuredOutputs(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         if config.warmup:
             t0 = time.perf_counter()
             count = self.runner.precompile()
             logger.info("compiled %d programs in parallel in %.1f s", count, time.perf_counter() - t0)
             self.runner.warmup()
+
+    @staticmethod
+    def _host_pages(config: EngineConfig, kv_spec: KVCacheSpec) -> int:
+        """Pages of the host KV tier: config.kv_offloading_size GiB of whole pages (0: none)."""
+        if config.kv_offloading_size is None:
+            return 0
+        page_bytes = kv_spec.total_bytes // kv_spec.num_pages
+        num = int(config.kv_offloading_size * 2**30) // page_bytes
+        if num < 1:
+            raise ValueError(f"kv_offloading_size={config.kv_offloading_size} GiB holds no page of "
+                             f"{page_bytes} bytes")
+        return num
 
     @staticmethod
     def _place_on_mesh(model, tp: int):
@@ -301,8 +328,17 @@ class LLMEngine:
         return text, [int(t) for t in ids]
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, *,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
-        """Queues a request; raises ValueError (changing nothing) when it cannot be served."""
+                    arrival_time: float | None = None, priority: int = 0, cache_salt: str | None = None) -> None:
+        """Queues a request; raises ValueError (changing nothing) when it cannot be served.
+
+        cache_salt (or a prompt dict's "cache_salt", as in vLLM): requests share cached prefix
+        pages only with requests of the same salt (e.g. one per tenant)."""
+        if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+            if cache_salt is not None and cache_salt != prompt["cache_salt"]:
+                raise ValueError("cache_salt is given twice, with different values")
+            cache_salt = prompt["cache_salt"]
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
@@ -323,6 +359,8 @@ class LLMEngine:
                              f"ids; at most {widths.banned_ids} are supported")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        # Compiled before anything is queued, so an invalid constraint changes nothing.
+        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
         arrival = time.monotonic() if arrival_time is None else arrival_time
         params = params.with_seed(int(self._seed_rng.integers(0, 2**62)))
         group = _Group(request_id, text, ids, params, RequestMetrics(arrival_time=arrival),
@@ -333,9 +371,11 @@ class LLMEngine:
             req = Request(sub_id, ids, max_tokens=p.max_tokens, min_tokens=p.min_tokens,
                           eos_token_ids=self.eos_token_ids, stop_token_ids=p.stop_token_ids,
                           ignore_eos=p.ignore_eos, priority=priority, arrival_time=arrival,
-                          use_prefix_cache=p.prompt_logprobs is None)
+                          use_prefix_cache=p.prompt_logprobs is None, cache_salt=cache_salt)
             detok = (IncrementalDetokenizer.from_params(self.tokenizer, ids, p) if self.tokenizer else None)
-            group.completions.append(_Completion(group, i, req, p, detok, [] if p.logprobs is not None else None))
+            group.completions.append(_Completion(group, i, req, p, detok, [] if p.logprobs is not None else None,
+                                                 grammar=None if grammar is None else
+                                                 grammar if i == 0 else grammar.fork()))
         leader = group.completions[0].request
         self.scheduler.add_request(leader)
         for c in group.completions[1:]:
@@ -380,8 +420,12 @@ class LLMEngine:
         out = self.scheduler.schedule()
         launched = self._launch(out)
         if self._in_flight is not None:
-            outputs += self._finish_step(self._in_flight)
+            # With a structured row in `launched`, its sampler is queued from inside, as soon
+            # as the previous step's tokens have advanced the matchers (before its outputs).
+            outputs += self._finish_step(self._in_flight, then_sample=launched)
             self._in_flight = None
+        if launched is not None and launched.needs_mask:
+            self._queue_masked_sampler(launched)  # no step was in flight
         if launched is None:
             if not outputs:
                 self._record_step(0, 0, [], [])
@@ -406,19 +450,44 @@ class LLMEngine:
             if c.index == 0 and c.params.prompt_logprobs is not None:
                 wanted[rid] = c.params.prompt_logprobs
             req = c.request
-            start = req.num_computed_tokens - n  # the scheduler advanced it at schedule()
-            num_prompt_tokens += max(0, min(start + n, req.num_prompt_tokens) - start)
+            # vLLM's prompt_tokens counts each request's whole prompt once, whether its tokens
+            # were computed, found in the prefix cache, or computed again after a preemption.
+            if not c.prompt_counted:
+                c.prompt_counted = True
+                num_prompt_tokens += req.num_prompt_tokens
         rows = []
+        needs_mask = False
         for rid in out.sampling_req_ids:
-            req = self._completions[rid].request
+            c = self._completions[rid]
+            req = c.request
+            needs_mask |= c.grammar is not None
             # Tokens of earlier steps still in flight (this step's own placeholder excluded).
             pending = max(0, req.num_output_placeholders - 1)
-            rows.append(SamplingRow(self._completions[rid].params, req.prompt_token_ids, req.output_token_ids,
-                                    pending))
-        return _LaunchedStep(out, self.runner.dispatch(out, rows, wanted), num_prompt_tokens)
+            rows.append(SamplingRow(c.params, req.prompt_token_ids, req.output_token_ids, pending))
+        # A structured row's mask needs the previous step's token, which the host reads only
+        # after this call: the forward pass goes first, the sampler once the mask is known.
+        return _LaunchedStep(out, self.runner.dispatch(out, rows, wanted, defer_sampling=needs_mask),
+                             num_prompt_tokens, needs_mask)
 
-    def _finish_step(self, launched: "_LaunchedStep") -> list[RequestOutput]:
-        """Waits for a launched step, applies its tokens and builds the outputs."""
+    def _queue_masked_sampler(self, launched: _LaunchedStep) -> None:
+        """Computes the step's grammar bitmask (matchers are up to date with every token before
+        this step's) and queues its sampler with it. Rows of requests that ended meanwhile get
+        no mask: their token is dropped."""
+        launched.needs_mask = False
+        grammars = []
+        for rid in launched.out.sampling_req_ids:
+            c = self._completions.get(rid)
+            live = c is not None and not c.request.is_finished
+            grammars.append(c.grammar if live else None)
+        # The mask is filled in another thread while the runner builds the sampler's metadata.
+        mask = self.structured.fill_bitmask_async(grammars)
+        self.runner.sample_deferred(launched.pending, mask.result)
+
+    def _finish_step(self, launched: "_LaunchedStep", then_sample: "_LaunchedStep | None" = None
+                     ) -> list[RequestOutput]:
+        """Waits for a launched step, applies its tokens and builds the outputs. then_sample:
+        the next step, whose deferred sampler is queued once the matchers have this step's
+        tokens, before the outputs are built (the host's work on the device's critical path)."""
         out = launched.out
         result = launched.pending.result()
         for rid, (first, lp) in result.prompt_logprobs.items():
@@ -431,10 +500,17 @@ class LLMEngine:
         accepted = {r.request_id for r in self.scheduler.update_from_output(out, tokens)}
         # Tokens of requests that ended meanwhile (a stop found a step late, an abort) are dropped.
         tokens = {rid: t for rid, t in tokens.items() if rid in accepted}
+        advances = []
         for rid in tokens:
             c = self._completions.get(rid)
             if c is not None:
                 self._record_logprobs(c, sampled, rows[rid])
+                if c.grammar is not None:
+                    advances += [(c.grammar, t) for t in tokens[rid]]
+        if advances:
+            self.structured.accept_tokens(advances)
+        if then_sample is not None and then_sample.needs_mask:
+            self._queue_masked_sampler(then_sample)
         return self._process_outputs(tokens, launched.num_prompt_tokens)
 
     def _record_logprobs(self, c: _Completion, sampled, i: int):
@@ -470,6 +546,8 @@ class LLMEngine:
                 m.last_token_time = now
                 m.token_times.append(now)
             req = c.request
+            # The grammar admits nothing more: the output is complete (finish_reason "stop").
+            grammar_done = c.grammar is not None and c.grammar.is_terminated and not req.is_finished
             if c.detokenizer is not None:
                 is_stop_token = req.is_finished and req.finish_reason == "stop"
                 delta, stop_str = c.detokenizer.add_tokens(new_ids, last_is_stop_token=is_stop_token)
@@ -477,9 +555,16 @@ class LLMEngine:
                     c.finish_reason, c.stop_reason = "stop", stop_str
                     if not req.is_finished:
                         self.scheduler.finish_requests([rid], "stop")
-                elif req.is_finished:
-                    delta += c.detokenizer.finish()
+                else:
+                    if grammar_done:
+                        self.scheduler.finish_requests([rid], "stop")
+                    if req.is_finished:
+                        delta += c.detokenizer.finish()
                 c.delta_text += delta
+            elif grammar_done:
+                self.scheduler.finish_requests([rid], "stop")
+            if grammar_done and c.finish_reason is None:
+                c.finish_reason = "stop"  # stop_reason stays None: no stop token or string
             if req.is_finished and c.finish_reason is None:
                 c.finish_reason = req.finish_reason
                 if req.finish_reason == "stop":
@@ -529,4 +614,6 @@ class LLMEngine:
                                  num_running=s.num_running, num_waiting=s.num_waiting,
                                  kv_usage=bm.usage, num_preemptions_total=s.num_preemptions_total,
                                  ttfts=ttfts, itls=itls, prefix_cache_queries_total=bm.num_prefix_query_tokens,
-                                 prefix_cache_hits_total=bm.num_prefix_hit_tokens)
+                                 prefix_cache_hits_total=bm.num_prefix_hit_tokens,
+                                 external_prefix_cache_queries_total=bm.num_external_query_tokens,
+                                 external_prefix_cache_hits_total=bm.num_external_hit_tokens)

@@ -50,6 +50,10 @@ class KVCacheSpec:
             jnp.dtype(self.dtype).itemsize
 
 
+# Headroom below the largest free block for the allocator's rounding of the two pools.
+_ALLOCATOR_SLACK = 64 << 20
+
+
 def pages_for_memory_fraction(config: ModelConfig, page_size: int, dtype, fraction: float,
                               device=None, head_dim: int | None = None) -> int | None:
     """Pages that fit in `fraction` of the device's free memory, or None where the device
@@ -59,7 +63,15 @@ def pages_for_memory_fraction(config: ModelConfig, page_size: int, dtype, fracti
     if not stats or "bytes_limit" not in stats:
         return None
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return int(free * fraction) // KVCacheSpec.bytes_per_page(config, page_size, dtype, head_dim)
+    budget = int(free * fraction)
+    # The pools are two large arrays, and free memory need not be one block: weights quantized
+    # on the device leave their float originals' space as a hole below the quantized ones
+    # (8B int8 on an H200: a 16 GB hole under 88 GB above, so 0.85 of all free memory could not
+    # be placed). The pools take the largest block; holes serve the steps' temporaries.
+    largest = stats.get("largest_free_block_bytes")
+    if largest:
+        budget = min(budget, largest - _ALLOCATOR_SLACK)
+    return max(budget, 0) // KVCacheSpec.bytes_per_page(config, page_size, dtype, head_dim)
 
 
 def allocate_kv_cache(spec: KVCacheSpec, sharding=None, fill: float = 0.0) -> tuple[jax.Array, jax.Array]:

@@ -59,6 +59,10 @@ class EngineMetrics:
     generation_tokens_total: int = 0
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
+    # The host KV tier's lookups (vLLM counts its offloading connector's as "external"): prompt
+    # tokens of requests admitted while the tier exists, and tokens reloaded from it.
+    external_prefix_cache_queries_total: int = 0
+    external_prefix_cache_hits_total: int = 0
     request_success_total: dict[str, int] = dataclasses.field(default_factory=dict)
     time_to_first_token_seconds: Histogram = dataclasses.field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     inter_token_latency_seconds: Histogram = dataclasses.field(default_factory=lambda: Histogram(ITL_BUCKETS))
@@ -75,10 +79,13 @@ class EngineMetrics:
     def record_step(self, *, num_prompt_tokens: int, num_generation_tokens: int, num_running: int,
                     num_waiting: int, kv_usage: float, num_preemptions_total: int,
                     ttfts: list[float], itls: list[float], prefix_cache_queries_total: int = 0,
-                    prefix_cache_hits_total: int = 0):
+                    prefix_cache_hits_total: int = 0, external_prefix_cache_queries_total: int = 0,
+                    external_prefix_cache_hits_total: int = 0):
         with self._lock:
             self.prefix_cache_queries_total = prefix_cache_queries_total
             self.prefix_cache_hits_total = prefix_cache_hits_total
+            self.external_prefix_cache_queries_total = external_prefix_cache_queries_total
+            self.external_prefix_cache_hits_total = external_prefix_cache_hits_total
             self.prompt_tokens_total += num_prompt_tokens
             self.generation_tokens_total += num_generation_tokens
             self.num_requests_running = num_running

@@ -55,6 +55,9 @@ class Request:
       ignore_eos: do not stop on eos_token_ids.
       priority: lower values are served first under the "priority" policy.
       arrival_time: seconds on any monotonic clock; orders requests of equal priority.
+      use_prefix_cache: take cached prefix pages (False: compute every position).
+      cache_salt: the request's prefix-cache namespace: requests share cached pages only when
+        their salts are equal (vLLM's `cache_salt`).
 
     Output tokens are appended through `append_output_token`; the stop token itself is kept in
     `output_token_ids` (the detokenizer decides whether to show it).
@@ -64,7 +67,7 @@ class Request:
                  max_tokens: int | None = None, min_tokens: int = 0,
                  eos_token_ids: Iterable[int] = (), stop_token_ids: Iterable[int] = (),
                  ignore_eos: bool = False, priority: int = 0, arrival_time: float | None = None,
-                 use_prefix_cache: bool = True):
+                 use_prefix_cache: bool = True, cache_salt: str | None = None):
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         prompt = _token_tuple("prompt_token_ids", prompt_token_ids)
@@ -77,6 +80,9 @@ class Request:
         if max_tokens is not None and min_tokens > max_tokens:
             raise ValueError(
                 f"request {request_id!r}: min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"request {request_id!r}: cache_salt must be a non-empty string or None, "
+                             f"got {cache_salt!r}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"request {request_id!r}: priority must be an integer, got {priority!r}")
         self.request_id = request_id
@@ -90,6 +96,10 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else float(arrival_time)
         # False when every prompt position must be computed (prompt logprobs score each one).
         self.use_prefix_cache = bool(use_prefix_cache)
+        self.cache_salt = cache_salt
+        # The chained hash of each full page of its tokens, extended as tokens arrive (by the
+        # scheduler, through the block manager), so a request is hashed once.
+        self.block_hashes: list[bytes] = []
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0

@@ -23,8 +23,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.kv_cache import KVCacheSpec, allocate_kv_cache
+from jaxinfer.engine.kv_offload import HostKVPool
 from jaxinfer.engine.sampling import (VARIANTS, Logprobs, PenaltySlots, SamplerOutput, SamplingMetadata, SamplingRow,
-                                      SamplingWidths, prompt_logprobs, sample_packed)
+                                      SamplingWidths, apply_token_bitmask, prompt_logprobs, sample_packed)
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.engine.input_batch import PersistentBatch
 from jaxinfer.engine.packing import PackSpec, pack, unpack
@@ -127,7 +128,8 @@ class ModelRunner:
 
     def __init__(self, config: ModelConfig, graphdef, params, kv_spec: KVCacheSpec, runner_config: RunnerConfig,
                  attention: AttentionBackend, *, linear: Linear = XLA_LINEAR, eos_token_ids: Sequence[int] = (),
-                 kv_fill: float = 0.0, kv_sharding=None, unroll_max_tokens: int = 0, unrolled_params=None):
+                 kv_fill: float = 0.0, kv_sharding=None, unroll_max_tokens: int = 0, unrolled_params=None,
+                 num_host_pages: int = 0):
         if kv_spec.page_size != runner_config.page_size:
             raise ValueError("KV cache and runner disagree on page_size")
         self.config = config
@@ -148,6 +150,8 @@ class ModelRunner:
         self._placement = (NamedSharding(kv_sharding.mesh, PartitionSpec()) if kv_sharding is not None
                            else jax.devices()[0])
         self.kv_cache = allocate_kv_cache(kv_spec, sharding=kv_sharding or self._placement, fill=kv_fill)
+        # The host-memory KV tier (kv_offload.py): pages the block manager offloads and reloads.
+        self.host_kv = HostKVPool(kv_spec, num_host_pages, self._placement, kv_sharding) if num_host_pages else None
         # A backend that stages its writes (the XLA one) gets the pools read-only and returns
         # the step's new k, v, written by a second, donated call; the others update the donated
         # pools in place inside the step.
@@ -190,9 +194,11 @@ class ModelRunner:
         self._prev_rows: dict[str, int] = {}
         self._penalties = PenaltySlots(runner_config.max_num_seqs, config.vocab_size, self._placement)
         self.sampling_widths = SamplingWidths()
+        self.mask_words = -(-config.vocab_size // 32)  # packed int32 words of a grammar bitmask row
         # Ahead-of-time compiled programs by (kind, size[, variant]) (see `precompile`); a step
         # without one goes through the jitted function, which compiles on first use.
         self._executables: dict[tuple, object] = {}
+        self._deferred: PendingStep | None = None  # a step whose sampler is not queued yet
 
     # -- warm-up ---------------------------------------------------------------------------
     @property
@@ -202,13 +208,16 @@ class ModelRunner:
 
     def warmup_plan(self) -> list[tuple[str, int]]:
         """Every (kind, size) compiled at warm-up: per token bucket the model step and the
-        prompt-logprob scorer, per sequence-slot count every sampler variant, the page copy
-        and the penalty-history write. Nothing else compiles while serving."""
+        prompt-logprob scorer, per sequence-slot count every sampler variant and the grammar
+        mask, the page copy and the penalty-history write. Nothing else compiles while serving."""
         plan = [("step", t) for t in self.rc.token_buckets]
         slots = sorted({self.rc.seq_slots(t) for t in self.rc.token_buckets})
         plan += [(f"sample_{variant}", s) for s in slots for variant in VARIANTS]
+        plan += [("mask", s) for s in slots]
         plan += [("score", t) for t in self.rc.token_buckets]
         plan += [("copy", COPY_BATCH), ("history", 1)]
+        if self.host_kv is not None:
+            plan.append(("host_transfers", len(self.host_kv.TRANSFER_BATCHES)))
         return plan
 
     def precompile(self, max_workers: int | None = None) -> int:
@@ -252,6 +261,9 @@ class ModelRunner:
                 jobs.append((("sample", size, variant), functools.partial(
                     lambda lg, p, st, sp: sample_packed.lower(lg, p, st, spec=sp).compile(),
                     logits, sds(packed.shape, packed.dtype), state, spec)))
+            jobs.append((("mask", size), functools.partial(
+                lambda lg, m: apply_token_bitmask.lower(lg, m).compile(),
+                logits, sds((size, self.mask_words), np.int32))))
         with ThreadPoolExecutor(max_workers or min(len(jobs), os.cpu_count() or 1)) as pool:
             compiled = list(pool.map(lambda job: job[1](), jobs))
         self._executables.update(zip((key for key, _ in jobs), compiled))
@@ -265,10 +277,15 @@ class ModelRunner:
         for kind, size in tqdm(plan, desc="compiling buckets", disable=not progress, unit="graph"):
             if kind == "step":
                 _, hidden_by_bucket[size] = self._run_model(token_bucket=size, with_hidden=True)
+            elif kind == "host_transfers":
+                self.kv_cache = self.host_kv.warmup(self.kv_cache)
             elif kind == "copy":
                 self.copy_pages([])
             elif kind == "history":
                 self._penalties.warmup()
+            elif kind == "mask":
+                logits = jax.device_put(np.zeros((size, self.config.vocab_size), np.float32), self._placement)
+                self._apply_bitmask(logits, np.full((size, self.mask_words), -1, np.int32)).block_until_ready()
             elif kind == "score":
                 hidden = hidden_by_bucket.pop(size)
                 jax.block_until_ready(self._score_chunks(hidden, np.zeros(hidden.shape[0], np.int32), [0]))
@@ -327,8 +344,11 @@ class ModelRunner:
         return self.params
 
     def _sample(self, logits_sv, request_ids: Sequence[str], rows: Sequence[SamplingRow],
-                variant: str | None = None) -> SamplerOutput:
-        """Samples rows with the cheapest compiled variant that serves them all (or `variant`)."""
+                variant: str | None = None, bitmask=None) -> SamplerOutput:
+        """Samples rows with the cheapest compiled variant that serves them all (or `variant`).
+        bitmask: a grammar bitmask for `_apply_bitmask`, or a function returning one, called
+        only once the metadata is on its way (so a mask computed in another thread overlaps
+        this host work)."""
         # Only rows with penalties hold a slot of the penalty state (and only the full sampler
         # has such rows), so the variant is decided once, by `build`.
         slots = (self._penalties.slots_for(request_ids, rows)
@@ -339,12 +359,24 @@ class ModelRunner:
         variant = md.variant
         packed, spec = pack(md)
         packed = jax.device_put(packed, self._placement)
+        if bitmask is not None:
+            logits_sv = self._apply_bitmask(logits_sv, bitmask() if callable(bitmask) else bitmask)
         run = (self._executables.get(("sample", logits_sv.shape[0], variant))
                or functools.partial(sample_packed, spec=spec))
         if variant != "full":
             return run(logits_sv, packed, None)[0]
         sampled, self._penalties.state = run(logits_sv, packed, self._penalties.state)
         return sampled
+
+    def _apply_bitmask(self, logits_sv, bitmask_rw: np.ndarray):
+        """Grammar-masked logits: bitmask_rw [R, W] packs the first R rows' allowed tokens (the
+        rest of the S rows allow everything); one host-to-device transfer."""
+        s = logits_sv.shape[0]
+        if bitmask_rw.shape[0] < s:
+            padding = np.full((s - bitmask_rw.shape[0], self.mask_words), -1, np.int32)  # all allowed
+            bitmask_rw = np.concatenate([bitmask_rw, padding])
+        packed = jax.device_put(bitmask_rw, self._placement)
+        return self._executables.get(("mask", s), apply_token_bitmask)(logits_sv, packed)
 
     def _apply_diff(self, out: SchedulerOutput):
         """Brings the persistent batch up to date with the scheduler (see scheduler.py)."""
@@ -372,20 +404,27 @@ class ModelRunner:
         return self.dispatch(out, rows, prompt_logprobs).result()
 
     def dispatch(self, out: SchedulerOutput, rows: Sequence[SamplingRow],
-                 prompt_logprobs: Mapping[str, int] | None = None) -> PendingStep:
+                 prompt_logprobs: Mapping[str, int] | None = None, *, defer_sampling: bool = False) -> PendingStep:
         """Queues one scheduled step and its sampling on the device without waiting for them.
 
         Args:
           out: the scheduler's output for this step.
           rows: the sampling state of each request in `out.sampling_req_ids`, in that order.
           prompt_logprobs: request id -> top-n, for requests that want prompt logprobs.
+          defer_sampling: queue only the forward pass; the caller queues the sampler with
+            `sample_deferred` (with a grammar bitmask) before the next dispatch, so the host can
+            compute the mask while the forward pass runs.
         Returns:
           The pending step; its `result()` brings the sampled tokens (numpy, rows in
           `sampling_req_ids` order) and prompt logprobs back to the host. A token the host does
           not know yet (sampled by the previous step, under asynchronous scheduling) is read
           from that step's device output.
         """
+        if self._deferred is not None:
+            raise RuntimeError("the previous step's sampler was deferred and never queued (sample_deferred)")
         self._apply_diff(out)
+        if out.offload_ops or out.reload_ops:  # first: they read pages as they were before this step
+            self.kv_cache = self.host_kv.apply(self.kv_cache, out.offload_ops, out.reload_ops)
         if out.total_num_scheduled_tokens == 0:
             return PendingStep()  # nothing to run, but finished requests were forgotten above
         if out.copy_ops:
@@ -417,12 +456,30 @@ class ModelRunner:
         else:
             logits = self._run_model(**run)
         if rows:
-            pending.sampled = self._sample(logits, out.sampling_req_ids, rows)
-            self._prev_tokens = self._pad_tokens(pending.sampled.token_ids)
             self._prev_rows = {rid: i for i, rid in enumerate(out.sampling_req_ids)}
+            if defer_sampling:
+                pending.deferred = (logits, tuple(out.sampling_req_ids), tuple(rows))
+                self._deferred = pending
+            else:
+                self._sample_step(pending, logits, out.sampling_req_ids, rows)
         else:
             self._prev_rows = {}
         return pending
+
+    def sample_deferred(self, pending: PendingStep, bitmask_rw=None) -> None:
+        """Queues the sampler of a step dispatched with `defer_sampling`, its logits masked by
+        bitmask_rw [rows, ceil(V / 32)] int32 (rows in `sampling_req_ids` order), or by what a
+        function returns (called after the sampler's metadata is built); None: no mask."""
+        if pending.deferred is None or pending is not self._deferred:
+            raise RuntimeError("this step has no deferred sampling outstanding")
+        logits, request_ids, rows = pending.deferred
+        pending.deferred = self._deferred = None
+        self._sample_step(pending, logits, request_ids, rows, bitmask_rw)
+
+    def _sample_step(self, pending: PendingStep, logits, request_ids, rows, bitmask=None) -> None:
+        pending.sampled = self._sample(logits, request_ids, rows, bitmask=bitmask)
+        # The next step reads these tokens on the device (asynchronous scheduling).
+        self._prev_tokens = self._pad_tokens(pending.sampled.token_ids)
 
     def _prompt_logprobs(self, out, starts, lens, hidden_td, wanted: Mapping[str, int]):
         """Per request, (first prompt position scored, Logprobs) for this step's prompt tokens.
@@ -481,10 +538,14 @@ class PendingStep:
     prompt_logprobs: tuple | None = None
     # request id -> (its first token row, rows scored, position of the first prompt token scored)
     prompt_spans: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    # (logits, request ids, rows) of a sampler not yet queued (`ModelRunner.sample_deferred`)
+    deferred: tuple | None = None
 
     def result(self) -> StepResult:
         """Waits for the step and copies its sampled tokens (and logprobs) to the host; requests'
         prompt rows are cut on the host (slicing on the device would compile per span)."""
+        if self.deferred is not None:
+            raise RuntimeError("the step's sampler was deferred and never queued (sample_deferred)")
         spans = {}
         if self.prompt_logprobs is not None:
             size, total, chunks, parts = self.prompt_logprobs

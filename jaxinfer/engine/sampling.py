@@ -13,7 +13,8 @@ Every row draws from its own key, derived from (seed, tokens generated so far), 
 request gets the same tokens whatever else shares its batch and wherever its row sits.
 
 Glossary for shapes: B rows (a batch size; rows past the real ones are padding), V vocab,
-L logit-bias entries, M banned ids, R penalty slots, T prompt positions, N top logprobs.
+L logit-bias entries, M banned ids, R penalty slots, T prompt positions, N top logprobs,
+W packed 32-token words of a grammar bitmask (ceil(V / 32)).
 """
 
 from __future__ import annotations
@@ -353,6 +354,22 @@ class SamplerOutput:
 
     token_ids: jax.Array
     logprobs: Logprobs | None
+
+
+def unpack_token_bitmask(bitmask_bw, vocab_size: int):
+    """[B, V] bool from packed int32 words [B, W]: bit j of word w allows token 32 w + j."""
+    bits_bw32 = (bitmask_bw[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits_bw32.reshape(bitmask_bw.shape[0], -1)[:, :vocab_size].astype(bool)
+
+
+@jax.jit
+def apply_token_bitmask(logits_bv, bitmask_bw):
+    """Grammar masking (structured outputs): disallowed tokens' logits become -inf, before any
+    other processing, so penalties, temperature, top-k/top-p and logprobs all see the masked
+    distribution (as in vLLM). A separate program from the sampler, run only for steps with a
+    structured row, so other steps and the sampler variants are unchanged."""
+    allowed_bv = unpack_token_bitmask(bitmask_bw, logits_bv.shape[1])
+    return jnp.where(allowed_bv, logits_bv, -jnp.inf).astype(logits_bv.dtype)
 
 
 def apply_logit_bias(logits_bv, bias_ids_bl, bias_values_bl):

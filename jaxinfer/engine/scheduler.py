@@ -4,7 +4,10 @@ Each request has `num_tokens` known tokens (prompt plus outputs) and `num_comput
 them with KV in the cache. A step lets requests catch up under `max_num_batched_tokens`: running
 requests first, in order (a decode takes 1 token, an unfinished prefill its next chunk), then
 waiting requests are admitted while `max_num_seqs` and the budget allow, the last one possibly
-with a partial chunk. A request "samples" in a step when its scheduled tokens reach its last
+with a partial chunk. Only tokens still to compute are charged to the budget: a prefix hit's
+(device or host tier) cost nothing. Admission stops at the first waiting request that cannot get
+pages, so a later one whose prefix is cached never overtakes it (nor is blocked by more than
+the requests ahead of it). A request "samples" in a step when its scheduled tokens reach its last
 known token. Running requests are served in order of (priority, arrival) under "priority" and
 of arrival under "fcfs". When one cannot get pages, the last in that order is preempted by
 recompute: its pages are freed, its computed count reset, its output tokens kept, and it returns
@@ -23,8 +26,11 @@ applies, in this order:
      the request (the sampled ones); `new_page_ids` are appended to its block table, or replace
      it whole when `replaces_block_table` (resumed after preemption, or copy-on-write swapped a
      page).
-  5. `copy_ops`: copy every layer's k and v page `src` to `dst`, in order, BEFORE the step writes
+  5. `offload_ops` (device page -> host slot), then `reload_ops` (host slot -> device page): the
+     host KV tier's copies (block_manager.py), before anything else touches those pages.
+  6. `copy_ops`: copy every layer's k and v page `src` to `dst`, in order, BEFORE the step writes
      any KV.
+Steps with no tokens still carry their transfers, which the runner applies all the same.
 Then it runs one forward pass over `total_num_scheduled_tokens` tokens laid out request by
 request in `scheduled_req_ids` order: request r contributes positions
 [num_computed_tokens, num_computed_tokens + num_scheduled_tokens[r]), where num_computed_tokens is
@@ -127,6 +133,8 @@ class SchedulerOutput:
     finished_req_ids: frozenset[str]
     preempted_req_ids: frozenset[str]
     copy_ops: tuple[tuple[int, int], ...]
+    offload_ops: tuple[tuple[int, int], ...] = ()  # (device page, host slot)
+    reload_ops: tuple[tuple[int, int], ...] = ()  # (host slot, device page)
 
     def __post_init__(self):
         described = [r.request_id for r in self.scheduled_new_reqs] + [r.request_id for r in self.scheduled_cached_reqs]
@@ -250,11 +258,16 @@ class Scheduler:
             if leader.prompt_token_ids != request.prompt_token_ids:
                 raise ValueError(f"request {rid!r} must have the same prompt as {fork_from!r} to share its pages")
         self._requests[rid] = request
+        self._hash_new_pages(request)
         arrival = (request.arrival_time, next(self._arrival_counter))
         self._order_keys[rid] = (request.priority, *arrival) if self.config.policy == "priority" else arrival
         if fork_from is not None:
             self._fork_from[rid] = fork_from
         self._enqueue_waiting(request, front=False)
+
+    def _hash_new_pages(self, request: Request) -> None:
+        if self.block_manager.enable_prefix_caching:
+            self.block_manager.extend_block_hashes(request.block_hashes, request.all_token_ids, request.cache_salt)
 
     def _max_kv_tokens(self, request: Request) -> int:
         # The last sampled token never gets KV, so a sequence that stops at length L needs L - 1.
@@ -411,12 +424,20 @@ class Scheduler:
             budget -= num_new
 
     def _allocate_admission(self, request: Request, budget: int) -> int | None:
-        """Pages for a waiting request's first chunk after any prefix hit; its size, or None."""
+        """Pages for a waiting request's first chunk after any prefix hit; its size, or None.
+
+        The budget is spent on tokens still to compute only: a hit's tokens (device or host
+        tier) cost none. The lookup reads the request's kept hashes, and is counted only when
+        the admission succeeds, so a request waiting for pages is neither re-hashed nor
+        counted again on each retry."""
         bm = self.block_manager
-        cached_pages, num_cached = bm.get_computed_pages(request.all_token_ids) if request.use_prefix_cache else ([], 0)
+        hit = bm.get_computed_pages(request.block_hashes, request.num_tokens) if request.use_prefix_cache else None
+        num_cached = hit.num_tokens if hit is not None else 0
         num_new = self._num_new_tokens(request.num_tokens - num_cached, budget)
-        if bm.allocate_slots(request.request_id, num_cached + num_new, cached_pages=cached_pages) is None:
+        if bm.allocate_slots(request.request_id, num_cached + num_new, prefix_hit=hit) is None:
             return None
+        if hit is not None and bm.enable_prefix_caching:
+            bm.record_admission(request.num_tokens, hit)
         request.num_computed_tokens = num_cached
         return num_new
 
@@ -469,6 +490,7 @@ class Scheduler:
             for rid in sampling:
                 self._requests[rid].num_output_placeholders += 1
         finished, self._finished_unreported = self._finished_unreported, []
+        offload_ops, reload_ops = bm.take_transfer_ops()
         output = SchedulerOutput(
             scheduled_new_reqs=tuple(new_reqs),
             scheduled_cached_reqs=tuple(cached_reqs),
@@ -480,6 +502,8 @@ class Scheduler:
             finished_req_ids=frozenset(finished),
             preempted_req_ids=frozenset(rid for rid in preempted if rid in self._runner_views),
             copy_ops=tuple(copy_ops),
+            offload_ops=tuple(offload_ops),
+            reload_ops=tuple(reload_ops),
         )
         if not output.is_empty:
             self._awaiting_update.append(output)
@@ -523,7 +547,7 @@ class Scheduler:
             if in_flight and rid in sampling:
                 request.num_output_placeholders -= 1
             if request.status is RequestStatus.RUNNING:
-                self.block_manager.cache_computed_pages(rid, request.all_token_ids, request.num_computed_tokens)
+                self.block_manager.cache_computed_pages(rid, request.block_hashes, request.num_computed_tokens)
             elif request.status is not RequestStatus.PREEMPTED:
                 continue
             # (A request preempted after this step was planned still gets the step's token.)
@@ -536,5 +560,6 @@ class Scheduler:
                 if status is not None:
                     self._finish(request, status)
                     break
+            self._hash_new_pages(request)
             changed.append(request)
         return changed

@@ -1,0 +1,176 @@
+"""`jaxinfer bench structured`: the cost of grammar-constrained decoding (structured outputs).
+
+One batch of --batch-size requests, each under its own JSON schema (distinct property names,
+so every request compiles a grammar), generates greedily until its grammar completes; then the
+same prompts run unconstrained, each for exactly as many tokens as its structured run made
+(eos ignored), so both runs produce the same number of tokens. Reported: output tokens/s of
+both, the host's mean mask time per structured step, grammar compile time per request, and
+the grammar tokenizer's one-time build.
+
+The schemas are bounded (enums, bounded integers, strings of at most --max-string-len
+characters, arrays of at most 3 items, no additional properties, no free whitespace), so even
+a random-weight model (--preset) writes valid JSON of bounded length: the mask forces it.
+Outputs cut by --max-tokens are counted as truncated (raise --max-tokens if any are); the
+others are decoded and parsed after the run.
+
+A random-weight preset has no tokenizer: --tokenizer gives one (a tokenizer.json, an HF
+directory, a .gguf, or a demo alias; default the demo model's). Its ids must fit the model's
+vocabulary; ids past the tokenizer's are never allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from jaxinfer.bench.offline import _load, _plain, _prompts, _save, run_header
+
+
+def add_args(sub) -> None:
+    """Registers `structured` under `jaxinfer bench`."""
+    from jaxinfer.cli import _add_engine_args
+
+    p = sub.add_parser("structured", help="output tok/s under JSON-schema constraints vs unconstrained")
+    _add_engine_args(p)
+    p.add_argument("--preset", default=None, help="random weights of a named shape (e.g. llama3-8b)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, HF directory, .gguf or demo alias (default: the model's own, else the demo's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=256, help="cap per request; outputs cut by it are reported")
+    p.add_argument("--max-string-len", type=int, default=12, help="maxLength of the schema's strings")
+    p.add_argument("--output-dir", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="appended to the result files' names")
+    p.set_defaults(func=cmd_structured, max_num_seqs=None, max_num_batched_tokens=None)
+
+
+def schema_for(i: int, max_string_len: int) -> dict:
+    """Request i's schema: a bounded record whose property names are unique to the request."""
+    return {
+        "type": "object", "additionalProperties": False,
+        "required": [f"id_{i}", f"status_{i}", f"label_{i}", f"scores_{i}", f"flag_{i}"],
+        "properties": {
+            f"id_{i}": {"type": "integer", "minimum": 0, "maximum": 100000},
+            f"status_{i}": {"enum": ["queued", "running", "done", "failed"]},
+            f"label_{i}": {"type": "string", "maxLength": max_string_len},
+            f"scores_{i}": {"type": "array", "maxItems": 3, "items": {"type": "integer", "minimum": 0, "maximum": 99}},
+            f"flag_{i}": {"type": "boolean"},
+        },
+    }
+
+
+def _tokenizer(args, model):
+    from jaxinfer.loading.resolve import resolve_model
+    from jaxinfer.tokenizer import Tokenizer
+
+    ref = args.tokenizer
+    if ref is None and model.tokenizer is not None:
+        return model.tokenizer
+    if ref is not None and ref.endswith(".json"):
+        import tokenizers
+
+        backend = tokenizers.Tokenizer.from_file(ref)
+        # A bare tokenizer.json names no eos: the model's, where the tokenizer has those ids.
+        eos = [i for i in model.config.eos_token_ids if i < backend.get_vocab_size(with_added_tokens=True)]
+        return Tokenizer(backend, extra_eos_token_ids=eos)
+    resolved = resolve_model(ref)
+    return Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf" else Tokenizer.from_directory(resolved.path)
+
+
+def _run(engine, prompts, params_list, tag: str) -> dict:
+    """Runs one batch to the end: seconds, steps and each request's output."""
+    t0 = time.perf_counter()
+    for i, (p, params) in enumerate(zip(prompts, params_list)):
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, params)
+    done, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+        steps += 1
+    seconds = time.perf_counter() - t0
+    outs = [done[f"{tag}-{i}"] for i in range(len(prompts))]
+    return {"seconds": seconds, "steps": steps, "outputs": outs,
+            "generated_tokens": sum(len(o.token_ids) for o in outs)}
+
+
+def cmd_structured(args) -> int:
+    from jaxinfer.bench.offline import _engine
+    from jaxinfer.sampling_params import SamplingParams, StructuredOutputsParams
+
+    model = _load(args)
+    model.tokenizer = _tokenizer(args, model)
+    if model.tokenizer.vocab_size > model.config.vocab_size:
+        print(f"error: the tokenizer has {model.tokenizer.vocab_size} ids, more than the model's vocabulary "
+              f"({model.config.vocab_size})", file=sys.stderr)
+        return 1
+    b = args.batch_size
+    engine = _engine(model, args, max_num_seqs=b, max_len=args.input_len + args.max_tokens,
+                     batched_tokens=min(8192, max(512, b * args.input_len)))
+    so = engine.structured
+    # Outputs are decoded after the runs, so neither pays the detokenizer, and unconstrained
+    # ids past a smaller tokenizer's vocabulary (a preset's) are never decoded. The grammar
+    # state keeps its own reference to the tokenizer.
+    engine.tokenizer = None
+    prompts = _prompts(min(model.config.vocab_size, model.tokenizer.vocab_size), b, args.input_len, args.seed)
+
+    def structured_params(i: int):
+        return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+                              structured_outputs=StructuredOutputsParams(
+                                  json=schema_for(i, args.max_string_len), disable_any_whitespace=True))
+
+    # Off the clock: the grammar tokenizer's build, and first-use costs of both paths.
+    t0 = time.perf_counter()
+    _run(engine, prompts[:2], [structured_params(-1 - i) for i in range(2)], "warm-structured")
+    warm_s = time.perf_counter() - t0
+    _run(engine, prompts[:2], [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * 2, "warm-plain")
+
+    compiles0, compile_s0, masks0, mask_s0 = so.num_compiles, so.compile_seconds, so.num_mask_steps, so.mask_seconds
+    accept_s0 = so.accept_seconds
+    constrained = _run(engine, prompts, [structured_params(i) for i in range(b)], "structured")
+    num_compiles = so.num_compiles - compiles0
+    mask_steps = so.num_mask_steps - masks0
+    lengths = [len(o.token_ids) for o in constrained["outputs"]]
+    valid = truncated = 0
+    for o in constrained["outputs"]:
+        truncated += o.finish_reason == "length"
+        try:
+            json.loads(model.tokenizer.decode(o.token_ids))
+            valid += 1
+        except ValueError:
+            pass
+    plain = _run(engine, prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths],
+                 "plain")
+    result = {
+        "batch_size": b,
+        "structured_output_tokens_per_s": constrained["generated_tokens"] / constrained["seconds"],
+        "unconstrained_output_tokens_per_s": plain["generated_tokens"] / plain["seconds"],
+        "structured_seconds": constrained["seconds"], "unconstrained_seconds": plain["seconds"],
+        "structured_steps": constrained["steps"], "unconstrained_steps": plain["steps"],
+        "generated_tokens": constrained["generated_tokens"],
+        "mean_output_len": sum(lengths) / b, "max_output_len": max(lengths),
+        "valid_json": valid, "truncated": truncated,
+        "mask_ms_per_step": 1e3 * (so.mask_seconds - mask_s0) / max(mask_steps, 1),
+        "mask_steps": mask_steps,
+        "advance_ms_per_step": 1e3 * (so.accept_seconds - accept_s0) / max(mask_steps, 1),
+        "compile_ms_per_request": 1e3 * (so.compile_seconds - compile_s0) / max(num_compiles, 1),
+        "grammar_compiles": num_compiles,
+        "first_structured_batch_s": warm_s,
+        "tokenizer_vocab": model.tokenizer.vocab_size, "model_vocab": model.config.vocab_size,
+    }
+    result["slowdown"] = result["unconstrained_output_tokens_per_s"] / result["structured_output_tokens_per_s"]
+    print(json.dumps(result), flush=True)
+    record = {"benchmark": "structured", **run_header(args.argv), "args": _plain(vars(args)), "result": result}
+    table = [f"batch {b}, {args.input_len}-token prompts, one JSON schema per request (greedy, bounded); "
+             f"tokenizer of {result['tokenizer_vocab']} ids, model vocabulary {result['model_vocab']}", "",
+             "| structured tok/s | unconstrained tok/s | slowdown | mask ms/step | compile ms/request | "
+             "mean / max output | valid JSON | truncated |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| {result['structured_output_tokens_per_s']:.1f} | {result['unconstrained_output_tokens_per_s']:.1f} | "
+             f"{result['slowdown']:.2f}x | {result['mask_ms_per_step']:.2f} "
+             f"(+{result['advance_ms_per_step']:.2f} advancing) | "
+             f"{result['compile_ms_per_request']:.2f} | "
+             f"{result['mean_output_len']:.1f} / {result['max_output_len']} | {valid}/{b} | {truncated} |"]
+    _save(record, args, "structured", table)
+    return 0

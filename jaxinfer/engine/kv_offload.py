@@ -1,0 +1,158 @@
+"""The host-memory KV tier's memory and copies: the runner's side of host_tier.py.
+
+The host pool is one numpy array [S, 2, K, L, page_size, H] (slot, k/v, kv head, layer, ...):
+a slot is contiguous, so landing or reading a batch of slots is one fancy-indexed copy. The
+device pools stay [K, L, P, page_size, H] (the kernels read that layout), so a page is K * 2
+strided pieces there: a batch of pages is gathered into one [B, 2, K, L, page_size, H] array by
+one jitted program over every layer (one device-to-host transfer per batch), and a reload
+scatters one such array back (one host-to-device transfer).
+
+Order within a step (see block_manager.py): earlier steps' offloads land in the host pool (those
+whose transfer has finished, in order), this step's offloads are gathered from the
+pools as they are before the step touches them, and reloads read the host pool. Offloads are
+asynchronous: the gathered batch is copied to the host in the background and lands at the next
+step. Reloads are asynchronous too: the host rows are copied out of the pool (so a later landing
+cannot change them) and put on the device without waiting; the scatter is queued before the step
+that reads the pages.
+
+Landing never waits for the device on the step's path: a batch lands once its gather has run
+(`is_ready`), so the host keeps running a step ahead of the device as under asynchronous
+scheduling (waiting here for the previous step's gather made an 8B engine with the tier 3x slower
+at 0% hits on an H200). It waits only where it must: a reload of a slot still on its way, or more
+gathered bytes held on the device than MAX_PENDING_BYTES (those sit outside the KV budget).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxinfer.engine.kv_cache import KVCacheSpec
+
+# Pages per transfer, so that each size compiles once (at warm-up); a step's pages go in as few
+# batches of these sizes as cover them.
+TRANSFER_BATCHES = (1, 8, 64)
+# Gathered pages waiting on the device to land: bounded, since they are outside the KV budget.
+MAX_PENDING_BYTES = 1 << 30
+
+
+def _gather_pages(kv_cache, pages_b):
+    """[B, 2, K, L, page_size, H]: pages pages_b of the k and v pools [K, L, P, page_size, H]."""
+    k, v = kv_cache
+    return jnp.stack([k[:, :, pages_b], v[:, :, pages_b]]).transpose(3, 0, 1, 2, 4, 5)
+
+
+def _scatter_pages(kv_cache, pages_b, rows_b):
+    """Writes rows_b [B, 2, K, L, page_size, H] into pages pages_b of both pools."""
+    rows = rows_b.transpose(1, 2, 3, 0, 4, 5)  # [2, K, L, B, page_size, H]
+    return tuple(pool.at[:, :, pages_b].set(rows[i].astype(pool.dtype)) for i, pool in enumerate(kv_cache))
+
+
+def batches(num: int) -> list[int]:
+    """Batch sizes from TRANSFER_BATCHES covering `num` pages: the largest while it fills, then
+    the smallest that holds the rest."""
+    out = []
+    largest = TRANSFER_BATCHES[-1]
+    while num >= largest:
+        out.append(largest)
+        num -= largest
+    if num:
+        out.append(next(b for b in TRANSFER_BATCHES if b >= num))
+    return out
+
+
+class HostKVPool:
+    """The host pool of `num_slots` pages and its copies to and from the device pools.
+
+    Args:
+      spec: the device KV cache's spec (dtype, shape of a page).
+      num_slots: pages the host pool holds.
+      placement: where the device-side arrays live (a device, or a sharding on a mesh).
+      kv_sharding: the pools' sharding on a mesh (kv heads split), else None.
+    """
+
+    TRANSFER_BATCHES = TRANSFER_BATCHES
+
+    def __init__(self, spec: KVCacheSpec, num_slots: int, placement, kv_sharding=None):
+        if num_slots < 1:
+            raise ValueError(f"a host KV pool needs at least one slot, got {num_slots}")
+        self.spec = spec
+        self.num_slots = num_slots
+        # np.empty: the operating system backs the pages on first write, so an oversized tier
+        # costs only what is offloaded.
+        self.pool = np.empty((num_slots, 2, spec.num_kv_heads, spec.num_layers, spec.page_size, spec.head_dim),
+                             dtype=jnp.dtype(spec.dtype))
+        self._landing: list[tuple[list[int], jax.Array]] = []  # (slots, gathered batch on its way)
+        self._rows_placement = placement
+        gather_out, scatter_out = {}, {}
+        if kv_sharding is not None:
+            self._rows_placement = NamedSharding(kv_sharding.mesh, PartitionSpec(None, None, kv_sharding.spec[0]))
+            gather_out = dict(out_shardings=self._rows_placement)
+            scatter_out = dict(out_shardings=kv_sharding)
+        self._gather = jax.jit(_gather_pages, **gather_out)
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), **scatter_out)
+        self.num_offloaded = self.num_reloaded = 0
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.pool[0].nbytes
+
+    def warmup(self, kv_cache):
+        """Compiles every batch size of both copies (on page 0, the scratch page)."""
+        for b in TRANSFER_BATCHES:
+            pages = np.zeros(b, np.int32)
+            jax.block_until_ready(self._gather(kv_cache, pages))
+            rows = jax.device_put(np.zeros((b, *self.pool.shape[1:]), self.pool.dtype), self._rows_placement)
+            kv_cache = self._scatter(kv_cache, pages, rows)
+        return kv_cache
+
+    def apply(self, kv_cache, offloads: Sequence[tuple[int, int]], reloads: Sequence[tuple[int, int]]):
+        """Applies one step's copies (see the module docstring); returns the new pools."""
+        pending = {slot for slots, _ in self._landing for slot in slots}
+        self.land(only_ready=not any(slot in pending for slot, _ in reloads))
+        for start, b in _spans(len(offloads)):
+            chunk = offloads[start:start + b]
+            pages = np.zeros(b, np.int32)  # padding reads the scratch page
+            pages[:len(chunk)] = [page for page, _ in chunk]
+            gathered = self._gather(kv_cache, pages)
+            gathered.copy_to_host_async()
+            self._landing.append(([slot for _, slot in chunk], gathered))
+            self.num_offloaded += len(chunk)
+        while sum(g.nbytes for _, g in self._landing) > MAX_PENDING_BYTES:
+            self._land_first()
+        for start, b in _spans(len(reloads)):
+            chunk = reloads[start:start + b]
+            pages = np.zeros(b, np.int32)  # padding writes zeros into the scratch page
+            pages[:len(chunk)] = [page for _, page in chunk]
+            rows = np.zeros((b, *self.pool.shape[1:]), self.pool.dtype)
+            rows[:len(chunk)] = self.pool[[slot for slot, _ in chunk]]
+            kv_cache = self._scatter(kv_cache, pages, jax.device_put(rows, self._rows_placement))
+            self.num_reloaded += len(chunk)
+        return kv_cache
+
+    def land(self, only_ready: bool = False) -> None:
+        """Writes offloads in flight into the host pool, in order (a slot offloaded twice keeps
+        the later page): all of them, waiting as needed, or with `only_ready` those whose gather
+        has run, up to the first that has not (landing stays in order)."""
+        while self._landing and (not only_ready or self._landing[0][1].is_ready()):
+            self._land_first()
+
+    def _land_first(self) -> None:
+        slots, gathered = self._landing.pop(0)
+        rows = np.asarray(gathered)
+        for i, slot in enumerate(slots):
+            self.pool[slot] = rows[i]
+
+
+def _spans(num: int) -> list[tuple[int, int]]:
+    """(start, batch size) of each transfer for `num` pages."""
+    out, start = [], 0
+    for b in batches(num):
+        out.append((start, b))
+        start += b
+    return out
+

@@ -1,0 +1,214 @@
+"""Grammar-constrained decoding on the host: llguidance matchers and their token bitmasks.
+
+`StructuredOutputs` belongs to one engine. It builds the llguidance tokenizer from the
+engine's tokenizer the first time a structured request arrives (plain engines never pay for
+it), compiles each request's constraint into a matcher at admission (an invalid one raises
+ValueError naming the field), and fills the allowed-token bitmask of a step's structured rows
+as packed int32 words [rows, ceil(V / 32)] (bit j of word w allows token 32 w + j), the form
+the device unpacks (`sampling.apply_token_bitmask`).
+
+A matcher only ever consumes tokens the scheduler accepted, so a token dropped because its
+request stopped a step late, or sampled by a step planned before a preemption, needs no
+rollback: the matcher simply never saw it.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+
+from jaxinfer.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+# Compiled grammars kept per engine, by constraint: a repeated schema costs a deep copy.
+GRAMMAR_CACHE_SIZE = 128
+
+
+def grammar_text(params: StructuredOutputsParams) -> str:
+    """The llguidance grammar of a constraint (not yet checked: `LLMatcher` checks it).
+
+    JSON whitespace follows vLLM: free whitespace between tokens unless
+    `disable_any_whitespace`, which keeps outputs compact (and bounded for a model that would
+    otherwise emit whitespace forever).
+    """
+    import llguidance
+
+    kind = params.kind
+    json_options = {"whitespace_flexible": not params.disable_any_whitespace}
+    if kind in ("json", "json_object"):
+        schema = params.json if kind == "json" else {"type": "object"}
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"structured_outputs.json must be a JSON object (a schema), got "
+                             f"{type(schema).__name__}")
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=json_options)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"structured_outputs.json is not a usable schema: {e}") from None
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(params.regex)
+    if kind == "choice":
+        # Lark string literals take JSON's escapes, so any choice text is quoted exactly.
+        return llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c) for c in params.choice))
+    try:
+        return llguidance.grammar_from("grammar", params.grammar)  # Lark, or GBNF converted to it
+    except ValueError as e:
+        raise ValueError(f"structured_outputs.grammar: {e}") from None
+
+
+class Grammar:
+    """One request's matcher: advanced by its accepted tokens; terminated once nothing can follow."""
+
+    __slots__ = ("matcher", "num_consumed", "failed")
+
+    def __init__(self, matcher):
+        self.matcher = matcher
+        self.num_consumed = 0
+        self.failed = False  # a token the grammar rejected (only a conflicting constraint can cause it)
+
+    def accept(self, token_id: int) -> bool:
+        """Advances past an accepted token; False if the grammar rejected it."""
+        if self.failed or self.matcher.is_stopped():
+            return not self.failed
+        if not self.matcher.consume_token(token_id):
+            self.failed = True
+            logger.warning("grammar rejected token %d: %s", token_id, self.matcher.get_error())
+            return False
+        self.num_consumed += 1
+        return True
+
+    @property
+    def is_terminated(self) -> bool:
+        """No further token can extend the output: the request is done ("stop")."""
+        return self.failed or self.matcher.is_stopped()
+
+    def fork(self) -> "Grammar":
+        return Grammar(self.matcher.deep_copy())
+
+
+class StructuredOutputs:
+    """Per-engine grammar state: the llguidance tokenizer, compiled grammars, mask filling.
+
+    Args:
+      tokenizer: the engine's `jaxinfer.tokenizer.Tokenizer` (its Rust backend is serialized
+        for llguidance), or None (structured requests are then refused).
+      vocab_size: V of the model's logits (may exceed the tokenizer's; extra ids are never
+        allowed).
+      eos_token_ids: ids the grammar allows once the output may end.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int]):
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.num_words = -(-vocab_size // 32)
+        self._eos = list(eos_token_ids)
+        self._ll_tokenizer = None
+        self._executor = None
+        self._mask_thread = None
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+        # Counters for benchmarks: grammar compiles (cache misses), mask fills, token advances.
+        self.num_compiles = 0
+        self.compile_seconds = 0.0
+        self.num_mask_steps = 0
+        self.mask_seconds = 0.0
+        self.accept_seconds = 0.0
+
+    def _tokenizer_for_grammars(self):
+        if self._tokenizer is None:
+            raise ValueError("structured_outputs needs a tokenizer; this model has none")
+        if not hasattr(self._tokenizer, "backend"):
+            raise ValueError("structured_outputs needs a tokenizer built from tokenizer.json or a GGUF "
+                             f"(jaxinfer.tokenizer.Tokenizer), got {type(self._tokenizer).__name__}")
+        with self._lock:
+            if self._ll_tokenizer is None:
+                import llguidance
+
+                t0 = time.perf_counter()
+                self._ll_tokenizer = llguidance.LLTokenizer(self._tokenizer.backend.to_str(),
+                                                            n_vocab=self.vocab_size, eos_token=self._eos or None)
+                self._executor = llguidance.LLExecutor()
+                self._mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+                logger.info("built the grammar tokenizer in %.2f s", time.perf_counter() - t0)
+        return self._ll_tokenizer
+
+    def compile(self, params: StructuredOutputsParams) -> Grammar:
+        """A fresh matcher for `params`; raises ValueError naming the field when it is invalid."""
+        import llguidance
+
+        ll_tokenizer = self._tokenizer_for_grammars()
+        key = _cache_key(params)
+        template = self._cache.get(key)
+        if template is None:
+            t0 = time.perf_counter()
+            text = grammar_text(params)
+            template = llguidance.LLMatcher(ll_tokenizer, text, log_level=0)
+            if template.is_error():
+                raise ValueError(f"structured_outputs.{params.kind} is invalid: {template.get_error()}")
+            self.num_compiles += 1
+            self.compile_seconds += time.perf_counter() - t0
+            self._cache[key] = template
+            if len(self._cache) > GRAMMAR_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return Grammar(template.deep_copy())
+
+    def accept_tokens(self, pairs: Sequence[tuple[Grammar, int]]) -> None:
+        """Advances each grammar past its accepted token, all rows in parallel (llguidance's
+        threads, outside the GIL): this sits on the path from reading a step's tokens to
+        queuing the next step's sampler."""
+        t0 = time.perf_counter()
+        live = [(g, t) for g, t in pairs if not g.is_terminated]
+        if len(live) == 1:
+            live[0][0].accept(live[0][1])
+        elif live:
+            results = self._executor.consume_token_par([(g.matcher, t) for g, t in live])
+            for (g, t), ok in zip(live, results):
+                if ok:
+                    g.num_consumed += 1
+                else:
+                    g.failed = True
+                    logger.warning("grammar rejected token %d: %s", t, g.matcher.get_error())
+        self.accept_seconds += time.perf_counter() - t0
+
+    def fill_bitmask_async(self, grammars: Sequence[Grammar | None]) -> concurrent.futures.Future:
+        """`fill_bitmask` in a background thread (llguidance releases the GIL), so the caller's
+        Python work (the sampler's metadata) overlaps it; the grammars must not be touched
+        until the future is done."""
+        return self._mask_thread.submit(self.fill_bitmask, list(grammars))
+
+    def fill_bitmask(self, grammars: Sequence[Grammar | None]) -> np.ndarray:
+        """The packed mask [len(grammars), ceil(V / 32)] int32: each grammar's allowed tokens
+        in its row, every token allowed in rows without one (None)."""
+        import llguidance.numpy
+
+        t0 = time.perf_counter()
+        bitmask = np.full((len(grammars), self.num_words), -1, np.int32)
+        live = [(g.matcher, i) for i, g in enumerate(grammars) if g is not None and not g.is_terminated]
+        if live:
+            # Rows are filled in parallel by llguidance's threads, outside the GIL.
+            llguidance.numpy.fill_next_token_bitmask_par(self._executor, live, bitmask)
+        self.num_mask_steps += 1
+        self.mask_seconds += time.perf_counter() - t0
+        return bitmask
+
+
+def _cache_key(params: StructuredOutputsParams) -> tuple:
+    spec = params.json
+    if spec is not None and not isinstance(spec, str):
+        spec = json.dumps(spec, sort_keys=True)
+    return (params.kind, spec, params.regex, params.choice, params.grammar, params.disable_any_whitespace)

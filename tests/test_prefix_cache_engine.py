@@ -1,0 +1,147 @@
+"""Prefix caching and the host KV tier through the real engine (tiny model, CPU): outputs equal
+the engine with caching off under random arrivals, n > 1 and preemption; the host pool's copies
+move exactly the bytes of the pages they name; nothing compiles after warm-up."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.engine.compile_counter import CompileCounter
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.engine import LLMEngine
+from jaxinfer.engine.kv_cache import KVCacheSpec
+from jaxinfer.engine.kv_offload import TRANSFER_BATCHES, HostKVPool, batches
+from jaxinfer.sampling_params import SamplingParams
+from tests.engine_fixtures import tiny_model
+
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+def _engine(model, *, num_host_pages=0, **kw):
+    cfg = dict(max_model_len=64, max_num_seqs=6, max_num_batched_tokens=32, page_size=PAGE, num_pages=96,
+               compilation_cache_dir="", warmup=True)
+    cfg.update(kw)
+    if num_host_pages:
+        page_bytes = KVCacheSpec.bytes_per_page(model.config, PAGE, jnp.float32)
+        cfg["kv_offloading_size"] = num_host_pages * page_bytes / 2**30
+    return LLMEngine(model, EngineConfig(**cfg), kv_fill=float("nan"))
+
+
+def _workload(vocab: int, seed: int = 0):
+    """Requests sharing a few system prompts, arriving at random steps, some with n = 2."""
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(3, vocab, int(rng.integers(9, 22))).tolist() for _ in range(3)]
+    work = []
+    for i in range(22):
+        prompt = systems[int(rng.integers(0, 3))] + rng.integers(3, vocab, int(rng.integers(1, 8))).tolist()
+        n = 2 if i % 5 == 0 else 1
+        params = SamplingParams(n=n, temperature=0.8 if n > 1 else 0.0, seed=i, max_tokens=int(rng.integers(2, 14)),
+                                ignore_eos=True)
+        work.append((int(rng.integers(0, 30)), str(i), prompt, params))
+    return sorted(work, key=lambda w: w[0])
+
+
+def _run(engine, work):
+    pending, step, done = list(work), 0, {}
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, rid, prompt, params = pending.pop(0)
+            engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = [c.token_ids for c in out.outputs]
+        step += 1
+    return done
+
+
+def test_outputs_equal_with_caching_off_on_and_through_the_host_tier(model):
+    work = _workload(model.config.vocab_size)
+    reference = _run(_engine(model, enable_prefix_caching=False), work)
+    cached = _engine(model)
+    assert _run(cached, work) == reference
+    assert cached.block_manager.num_prefix_hit_tokens > 0
+    # 19 usable device pages: cached prefixes are evicted, offloaded and reloaded, and running
+    # requests are preempted.
+    tiered = _engine(model, num_pages=20, num_host_pages=24)
+    with CompileCounter() as counter:
+        assert _run(tiered, work) == reference
+    assert counter.count == 0, "a host-tier copy compiled after warm-up"
+    m = tiered.metrics.snapshot()
+    assert tiered.runner.host_kv.num_offloaded > 0 and tiered.runner.host_kv.num_reloaded > 0
+    assert m.external_prefix_cache_hits_total == tiered.runner.host_kv.num_reloaded * PAGE
+    assert m.external_prefix_cache_queries_total == m.prefix_cache_queries_total > 0
+    assert tiered.scheduler.num_preemptions_total > 0
+
+
+def test_cache_salt_keeps_prompts_apart(model):
+    engine = _engine(model)
+    prompt = {"prompt_token_ids": list(range(3, 23))}
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    outs = {}
+    for rid, salt in (("a", "tenant-a"), ("b", "tenant-b"), ("a2", "tenant-a")):
+        hits = engine.block_manager.num_prefix_hit_tokens
+        engine.add_request(rid, {**prompt, "cache_salt": salt}, params)
+        while engine.has_unfinished_requests():
+            outs.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        outs[rid + " hits"] = engine.block_manager.num_prefix_hit_tokens - hits
+    assert (outs["a hits"], outs["b hits"], outs["a2 hits"]) == (0, 0, 16)
+    assert outs["a"] == outs["b"] == outs["a2"]
+    with pytest.raises(ValueError, match="cache_salt"):
+        engine.add_request("c", prompt, params, cache_salt="")
+    with pytest.raises(ValueError, match="twice"):
+        engine.add_request("c", {**prompt, "cache_salt": "x"}, params, cache_salt="y")
+
+
+def test_kv_offloading_size_is_validated(model):
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        EngineConfig(enable_prefix_caching=False, kv_offloading_size=1.0)
+    with pytest.raises(ValueError, match="positive number"):
+        EngineConfig(kv_offloading_size=0)
+    with pytest.raises(ValueError, match="holds no page"):
+        LLMEngine(model, EngineConfig(max_model_len=64, num_pages=32, page_size=PAGE, kv_offloading_size=1e-9,
+                                      compilation_cache_dir="", warmup=False))
+
+
+# ----- the host pool's copies against NumPy ---------------------------------------------------
+
+def test_batches_cover_every_page_with_compiled_sizes():
+    for num in range(0, 200):
+        sizes = batches(num)
+        assert set(sizes) <= set(TRANSFER_BATCHES) and sum(sizes) >= num and sum(sizes) - num < TRANSFER_BATCHES[-1]
+    assert batches(130) == [64, 64, 8]
+
+
+def test_host_pool_copies_move_exactly_the_named_pages():
+    spec = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=4, page_size=2, num_pages=12, dtype="float32")
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal(spec.pool_shape).astype(np.float32)
+    v = rng.standard_normal(spec.pool_shape).astype(np.float32)
+    device = jax.devices()[0]
+    kv = (jax.device_put(k, device), jax.device_put(v, device))
+    pool = HostKVPool(spec, num_slots=12, placement=device)
+    kv = pool.warmup(kv)
+    k[:, :, 0] = v[:, :, 0] = 0  # the warm-up writes zeros into the scratch page only
+    offloads = [(p, s) for s, p in enumerate(range(1, 11))]  # 10 pages: batches of 8 and 8 (padded)
+    kv = pool.apply(kv, offloads, [])
+    pool.land()
+    for page, slot in offloads:
+        np.testing.assert_array_equal(pool.pool[slot, 0], k[:, :, page])
+        np.testing.assert_array_equal(pool.pool[slot, 1], v[:, :, page])
+    # Page 11 is offloaded and, in the same step, overwritten by a reload of slot 0 (page 1's):
+    # the offload reads the page first.
+    kv = pool.apply(kv, [(11, 11)], [(0, 11), (3, 2)])
+    pool.land()
+    np.testing.assert_array_equal(pool.pool[11, 0], k[:, :, 11])
+    want_k, want_v = k.copy(), v.copy()
+    want_k[:, :, 11], want_v[:, :, 11] = k[:, :, 1], v[:, :, 1]
+    want_k[:, :, 2], want_v[:, :, 2] = k[:, :, 4], v[:, :, 4]
+    want_k[:, :, 0] = want_v[:, :, 0] = 0  # padding of the reload batch lands in the scratch page
+    np.testing.assert_array_equal(np.asarray(kv[0])[:, :, 1:], want_k[:, :, 1:])
+    np.testing.assert_array_equal(np.asarray(kv[1])[:, :, 1:], want_v[:, :, 1:])
+    assert (pool.num_offloaded, pool.num_reloaded) == (11, 2)
