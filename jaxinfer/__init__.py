@@ -4,7 +4,19 @@
 live in the subpackages. Imports are lazy so `import jaxinfer` stays cheap.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# The layout keeps the HTTP server and the sharding rules in the top-level folders server/ and
+# sharding/, but they install as jaxinfer.server and jaxinfer.sharding (pyproject's package-dir),
+# so they cannot collide with a user's own `server` or `sharding` module. An installed wheel has
+# them in place; run from a source checkout (PYTHONPATH=.), the checkout's root joins this
+# package's path so that the same names resolve to those folders.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "pyproject.toml")) and _os.path.isfile(
+        _os.path.join(_checkout, "server", "__init__.py")):
+    __path__.append(_checkout)
 
 __all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
 

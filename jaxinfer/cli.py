@@ -220,7 +220,7 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     """The OpenAI-compatible server (server/ is imported only here, so the engine never needs FastAPI)."""
-    from server.cli import serve
+    from jaxinfer.server.cli import serve
 
     import functools
 
@@ -237,13 +237,13 @@ def engine_for_serving(args):
 
 
 def cmd_bench_serve(args) -> int:
-    from server.cli import bench_serve
+    from jaxinfer.server.cli import bench_serve
 
     return bench_serve(args)
 
 
 def _add_server_commands(sub) -> None:
-    from server.cli import add_bench_serve_args, add_serve_args
+    from jaxinfer.server.cli import add_bench_serve_args, add_serve_args
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
     _add_engine_args(s)

@@ -9,7 +9,7 @@ __all__ = ["ServerSettings", "create_app"]
 
 def __getattr__(name):
     if name in __all__:
-        from server import app
+        from jaxinfer.server import app
 
         return getattr(app, name)
-    raise AttributeError(f"module 'server' has no attribute {name!r}")
+    raise AttributeError(f"module 'jaxinfer.server' has no attribute {name!r}")

@@ -15,18 +15,18 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 import jaxinfer
-from server.chat import router as chat_router
-from server.chat_page import add_chat_page
-from server.completions import router as completions_router
-from server.errors import OpenAIError, install_error_handlers
-from server.metrics import CONTENT_TYPE, MetricsRenderer, sample_engine
-from server.middleware import GuardMiddleware
-from server.responses import router as responses_router
-from server.responses_protocol import DEFAULT_MAX_STORED_RESPONSES, ResponseStore
-from server.serving import ModelInfo, Serving, engine_error
-from server.streaming import ClientDisconnected
-from server.tokenization import router as tokenization_router
-from server.tool_parsers import PARSERS
+from jaxinfer.server.chat import router as chat_router
+from jaxinfer.server.chat_page import add_chat_page
+from jaxinfer.server.completions import router as completions_router
+from jaxinfer.server.errors import OpenAIError, install_error_handlers
+from jaxinfer.server.metrics import CONTENT_TYPE, MetricsRenderer, sample_engine
+from jaxinfer.server.middleware import GuardMiddleware
+from jaxinfer.server.responses import router as responses_router
+from jaxinfer.server.responses_protocol import DEFAULT_MAX_STORED_RESPONSES, ResponseStore
+from jaxinfer.server.serving import ModelInfo, Serving, engine_error
+from jaxinfer.server.streaming import ClientDisconnected
+from jaxinfer.server.tokenization import router as tokenization_router
+from jaxinfer.server.tool_parsers import PARSERS
 
 logger = logging.getLogger(__name__)
 

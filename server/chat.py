@@ -11,13 +11,13 @@ from typing import Any, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.errors import bad_request
-from server.protocol import ChatCompletionRequest
-from server.serving import Serving, StreamedChoices, new_id, salt_of, usage
-from server.streaming import EventStreamResponse, unless_disconnected
-from server.structured import structured_outputs
-from server.tool_parsers import ToolCallStream, tool_calls_field
-from server.tools import ToolPlan, plan_tools
+from jaxinfer.server.errors import bad_request
+from jaxinfer.server.protocol import ChatCompletionRequest
+from jaxinfer.server.serving import Serving, StreamedChoices, new_id, salt_of, usage
+from jaxinfer.server.streaming import EventStreamResponse, unless_disconnected
+from jaxinfer.server.structured import structured_outputs
+from jaxinfer.server.tool_parsers import ToolCallStream, tool_calls_field
+from jaxinfer.server.tools import ToolPlan, plan_tools
 
 router = APIRouter()
 

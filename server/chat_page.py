@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse
 @functools.cache
 def chat_html() -> str:
     """The page's HTML, read once from the package data."""
-    return resources.files("server").joinpath("static/chat.html").read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("static/chat.html").read_text(encoding="utf-8")
 
 
 def add_chat_page(app: FastAPI) -> None:

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 
-from server.tool_parsers import PARSERS  # plain Python: defining the flags does not load FastAPI
+from jaxinfer.server.tool_parsers import PARSERS  # plain Python: defining the flags does not load FastAPI
 
 API_KEY_ENV = "JAXINFER_API_KEY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -55,7 +55,7 @@ def serve(args: argparse.Namespace, make_engine) -> int:
 
     from jaxinfer.engine.async_engine import AsyncLLMEngine
     from jaxinfer.loading.resolve import DEFAULT_MODEL
-    from server.app import DEFAULT_MAX_BODY_BYTES, ServerSettings, create_app
+    from jaxinfer.server.app import DEFAULT_MAX_BODY_BYTES, ServerSettings, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("jaxinfer.serve")
@@ -114,7 +114,7 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def bench_serve(args: argparse.Namespace) -> int:
-    from server.bench import BenchConfig, format_summary, parse_goodput, run_benchmark
+    from jaxinfer.server.bench import BenchConfig, format_summary, parse_goodput, run_benchmark
 
     try:
         cfg = BenchConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint,

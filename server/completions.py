@@ -9,12 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.errors import bad_request
-from server.logprobs import LogprobFormatter
-from server.protocol import MAX_PROMPTS, CompletionRequest
-from server.serving import Serving, StreamedChoices, new_id, salt_of, usage
-from server.streaming import SSE_DONE, EventStreamResponse, sse, unless_disconnected
-from server.structured import structured_outputs
+from jaxinfer.server.errors import bad_request
+from jaxinfer.server.logprobs import LogprobFormatter
+from jaxinfer.server.protocol import MAX_PROMPTS, CompletionRequest
+from jaxinfer.server.serving import Serving, StreamedChoices, new_id, salt_of, usage
+from jaxinfer.server.streaming import SSE_DONE, EventStreamResponse, sse, unless_disconnected
+from jaxinfer.server.structured import structured_outputs
 
 router = APIRouter()
 

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.protocol import ROLES
+from jaxinfer.server.protocol import ROLES
 
 logger = logging.getLogger(__name__)
 

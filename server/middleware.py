@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 
-from server.errors import error_body
+from jaxinfer.server.errors import error_body
 
 
 async def _send_error(send, status: int, message: str, code: str | None = None,

@@ -18,13 +18,13 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.chat import render_messages
-from server.errors import OpenAIError, bad_request
-from server.protocol import JsonSchemaFormat, ResponseFormat
-from server.responses_protocol import ResponsesRequest, ResponseStore
-from server.serving import Serving, stream_error_event
-from server.streaming import EventStreamResponse, prepend, unless_disconnected
-from server.structured import structured_outputs
+from jaxinfer.server.chat import render_messages
+from jaxinfer.server.errors import OpenAIError, bad_request
+from jaxinfer.server.protocol import JsonSchemaFormat, ResponseFormat
+from jaxinfer.server.responses_protocol import ResponsesRequest, ResponseStore
+from jaxinfer.server.serving import Serving, stream_error_event
+from jaxinfer.server.streaming import EventStreamResponse, prepend, unless_disconnected
+from jaxinfer.server.structured import structured_outputs
 
 router = APIRouter()
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from server.protocol import MAX_MESSAGES, SamplingFields, StrictModel, _int
+from jaxinfer.server.protocol import MAX_MESSAGES, SamplingFields, StrictModel, _int
 
 DEFAULT_MAX_STORED_RESPONSES = 1024
 

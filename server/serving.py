@@ -14,10 +14,10 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from jaxinfer.engine.async_engine import EngineDeadError, QueueFullError
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
-from server.errors import OpenAIError, bad_request, error_body, overloaded, param_of_message
-from server.logprobs import LogprobFormatter
-from server.protocol import SamplingFields
-from server.streaming import SSE_DONE, merge, prepend, sse
+from jaxinfer.server.errors import OpenAIError, bad_request, error_body, overloaded, param_of_message
+from jaxinfer.server.logprobs import LogprobFormatter
+from jaxinfer.server.protocol import SamplingFields
+from jaxinfer.server.streaming import SSE_DONE, merge, prepend, sse
 
 logger = logging.getLogger(__name__)
 

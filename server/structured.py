@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from jaxinfer.sampling_params import StructuredOutputsParams
-from server.errors import bad_request
+from jaxinfer.server.errors import bad_request
 
 
 def _schema(value: Any, param: str) -> dict[str, Any]:

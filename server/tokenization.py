@@ -9,10 +9,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import Field, model_validator
 
-from server.chat import render_messages
-from server.errors import bad_request
-from server.protocol import ChatMessage, StrictModel, TokenIds, Tool
-from server.serving import Serving
+from jaxinfer.server.chat import render_messages
+from jaxinfer.server.errors import bad_request
+from jaxinfer.server.protocol import ChatMessage, StrictModel, TokenIds, Tool
+from jaxinfer.server.serving import Serving
 
 router = APIRouter()
 

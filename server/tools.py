@@ -16,10 +16,10 @@ import dataclasses
 from typing import Any
 
 from jaxinfer.sampling_params import StructuredOutputsParams
-from server.errors import bad_request
-from server.protocol import ChatCompletionRequest, NamedToolChoice, Tool
-from server.tool_parsers import PARSERS, ToolParser
-from server.tool_parsers.forced import NamedToolParser, RequiredToolParser
+from jaxinfer.server.errors import bad_request
+from jaxinfer.server.protocol import ChatCompletionRequest, NamedToolChoice, Tool
+from jaxinfer.server.tool_parsers import PARSERS, ToolParser
+from jaxinfer.server.tool_parsers.forced import NamedToolParser, RequiredToolParser
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 

@@ -12,7 +12,7 @@ import httpx
 from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind
-from server import ServerSettings, create_app
+from jaxinfer.server import ServerSettings, create_app
 
 
 class ScriptedFront:

@@ -209,7 +209,7 @@ def shared_stack() -> ServerStack:
     by every server test module (compiling the engine's buckets is the slow part)."""
     if "stack" not in _shared:
         from jaxinfer.engine.async_engine import AsyncLLMEngine
-        from server import ServerSettings, create_app
+        from jaxinfer.server import ServerSettings, create_app
 
         checkpoint = write_checkpoint(Path(tempfile.mkdtemp(prefix="jaxinfer-server-test-")) / MODEL_NAME)
         engine = make_engine(checkpoint)

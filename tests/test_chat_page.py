@@ -18,7 +18,7 @@ from playwright.sync_api import expect, sync_playwright
 from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.tokenizer import Tokenizer
-from server import ServerSettings, create_app
+from jaxinfer.server import ServerSettings, create_app
 from tests.server_fixtures import MODEL_NAME, live_server, train_tokenizer
 from tests.server_fixtures import client, stack  # noqa: F401 (fixtures)
 

@@ -110,7 +110,7 @@ def test_the_server_over_an_engine_process(core):
     from fastapi.testclient import TestClient
 
     from jaxinfer.generate import generate
-    from server.app import create_app
+    from jaxinfer.server.app import create_app
     from tests.engine_fixtures import tiny_model
 
     with TestClient(create_app(core)) as client:

@@ -21,7 +21,7 @@ from jaxinfer.engine.engine import LLMEngine
 from jaxinfer.generate import generate
 from jaxinfer.loading.hf_weights import hf_state_dict, params_from_hf
 from jaxinfer.models import LlamaForCausalLM, param_value
-from sharding.rules import logical_axes
+from jaxinfer.sharding.rules import logical_axes
 from tests.engine_fixtures import tiny_model
 from tests.hf_models import hf_greedy, hf_logits, random_prompts
 

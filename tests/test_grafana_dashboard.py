@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.tokenizer import Tokenizer
-from server import ServerSettings, create_app
+from jaxinfer.server import ServerSettings, create_app
 from tests.server_fixtures import live_server, train_tokenizer
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "jaxinfer.json"

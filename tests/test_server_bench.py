@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.cli import main as jaxinfer_main
-from server.bench import BenchConfig, arrival_gaps, make_requests, parse_goodput, run_benchmark
+from jaxinfer.server.bench import BenchConfig, arrival_gaps, make_requests, parse_goodput, run_benchmark
 from tests.server_fixtures import MODEL_NAME, free_port, shared_stack
 
 

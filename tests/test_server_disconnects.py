@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from jaxinfer.tokenizer import Tokenizer
-from server import ServerSettings, create_app
+from jaxinfer.server import ServerSettings, create_app
 from tests.server_fake import ScriptedFront
 from tests.server_fixtures import LiveServer, train_tokenizer
 
@@ -43,7 +43,7 @@ def server_and_log(tmp_path):
     watched = [logging.getLogger(), logging.getLogger("uvicorn"), logging.getLogger("uvicorn.error")]
     for logger in watched:
         logger.addHandler(captured)
-    server_logger = logging.getLogger("server")
+    server_logger = logging.getLogger("jaxinfer.server")
     level = server_logger.level
     server_logger.setLevel(logging.INFO)
     server.start()

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from server import ServerSettings, create_app
+from jaxinfer.server import ServerSettings, create_app
 from tests.server_fixtures import MODEL_NAME, live_server, shared_stack
 
 CHAT = "/v1/chat/completions"

@@ -13,7 +13,7 @@ from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind
 from jaxinfer.tokenizer import Tokenizer
-from server import ServerSettings, create_app
+from jaxinfer.server import ServerSettings, create_app
 from tests.server_fixtures import train_tokenizer
 
 

@@ -191,7 +191,7 @@ def test_max_tokens_omitted_fills_the_context(client, stack):
 
 
 def test_api_key_is_required_when_set(stack):
-    from server import ServerSettings, create_app
+    from jaxinfer.server import ServerSettings, create_app
     from tests.server_fixtures import live_server
 
     app = create_app(stack.front, ServerSettings(served_model_names=(MODEL_NAME,), api_key="s3cret"))

@@ -8,7 +8,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 
-from server import ServerSettings, create_app
+from jaxinfer.server import ServerSettings, create_app
 from tests.server_fixtures import MODEL_NAME, shared_stack
 
 MAX_EXAMPLES = int(os.environ.get("JAXINFER_FUZZ_EXAMPLES", "25"))

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from server import ServerSettings, create_app
+from jaxinfer.server import ServerSettings, create_app
 from tests.server_fixtures import MODEL_NAME, LiveServer, shared_stack
 
 LONG = 240  # tokens: far more than a request generates in the moment a disconnect takes to land

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from jaxinfer.tokenizer import Tokenizer
-from server import ServerSettings, create_app
+from jaxinfer.server import ServerSettings, create_app
 from tests.server_fixtures import MODEL_NAME, live_server
 from tests.server_fixtures import client, engine_left_idle, stack  # noqa: F401 (fixtures)
 

@@ -14,10 +14,10 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from jaxinfer.sampling_params import StructuredOutputsParams
 from jaxinfer.tokenizer import Tokenizer
-from server.tool_parsers import PARSERS, ToolCallStream
-from server.protocol import Tool
-from server.tool_parsers.forced import NamedToolParser, RequiredToolParser
-from server.tools import required_schema
+from jaxinfer.server.tool_parsers import PARSERS, ToolCallStream
+from jaxinfer.server.protocol import Tool
+from jaxinfer.server.tool_parsers.forced import NamedToolParser, RequiredToolParser
+from jaxinfer.server.tools import required_schema
 from tests.server_fake import ScriptedFront, asgi_client, post
 from tests.server_fixtures import train_tokenizer
 
@@ -275,7 +275,7 @@ def test_auto_needs_the_server_flags(tokenizer):
 
 
 def test_settings_check_the_parser():
-    from server import ServerSettings
+    from jaxinfer.server import ServerSettings
 
     with pytest.raises(ValueError, match="tool_call_parser"):
         ServerSettings(enable_auto_tool_choice=True)

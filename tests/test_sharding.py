@@ -23,8 +23,8 @@ from jaxinfer.models import abstract_model, create_model
 from jaxinfer.models.llama import param_value
 from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
 from jaxinfer.models.paged_attention_xla import PagedAttentionXLA
-from sharding import DEFAULT_RULES, kv_cache_sharding, logical_to_spec, make_mesh, param_shardings
-from sharding.rules import logical_axes
+from jaxinfer.sharding import DEFAULT_RULES, kv_cache_sharding, logical_to_spec, make_mesh, param_shardings
+from jaxinfer.sharding.rules import logical_axes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -294,7 +294,7 @@ class LLMEngine:
         unsharded copy is freed). With tp == 1: (None, None) and the parameters stay as they are."""
         if tp == 1:
             return None, None
-        from sharding import is_placed, kv_cache_sharding, make_mesh, param_shardings
+        from jaxinfer.sharding import is_placed, kv_cache_sharding, make_mesh, param_shardings
 
         mesh = make_mesh(tp=tp)
         shardings = param_shardings(model.config, mesh)

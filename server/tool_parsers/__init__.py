@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from server.tool_parsers.base import ToolCallStream, ToolParser, tool_calls_field
-from server.tool_parsers.hermes import HermesToolParser
-from server.tool_parsers.llama3_json import Llama3JsonToolParser
-from server.tool_parsers.mistral import MistralToolParser
+from jaxinfer.server.tool_parsers.base import ToolCallStream, ToolParser, tool_calls_field
+from jaxinfer.server.tool_parsers.hermes import HermesToolParser
+from jaxinfer.server.tool_parsers.llama3_json import Llama3JsonToolParser
+from jaxinfer.server.tool_parsers.mistral import MistralToolParser
 
 PARSERS: dict[str, type[ToolParser]] = {
     HermesToolParser.name: HermesToolParser,

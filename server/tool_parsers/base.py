@@ -13,7 +13,7 @@ import json
 import uuid
 from typing import Any
 
-from server.tool_parsers.json_scan import object_fields
+from jaxinfer.server.tool_parsers.json_scan import object_fields
 
 
 @dataclasses.dataclass

@@ -4,9 +4,9 @@ its arguments alone."""
 
 from __future__ import annotations
 
-from server.tool_parsers.base import Parsed, ParsedCall, ToolParser
-from server.tool_parsers.json_scan import skip_ws, value_end
-from server.tool_parsers.mistral import array_calls
+from jaxinfer.server.tool_parsers.base import Parsed, ParsedCall, ToolParser
+from jaxinfer.server.tool_parsers.json_scan import skip_ws, value_end
+from jaxinfer.server.tool_parsers.mistral import array_calls
 
 
 class RequiredToolParser(ToolParser):

@@ -4,7 +4,7 @@ plain text."""
 
 from __future__ import annotations
 
-from server.tool_parsers.base import Parsed, ToolParser, call_from_object, held_back
+from jaxinfer.server.tool_parsers.base import Parsed, ToolParser, call_from_object, held_back
 
 START, END = "<tool_call>", "</tool_call>"
 

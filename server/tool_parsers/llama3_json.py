@@ -4,8 +4,8 @@ plain text."""
 
 from __future__ import annotations
 
-from server.tool_parsers.base import Parsed, ToolParser, call_from_object
-from server.tool_parsers.json_scan import skip_ws
+from jaxinfer.server.tool_parsers.base import Parsed, ToolParser, call_from_object
+from jaxinfer.server.tool_parsers.json_scan import skip_ws
 
 PYTHON_TAG = "<|python_tag|>"
 

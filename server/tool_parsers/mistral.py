@@ -7,8 +7,8 @@ from __future__ import annotations
 import random
 import string
 
-from server.tool_parsers.base import Parsed, ParsedCall, ToolParser, call_from_object, held_back
-from server.tool_parsers.json_scan import skip_ws, value_end
+from jaxinfer.server.tool_parsers.base import Parsed, ParsedCall, ToolParser, call_from_object, held_back
+from jaxinfer.server.tool_parsers.json_scan import skip_ws, value_end
 
 BOT, ARGS = "[TOOL_CALLS]", "[ARGS]"
 _ID_ALPHABET = string.ascii_letters + string.digits
