@@ -46,6 +46,8 @@ def _add_engine_args(p: argparse.ArgumentParser):
                    help="JAX's persistent compilation cache (default: under $JAXINFER_CACHE_DIR; '' disables)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices to split the model over (heads, mlp width, vocabulary)")
+    p.add_argument("--enable-expert-parallel", action="store_true", default=False,
+                   help="mixture-of-experts models: split whole experts over the tensor-parallel devices")
     p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "fp8", "fp8_e4m3"), default="auto",
                    help="KV cache storage (fp8: e4m3, on the XLA attention path)")
     p.add_argument("--quantization", "-q", choices=("int8", "int4", "fp8", "gguf", "awq", "gptq"), default=None,
@@ -83,7 +85,7 @@ def engine_config_kwargs(args) -> dict:
                   attention_backend=args.attention_backend,
                   linear_kernel=args.linear_kernel, scan_layers=args.scan_layers,
                   async_scheduling=args.async_scheduling, seed=args.seed,
-                  tensor_parallel_size=args.tensor_parallel_size,
+                  tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                   quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                   kv_cache_dtype=args.kv_cache_dtype,
                   compilation_cache_dir=args.compilation_cache_dir)

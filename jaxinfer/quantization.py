@@ -225,6 +225,9 @@ def quantize_params(state, method: str, group_size: int = DEFAULT_GROUP_SIZE):
     from jaxinfer.models import param_value
 
     layers = state["layers"]
+    if "w_expert_gate_up" in layers:
+        # The experts run in a grouped matmul (models/moe.py) that takes float weights only.
+        raise ValueError(f"quantization={method!r} is not supported for mixture-of-experts models")
     for name in QUANTIZED_LAYER_PARAMS:
         var = layers[name]
         w = param_value(var)

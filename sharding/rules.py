@@ -32,7 +32,13 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "mlp": "tp",
     "embed": None,
     "head_dim": None,
+    # Experts stay whole on every device; their mlp width is split over "tp" like a dense MLP's.
+    "expert": None,
 }
+
+# Expert parallelism (EngineConfig.enable_expert_parallel): whole experts split over "tp", each
+# expert's mlp width then unsplit (a mesh axis splits one dimension of an array); see models/moe.py.
+EXPERT_PARALLEL_RULES: Mapping[str, str | None] = {**DEFAULT_RULES, "expert": "tp"}
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, str | None], mesh: Mesh,

@@ -27,12 +27,13 @@ VARIANTS = {
 }
 
 
-def build_hf_model(name: str, seed: int = 0):
-    """Builds a float32 HF model of the named variant with fresh random weights."""
+def build_hf_model(name: str, seed: int = 0, variants=None):
+    """Builds a float32 HF model of the named variant (of `variants`, default VARIANTS) with
+    fresh random weights."""
     import torch
     import transformers
 
-    model_type, overrides = VARIANTS[name]
+    model_type, overrides = (VARIANTS if variants is None else variants)[name]
     config_cls = transformers.AutoConfig.for_model(model_type).__class__
     config = config_cls(**{**TINY, **overrides})
     config._attn_implementation = "eager"

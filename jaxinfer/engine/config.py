@@ -61,6 +61,9 @@ class EngineConfig:
       warmup: compile every shape bucket when the engine starts.
       tensor_parallel_size: devices one model replica is split over (heads, mlp width and
         vocabulary; see docs/sharding.md); the first that many of `jax.devices()` are used.
+      enable_expert_parallel: split a mixture-of-experts model's experts, whole, over the
+        tensor-parallel devices instead of splitting every expert's mlp width (vLLM's name);
+        num_experts must be a multiple of tensor_parallel_size (models/moe.py).
       quantization: weight-only quantization of the decoder projections at start (vLLM's
         name): None, "int8" (per channel), "int4" (grouped, with offsets) or "fp8" (e4m3, per
         channel), see jaxinfer/quantization.py for what stays in the model's dtype; or "gguf":
@@ -88,6 +91,7 @@ class EngineConfig:
     compilation_cache_dir: str = dataclasses.field(default_factory=default_compilation_cache_dir)
     warmup: bool = True
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
     quantization: str | None = None
     quantization_group_size: int = 128
 

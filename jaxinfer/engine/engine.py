@@ -188,7 +188,7 @@ class LLMEngine:
         if config.tensor_parallel_size > 1 and quantization_method(model.params) is not None:
             raise ValueError("quantized weights with tensor_parallel_size > 1 are not supported yet: the "
                              "sharding rules do not cover quantized weights")
-        mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size)
+        mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size, config.enable_expert_parallel)
         unroll_max_tokens, unrolled_params = 0, None
         if config.scan_layers is False and layers_are_stacked(model.params):
             # Per-layer arrays replace the stacked ones in the model too, so memory is not doubled.
@@ -288,16 +288,25 @@ class LLMEngine:
         return num
 
     @staticmethod
-    def _place_on_mesh(model, tp: int):
+    def _place_on_mesh(model, tp: int, expert_parallel: bool = False):
         """With tp > 1: (mesh over the first tp devices, KV pool sharding), after placing the
         model's parameters by the rules table (once: the model keeps the placed tree, so the
-        unsharded copy is freed). With tp == 1: (None, None) and the parameters stay as they are."""
+        unsharded copy is freed). With tp == 1: (None, None) and the parameters stay as they are.
+        `expert_parallel`: whole experts split over the devices (models/moe.py)."""
+        if expert_parallel and not model.config.is_moe:
+            raise ValueError(f"enable_expert_parallel needs a mixture-of-experts model; "
+                             f"{model.config.model_type!r} has no experts")
         if tp == 1:
             return None, None
         from jaxinfer.sharding import is_placed, kv_cache_sharding, make_mesh, param_shardings
+        from jaxinfer.sharding.rules import DEFAULT_RULES, EXPERT_PARALLEL_RULES
 
         mesh = make_mesh(tp=tp)
-        shardings = param_shardings(model.config, mesh)
+        if expert_parallel:
+            from jaxinfer.models.moe import expert_parallel as with_experts_split
+
+            model.graphdef, model.params = with_experts_split(model.graphdef, model.params, mesh)
+        shardings = param_shardings(model.config, mesh, EXPERT_PARALLEL_RULES if expert_parallel else DEFAULT_RULES)
         if not is_placed(model.params, shardings):
             model.params = jax.device_put(model.params, shardings)
         return mesh, kv_cache_sharding(model.config, mesh)

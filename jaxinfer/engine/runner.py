@@ -32,6 +32,7 @@ from jaxinfer.engine.packing import PackSpec, pack, unpack
 from jaxinfer.engine.step_inputs import StepInputs, bucket_for, pow2_buckets
 from jaxinfer.models import param_value
 from jaxinfer.models.attention import AttentionBackend
+from jaxinfer.models.gemma import softcap
 from jaxinfer.models.linear import XLA_LINEAR, Linear
 from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -90,7 +91,7 @@ def _model_step(state, packed, kv_cache, prev_tokens_s, *, spec: PackSpec, graph
     return model.compute_logits(hidden[logits_indices_s], linear), hidden, kv_cache
 
 
-def _score_prompt(head, hidden_td, target_ids_t, start, *, linear, rows: int):
+def _score_prompt(head, hidden_td, target_ids_t, start, *, linear, rows: int, logit_softcap: float | None = None):
     """`sampling.prompt_logprobs` of rows [start, start + C) of the step, C = min(T, rows):
     targets target_ids_t[start:start + C] under the logits of hidden_td's rows (top
     MAX_LOGPROBS); head is the LM head's weight [V, D] (`_lm_head`), all a scorer reads of the
@@ -102,7 +103,7 @@ def _score_prompt(head, hidden_td, target_ids_t, start, *, linear, rows: int):
     c = min(hidden_td.shape[0], rows)
     hidden = jax.lax.dynamic_slice_in_dim(hidden_td, start, c, axis=0)
     targets = jax.lax.dynamic_slice_in_dim(target_ids_t, start, c, axis=0)
-    logits = linear(hidden, head, transpose=True, out_dtype=jnp.float32)
+    logits = softcap(linear(hidden, head, transpose=True, out_dtype=jnp.float32), logit_softcap)  # as compute_logits
     return prompt_logprobs(logits, targets, num_logprobs=MAX_LOGPROBS)
 
 
@@ -176,7 +177,8 @@ class ModelRunner:
         self._step = jax.jit(functools.partial(_model_step, **static), static_argnames=("spec", "unroll"),
                              donate_argnames=donate, **step_out)
         self._score_chunk = SCORE_CHUNK  # rows per scorer call (fixed when its programs compile)
-        self._score = jax.jit(functools.partial(_score_prompt, linear=linear, rows=self._score_chunk), **score_out)
+        self._score = jax.jit(functools.partial(_score_prompt, linear=linear, rows=self._score_chunk,
+                                                logit_softcap=config.final_logit_softcap), **score_out)
         if self._stages_writes:
             self._commit = jax.jit(functools.partial(_commit_staged, attention=attention), static_argnames=("spec",),
                                    donate_argnums=(0,), **copy_out)

@@ -17,6 +17,8 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError
+from jaxinfer.loading.hf_moe import load_moe_layer, moe_layer_shapes, moe_layer_state_dict
+from jaxinfer.loading.hf_variants import fuse_phi3, layer_norm_names, unfused_view
 
 GetTensor = Callable[[str], np.ndarray]
 Tree = dict[str, Any]
@@ -45,6 +47,11 @@ def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["b_o"] = (d,)
     if c.qk_norm:
         shapes.update(q_norm=(h,), k_norm=(h,))
+    if c.post_norms:
+        shapes.update(post_attn_norm=(d,), post_mlp_norm=(d,))
+    if c.is_moe:  # routed experts in place of the dense MLP
+        del shapes["w_gate_up"], shapes["w_down"]
+        shapes.update(moe_layer_shapes(c))
     return shapes
 
 
@@ -66,6 +73,7 @@ def params_from_hf(config: ModelConfig, get: GetTensor, names: set[str], dtype=j
     d, n, k, h, f, v, g = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
                            c.vocab_size, c.q_per_kv)
     target = _np_dtype(dtype)
+    get, names = unfused_view(c, get, names)  # Phi-3's fused projections, split
 
     def load(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in names:
@@ -89,13 +97,15 @@ def params_from_hf(config: ModelConfig, get: GetTensor, names: set[str], dtype=j
             layers["w_qkv"][i] = np.concatenate([wq, wk, wv], axis=1).transpose(3, 0, 1, 2)  # [D, K, E, H]
         if "w_o" not in skip:
             layers["w_o"][i] = load(p + "self_attn.o_proj.weight", (d, n * h)).reshape(d, n, h).transpose(1, 2, 0)
-        if "w_gate_up" not in skip:
+        if c.is_moe:
+            load_moe_layer(c, p, i, layers, load)
+        elif "w_gate_up" not in skip:
             layers["w_gate_up"][i, :, 0] = load(p + "mlp.gate_proj.weight", (f, d)).T
             layers["w_gate_up"][i, :, 1] = load(p + "mlp.up_proj.weight", (f, d)).T
-        if "w_down" not in skip:
+        if "w_down" not in skip and not c.is_moe:
             layers["w_down"][i] = load(p + "mlp.down_proj.weight", (d, f)).T
-        layers["attn_norm"][i] = load(p + "input_layernorm.weight", (d,))
-        layers["mlp_norm"][i] = load(p + "post_attention_layernorm.weight", (d,))
+        for param, hf_name in layer_norm_names(c).items():
+            layers[param][i] = load(p + hf_name, (d,))
         if c.qkv_bias:
             bq = load(p + "self_attn.q_proj.bias", (n * h,)).reshape(k, g, h)
             bk = load(p + "self_attn.k_proj.bias", (k * h,)).reshape(k, 1, h)
@@ -135,11 +145,14 @@ def hf_state_dict(config: ModelConfig, tree: Tree) -> dict[str, np.ndarray]:
         out[p + "self_attn.k_proj.weight"] = qkv[:, g].reshape(k * h, d)
         out[p + "self_attn.v_proj.weight"] = qkv[:, g + 1].reshape(k * h, d)
         out[p + "self_attn.o_proj.weight"] = layers["w_o"][i].transpose(2, 0, 1).reshape(d, n * h)
-        out[p + "mlp.gate_proj.weight"] = layers["w_gate_up"][i][:, 0].T
-        out[p + "mlp.up_proj.weight"] = layers["w_gate_up"][i][:, 1].T
-        out[p + "mlp.down_proj.weight"] = layers["w_down"][i].T
-        out[p + "input_layernorm.weight"] = layers["attn_norm"][i]
-        out[p + "post_attention_layernorm.weight"] = layers["mlp_norm"][i]
+        if c.is_moe:
+            out.update(moe_layer_state_dict(c, p, i, layers))
+        else:
+            out[p + "mlp.gate_proj.weight"] = layers["w_gate_up"][i][:, 0].T
+            out[p + "mlp.up_proj.weight"] = layers["w_gate_up"][i][:, 1].T
+            out[p + "mlp.down_proj.weight"] = layers["w_down"][i].T
+        for param, hf_name in layer_norm_names(c).items():
+            out[p + hf_name] = layers[param][i]
         if c.qkv_bias:
             b = layers["b_qkv"][i]
             out[p + "self_attn.q_proj.bias"] = b[:, :g].reshape(n * h)
@@ -150,4 +163,6 @@ def hf_state_dict(config: ModelConfig, tree: Tree) -> dict[str, np.ndarray]:
         if c.qk_norm:
             out[p + "self_attn.q_norm.weight"] = layers["q_norm"][i]
             out[p + "self_attn.k_norm.weight"] = layers["k_norm"][i]
+    if c.model_type == "phi3":
+        out = fuse_phi3(c, out)
     return {name: np.ascontiguousarray(x) for name, x in out.items()}

@@ -68,6 +68,9 @@ def load_hf_directory(directory: str | os.PathLike, dtype=jnp.float32):
     checkpoint = SafetensorsCheckpoint(directory)
     quantized = {}
     quantization = quantization_of(hf_config)
+    if quantization is not None and config.is_moe:
+        raise CheckpointError(f"quantized ({quantization['quant_method']}) mixture-of-experts checkpoints are "
+                              "not supported: the experts run in a grouped matmul of float weights")
     if quantization is not None and quantization["quant_method"] == "compressed-tensors":
         from jaxinfer.loading.fp8_weights import fp8_layer_weights
 

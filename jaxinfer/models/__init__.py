@@ -2,8 +2,9 @@
 
 A model is split once into a graph definition (static: the config and the module structure)
 and a state (the parameters, a pytree of `nnx.Param`); a step is a pure function of the state:
-`nnx.merge(graphdef, state)` inside the jitted function. Every supported model type currently
-maps onto the Llama-family module.
+`nnx.merge(graphdef, state)` inside the jitted function. Dense model types map onto the
+Llama-family module, mixture-of-experts ones onto its routed-MLP variant (models/moe.py),
+Gemma 2/3 onto its Gemma variant (models/gemma.py); Phi-3 is the Llama module as it is.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import GEMMA_TYPES, ModelConfig
+from jaxinfer.models.gemma import GemmaForCausalLM
 from jaxinfer.models.llama import LlamaForCausalLM, param_value
+from jaxinfer.models.moe import MoeForCausalLM
 
-__all__ = ["LlamaForCausalLM", "abstract_model", "create_model", "layer_views", "layers_are_stacked", "model_class",
-           "param_dtype", "param_value", "state_from_tree", "unstack_layers"]
+__all__ = ["GemmaForCausalLM", "LlamaForCausalLM", "MoeForCausalLM", "abstract_model", "create_model", "layer_views",
+           "layers_are_stacked", "model_class", "param_dtype", "param_value", "state_from_tree", "unstack_layers"]
 
 
 def model_class(config: ModelConfig) -> type[nnx.Module]:
     """The module class implementing `config.model_type`."""
+    if config.is_moe:
+        return MoeForCausalLM
+    if config.model_type in GEMMA_TYPES:
+        return GemmaForCausalLM
     return LlamaForCausalLM
 
 

@@ -1,4 +1,5 @@
-"""Llama-family decoder as a Flax NNX module (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3).
+"""Llama-family decoder as a Flax NNX module (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3;
+the base of models/gemma.py and models/moe.py).
 
 Built for decode speed: q|k|v is one weight and gate|up another, so a layer runs four
 projections, not seven; every layer's weights are stacked on a leading axis and the layers run
@@ -88,7 +89,7 @@ LAYER_PARAMS = ("attn_norm", "w_qkv", "b_qkv", "q_norm", "k_norm", "w_o", "b_o",
 class DecoderLayers(nnx.Module):
     """Every decoder layer, weights stacked on a leading layer axis."""
 
-    def __init__(self, config: ModelConfig, init: _Init):
+    def __init__(self, config: ModelConfig, init: _Init, dense_mlp: bool = True):
         c = config
         L, D, K, H, F = c.num_layers, c.hidden_size, c.num_kv_heads, c.head_dim, c.intermediate_size
         E = c.q_per_kv + 2
@@ -100,8 +101,9 @@ class DecoderLayers(nnx.Module):
         self.w_o = init.normal((L, c.num_heads, H, D), (LAYERS, HEADS, HEAD_DIM, EMBED))
         self.b_o = init.normal((L, D), (LAYERS, EMBED)) if c.o_bias else None
         self.mlp_norm = init.ones((L, D), (LAYERS, EMBED))
-        self.w_gate_up = init.normal((L, D, 2, F), (LAYERS, EMBED, None, MLP))
-        self.w_down = init.normal((L, F, D), (LAYERS, MLP, EMBED))
+        # (mixture-of-experts models bring their own MLP weights: models/moe.py)
+        self.w_gate_up = init.normal((L, D, 2, F), (LAYERS, EMBED, None, MLP)) if dense_mlp else None
+        self.w_down = init.normal((L, F, D), (LAYERS, MLP, EMBED)) if dense_mlp else None
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -114,18 +116,22 @@ class LlamaForCausalLM(nnx.Module):
         checkpoint loading builds the module abstractly and fills the state instead.
 
     How the layers run follows the form of the layer weights: stacked arrays run in `lax.scan`
-    over runs of layers with equal attention settings; per-layer arrays (tuples, see
-    `models.unstack_layers`) run unrolled, each projection on its own layer's array. The
-    second form compiles slower but spares XLA's CPU backend a copy of every layer's weights
-    that it makes when a dot reads a dynamic slice of a stack (measured: 30% of a decode step).
+    over runs of layers that repeat a pattern of attention settings (see `layer_runs`); per-layer
+    arrays (tuples, see `models.unstack_layers`) run unrolled, each projection on its own layer's
+    array. The second form compiles slower but spares XLA's CPU backend a copy of every layer's
+    weights that it makes when a dot reads a dynamic slice of a stack (measured: 30% of a decode
+    step).
     """
+
+    # The stacked layer parameters `__call__` hands to each layer (subclasses add their own).
+    layer_params = LAYER_PARAMS
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         init = _Init(rngs, dtype)
         D = config.hidden_size
         self.embed = init.normal((config.vocab_size, D), (VOCAB, EMBED))
-        self.layers = DecoderLayers(config, init)
+        self.layers = self._make_layers(config, init)
         self.final_norm = init.ones((D,), (EMBED,))
         self.lm_head = None if config.tie_word_embeddings else init.normal((config.vocab_size, D), (VOCAB, EMBED))
 
@@ -146,28 +152,54 @@ class LlamaForCausalLM(nnx.Module):
           (hidden_td [T, D] after the final norm, updated kv_cache)
         """
         c = self.config
-        x = param_value(self.embed)[token_ids_t]
-        weights = {name: param_value(getattr(self.layers, name)) for name in LAYER_PARAMS}
-        inv_freq = jnp.asarray(np.asarray(rope_inv_freq(c), np.float32))
+        x = self.embed_tokens(token_ids_t)
+        weights = {name: param_value(getattr(self.layers, name)) for name in self.layer_params}
+        # Sliding-window layers may rotate with their own base (Gemma 3): one table per kind.
+        inv_freqs = {local: jnp.asarray(np.asarray(rope_inv_freq(c, local), np.float32)) for local in (False, True)}
 
         def layer_fn(carry, i, spec):
             x, kv = carry
-            x, kv = _decoder_layer(weights, c, i, spec, x, positions_t, kv, metadata, attention, linear, inv_freq)
-            return (x, kv), None
+            inv_freq = inv_freqs[spec.sliding_window is not None]
+            x, kv = _decoder_layer(weights, c, i, spec, x, positions_t, kv, metadata, attention, linear, inv_freq,
+                                   self.mlp, self.norm)
+            return x, kv
+
+        def period_fn(carry, first, pattern):
+            for j, spec in enumerate(pattern):
+                carry = layer_fn(carry, first + j, spec)
+            return carry, None
 
         carry = (x, attention.open_step(kv_cache, x.shape[0]))
         # (attn_norm: always an array or a tuple of them; a projection may be a quantized weight)
         stacked = not isinstance(weights["attn_norm"], (tuple, list))
-        for start, stop, spec in layer_runs(c):
-            if stacked and stop - start > 1 and not unroll:
-                carry, _ = lax.scan(lambda cr, i, spec=spec: layer_fn(cr, i, spec), carry,
-                                    jnp.arange(start, stop, dtype=jnp.int32))
+        for start, stop, pattern in layer_runs(c):
+            if stacked and stop - start > len(pattern) and not unroll:
+                carry, _ = lax.scan(lambda cr, i, pattern=pattern: period_fn(cr, i, pattern), carry,
+                                    jnp.arange(start, stop, len(pattern), dtype=jnp.int32))
             else:
-                for i in range(start, stop):
-                    carry, _ = layer_fn(carry, i, spec)
+                for first in range(start, stop, len(pattern)):
+                    carry, _ = period_fn(carry, first, pattern)
         x, kv_cache = carry
         kv_cache = attention.close_step(kv_cache, metadata)
-        return rms_norm(x, param_value(self.final_norm), c.rms_norm_eps), kv_cache
+        return self.norm(x, param_value(self.final_norm)), kv_cache
+
+    def embed_tokens(self, token_ids_t):
+        """Embeddings [T, D] of token ids [T] (Gemma scales them)."""
+        return param_value(self.embed)[token_ids_t]
+
+    def norm(self, x, weight):
+        """RMSNorm of x, scaled by `weight` (Gemma scales by 1 + weight)."""
+        return rms_norm(x, weight, self.config.rms_norm_eps)
+
+    def _make_layers(self, config: ModelConfig, init: _Init) -> nnx.Module:
+        return DecoderLayers(config, init)
+
+    def mlp(self, w, i, h_td, linear: Linear):
+        """The MLP of layer i on normed hidden states h_td [T, D] (SwiGLU; overridden by the
+        mixture-of-experts models)."""
+        gate_up = project(w, i, h_td, "w_gate_up", self.config.hidden_size, linear).reshape(h_td.shape[0], 2, -1)
+        return project(w, i, jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], "w_down", self.config.intermediate_size,
+                       linear)
 
     def compute_logits(self, hidden_td, linear: Linear = XLA_LINEAR):
         """Float32 logits [T, V] from final hidden states [T, D]."""
@@ -175,53 +207,76 @@ class LlamaForCausalLM(nnx.Module):
         return linear(hidden_td, head, transpose=True, out_dtype=jnp.float32)
 
 
-def layer_runs(config: ModelConfig) -> list[tuple[int, int, LayerSpec]]:
-    """Maximal runs [start, stop) of consecutive layers with equal static attention settings;
-    each run is one scan (a model with one setting throughout is one scan)."""
-    scale = config.head_dim ** -0.5
-    specs = [LayerSpec(scale=scale, sliding_window=w) for w in config.sliding_windows]
-    runs, start = [], 0
+def layer_runs(config: ModelConfig) -> list[tuple[int, int, tuple[LayerSpec, ...]]]:
+    """Runs [start, stop) of layers, each a repeated pattern of static attention settings
+    (stop - start a multiple of its length); each run is one scan whose body is one pattern.
+
+    A model with one setting throughout is one run of a one-layer pattern. Layers that cycle
+    through settings (Gemma 2: sliding, global; Gemma 3: five sliding, one global) are one run
+    of that cycle, plus the last partial cycle; other models get maximal runs of equal settings.
+    """
+    specs = [LayerSpec(scale=config.attention_scale, sliding_window=w, logit_softcap=config.attn_logit_softcap)
+             for w in config.sliding_windows]
+    n = len(specs)
+    for period in range(2, n // 2 + 1):
+        if len(set(specs[:period])) > 1 and all(specs[i] == specs[i % period] for i in range(n)):
+            whole = n - n % period
+            return [(0, whole, tuple(specs[:period]))] + _equal_runs(specs[whole:], whole)
+    return _equal_runs(specs, 0)
+
+
+def _equal_runs(specs: list[LayerSpec], offset: int) -> list[tuple[int, int, tuple[LayerSpec, ...]]]:
+    """Maximal runs of equal settings, each a one-layer pattern."""
+    runs, start = [], offset
     for spec, group in itertools.groupby(specs):
         n = len(list(group))
-        runs.append((start, start + n, spec))
+        runs.append((start, start + n, (spec,)))
         start += n
     return runs
 
 
+def project(w, i, x, name: str, rows: int, linear: Linear):
+    """x @ layer i's weight `name` of the layer weights `w`, viewed as a matrix of `rows` rows."""
+    weight = w[name]
+    if isinstance(weight, (tuple, list)):
+        return linear(x, weight[i].reshape(rows, -1))
+    return linear(x, weight.reshape(weight.shape[0], rows, -1), i)
+
+
 def _decoder_layer(w, c: ModelConfig, i, spec: LayerSpec, x_td, positions_t, kv_cache, metadata,
-                   attention: AttentionBackend, linear: Linear, inv_freq):
-    """One pre-norm decoder layer (attention then SwiGLU MLP), layer i of the stacked weights
-    (or of the per-layer ones)."""
+                   attention: AttentionBackend, linear: Linear, inv_freq, mlp, norm):
+    """One pre-norm decoder layer (attention then `mlp(w, i, h_td, linear)`, each normed by
+    `norm(x, weight)`, and their outputs too where the layers have post norms), layer i of
+    the stacked weights (or of the per-layer ones)."""
     t = x_td.shape[0]
     K, G, H, D = c.num_kv_heads, c.q_per_kv, c.head_dim, c.hidden_size
 
-    def project(x, name, rows):
-        """x @ layer i's weight `name` viewed as a matrix of `rows` rows."""
-        weight = w[name]
-        if isinstance(weight, (tuple, list)):
-            return linear(x, weight[i].reshape(rows, -1))
-        return linear(x, weight.reshape(weight.shape[0], rows, -1), i)
+    def project_(x, name, rows):
+        return project(w, i, x, name, rows, linear)
 
-    h = rms_norm(x_td, select_layer(w["attn_norm"], i), c.rms_norm_eps)
-    qkv = project(h, "w_qkv", D).reshape(t, K, G + 2, H)
+    h = norm(x_td, select_layer(w["attn_norm"], i))
+    qkv = project_(h, "w_qkv", D).reshape(t, K, G + 2, H)
     if w["b_qkv"] is not None:
         qkv = qkv + select_layer(w["b_qkv"], i)
     q = qkv[:, :, :G].reshape(t, K * G, H)
     k, v = qkv[:, :, G], qkv[:, :, G + 1]
     if w["q_norm"] is not None:
-        q = rms_norm(q, select_layer(w["q_norm"], i), c.rms_norm_eps)
-        k = rms_norm(k, select_layer(w["k_norm"], i), c.rms_norm_eps)
+        q = norm(q, select_layer(w["q_norm"], i))
+        k = norm(k, select_layer(w["k_norm"], i))
     q = rope(q, positions_t, inv_freq)
     k = rope(k, positions_t, inv_freq)
     o_tnh, kv_cache = attention(q, k, v, kv_cache, metadata, spec, i)
-    attn_out = project(o_tnh.reshape(t, -1), "w_o", c.num_heads * H)
+    attn_out = project_(o_tnh.reshape(t, -1), "w_o", c.num_heads * H)
     if w["b_o"] is not None:
         attn_out = attn_out + select_layer(w["b_o"], i)
+    if w.get("post_attn_norm") is not None:
+        attn_out = norm(attn_out, select_layer(w["post_attn_norm"], i))
     x_td = x_td + attn_out
 
-    h = rms_norm(x_td, select_layer(w["mlp_norm"], i), c.rms_norm_eps)
-    gate_up = project(h, "w_gate_up", D).reshape(t, 2, -1)
-    mlp_out = project(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], "w_down", c.intermediate_size)
+    h = norm(x_td, select_layer(w["mlp_norm"], i))
+    mlp_out = mlp(w, i, h, linear)
+    if w.get("post_mlp_norm") is not None:
+        mlp_out = norm(mlp_out, select_layer(w["post_mlp_norm"], i))
     return x_td + mlp_out, kv_cache
 
 
