@@ -7,7 +7,8 @@ reachable (`tensor(name)`) for quantized execution; `get(name)` dequantizes to f
 what `params_from_hf` consumes.
 
 Supported architectures: llama (also SmolLM2 and Mistral, which llama.cpp writes as llama),
-qwen2 (qkv bias) and qwen3 (qk-norm).
+qwen2 (qkv bias), qwen3 (qk-norm) and gemma3 (text; its norms are stored as 1 + weight, see
+`_NORM_SHIFTED_ARCHITECTURES`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jaxinfer.config import ModelConfig, RopeScaling, UnsupportedModelError, rop
 from jaxinfer.errors import CheckpointError
 from jaxinfer.loading.hf_weights import params_from_hf
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 # llama.cpp's converter permutes the rows of q and k (weights and biases) of llama-arch models so
 # that its RoPE can rotate adjacent pairs; HF rotates the two halves of each head instead.
@@ -51,6 +52,17 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms per layer: llama.cpp's ffn_norm is the norm before the MLP, which HF calls
+# pre_feedforward_layernorm (HF's post_attention_layernorm normalizes the attention output).
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# llama.cpp's converter stores Gemma's norm weights with 1 added (its RMSNorm multiplies by the
+# stored weight); HF's weights, and models/gemma.py's (1 + weight), are the unshifted values.
+_NORM_SHIFTED_ARCHITECTURES = ("gemma3",)
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tensors that carry no parameter of their own: llama.cpp's precomputed llama3 RoPE factors,
 # read into the config instead.
@@ -64,14 +76,16 @@ _ARRAY_TYPES = _FLOAT_TYPES + _INT_TYPES
 _MISSING = object()
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """The HF name of a GGUF tensor name, or None when the name is not one of a Llama-family block."""
+def gguf_to_hf_name(name: str, architecture: str = "llama") -> str | None:
+    """The HF name of a GGUF tensor name, or None when the name is not one of a block of
+    `architecture`."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    layer_names = _GEMMA_LAYER_NAMES if architecture == "gemma3" else _LAYER_NAMES
     match = _LAYER_TENSOR.fullmatch(name)
-    if match and match.group(2) in _LAYER_NAMES:
+    if match and match.group(2) in layer_names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{layer_names[part]}.{kind}"
     return None
 
 
@@ -231,12 +245,14 @@ def config_from_gguf(reader_or_path) -> ModelConfig:
     # files written by llama.cpp's converter.
     vocab = int(tensors["token_embd.weight"].shape[-1])
     eos = read_field(reader, "tokenizer.ggml.eos_token_id", None)
+    num_layers = int(key("block_count"))
     return ModelConfig(
+        **(_gemma3_fields(reader, num_layers) if arch == "gemma3" else {}),
         model_type=arch,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=_single_value("feed_forward_length", key("feed_forward_length")),
-        num_layers=int(key("block_count")),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
@@ -250,6 +266,38 @@ def config_from_gguf(reader_or_path) -> ModelConfig:
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
         bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id", None),
         eos_token_ids=() if eos is None else (int(eos),),
+    )
+
+
+def _gemma3_fields(reader: GGUFReader, num_layers: int) -> dict[str, Any]:
+    """Gemma 3's config fields beyond the Llama family's, as HF's Gemma3TextConfig sets them
+    where the GGUF metadata has no key for them."""
+    def key(name: str, default: Any = None) -> Any:
+        return read_field(reader, f"gemma3.{name}", default)
+
+    window = key("attention.sliding_window")
+    pattern = key("attention.sliding_window_pattern")
+    if window is None:
+        sliding = (None,) * num_layers
+    elif isinstance(pattern, list):
+        # Per-layer flags (true: sliding window), where the metadata gives them.
+        if len(pattern) != num_layers:
+            raise CheckpointError(f"gemma3.attention.sliding_window_pattern has {len(pattern)} entries "
+                                  f"for {num_layers} layers")
+        sliding = tuple(int(window) if flag else None for flag in pattern)
+    else:
+        # HF's default: every `pattern`-th layer (6th) attends globally, the rest within the window.
+        period = int(pattern or 6)
+        sliding = tuple(None if (i + 1) % period == 0 else int(window) for i in range(num_layers))
+    attn_cap, final_cap = key("attn_logit_softcapping"), key("final_logit_softcapping")
+    return dict(
+        sliding_windows=sliding,
+        # HF's Gemma3TextConfig default: the metadata has no key for it, and HF's GGUF loading
+        # (the reference these files are checked against) uses the default too.
+        query_pre_attn_scalar=256.0,
+        attn_logit_softcap=None if attn_cap is None else float(attn_cap),
+        final_logit_softcap=None if final_cap is None else float(final_cap),
+        local_rope_theta=10000.0,  # HF's rope_local_base_freq default; not in the metadata either
     )
 
 
@@ -282,7 +330,7 @@ class GGUFCheckpoint:
         for t in self.reader.tensors:
             if t.name in _CONFIG_ONLY_TENSORS:
                 continue
-            hf_name = gguf_to_hf_name(t.name)
+            hf_name = gguf_to_hf_name(t.name, self.architecture)
             if hf_name is None:
                 raise UnsupportedModelError(
                     f"GGUF tensor {t.name!r} is not part of a {self.architecture} model jaxinfer can run"
@@ -306,6 +354,11 @@ class GGUFCheckpoint:
                 # The blocks of a quantized vector span the permuted axis; llama.cpp never writes one.
                 raise CheckpointError(f"tensor {t.name!r} is a quantized vector ({t.tensor_type.name})")
             data = data[_unpermute_rows(shape[0], heads)]
+        if self.architecture in _NORM_SHIFTED_ARCHITECTURES and t.name.endswith("norm.weight"):
+            if t.tensor_type not in _FLOAT_TYPES:
+                raise CheckpointError(f"norm tensor {t.name!r} is stored as {t.tensor_type.name}, expected floats")
+            data = np.asarray(data, np.float32) - 1.0
+            return GGUFTensor(t.name, hf_name, GGMLQuantizationType.F32, shape, data)
         return GGUFTensor(t.name, hf_name, t.tensor_type, shape, data)
 
     def get(self, hf_name: str) -> np.ndarray:
