@@ -18,7 +18,8 @@ if _os.path.isfile(_os.path.join(_checkout, "pyproject.toml")) and _os.path.isfi
         _os.path.join(_checkout, "server", "__init__.py")):
     __path__.append(_checkout)
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "RequestOutput", "CompletionOutput",
+           "Logprob"]
 
 
 def __getattr__(name):

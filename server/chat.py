@@ -78,7 +78,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                                      keep_special_tokens=plan.parser is not None and plan.parser.keep_special_tokens)
     request_id = new_id("chatcmpl")
     opened = await unless_disconnected(
-        request, serving.open_streams([({"prompt": text, "prompt_token_ids": ids, **salt_of(body)}, params)], request_id), request_id)
+        request, serving.open_streams([({"prompt": text, "prompt_token_ids": ids, **salt_of(body)}, params)],
+                                      request_id), request_id)
     header = {"id": request_id, "object": "chat.completion.chunk" if body.stream else "chat.completion",
               "created": int(time.time()), "model": model}
     if body.stream:

@@ -165,7 +165,8 @@ def _throughput(engine, args, vocab: int, rate: float, seed: int) -> dict:
     tokens = args.num_prompts * (args.input_len + args.output_len)
     return {"seconds": result["seconds"], "output_tokens_per_s": result["generated_tokens"] / result["seconds"],
             "total_tokens_per_s": tokens / result["seconds"], "ttft_s": result["ttft_s"],
-            "measured_hit_rate": (counts["device_hit_tokens"] + counts["host_hit_tokens"]) / max(1, counts["query_tokens"]),
+            "measured_hit_rate": ((counts["device_hit_tokens"] + counts["host_hit_tokens"])
+                                  / max(1, counts["query_tokens"])),
             **counts}
 
 
@@ -201,7 +202,8 @@ def cmd_prefix(args) -> int:
         print(json.dumps({"hit_rate": rate, **{f"{m}_s": round(row[m]["seconds"], 3)
                                                for m in ("off", "on", "host_tier")}}), flush=True)
     record = {"benchmark": "prefix", **run_header(args.argv), "args": _plain(vars(args)), "engine": shape,
-              "ttft": ttft, "ttft_device_only": ttft_device_only, "throughput": [{"hit_rate": rate, **row} for rate, row in rows.items()]}
+              "ttft": ttft, "ttft_device_only": ttft_device_only,
+              "throughput": [{"hit_rate": rate, **row} for rate, row in rows.items()]}
     table = [f"TTFT of {args.prefix_len} shared + {args.new_len} new tokens (median of {args.num_iters}); "
              f"device pool {shape['num_pages']} pages, host tier {shape['num_host_pages']} pages", "",
              "| cold (ms) | device hit (ms) | host hit (ms) |", "|---|---|---|",

@@ -119,7 +119,7 @@ class StructuredOutputs:
         self._executor = None
         self._mask_thread = None
         self._lock = threading.Lock()
-        self._cache: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[StructuredOutputsParams, object] = collections.OrderedDict()
         # Counters for benchmarks: grammar compiles (cache misses), mask fills, token advances.
         self.num_compiles = 0
         self.compile_seconds = 0.0
@@ -150,7 +150,7 @@ class StructuredOutputs:
         import llguidance
 
         ll_tokenizer = self._tokenizer_for_grammars()
-        key = _cache_key(params)
+        key = params  # hashable, and equal for equal schemas (dicts compare by value)
         template = self._cache.get(key)
         if template is None:
             t0 = time.perf_counter()
@@ -206,9 +206,3 @@ class StructuredOutputs:
         self.mask_seconds += time.perf_counter() - t0
         return bitmask
 
-
-def _cache_key(params: StructuredOutputsParams) -> tuple:
-    spec = params.json
-    if spec is not None and not isinstance(spec, str):
-        spec = json.dumps(spec, sort_keys=True)
-    return (params.kind, spec, params.regex, params.choice, params.grammar, params.disable_any_whitespace)
