@@ -1,5 +1,5 @@
-"""The `jaxinfer` command line: generate, chat, serve, bench (serve, latency, throughput, startup,
-quality, structured)."""
+"""The `jaxinfer` command line: generate, chat, batch, convert, serve, bench (serve, latency, throughput,
+startup, quality, structured)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,20 @@ def _add_engine_args(p: argparse.ArgumentParser):
                    help="weight-only quantization of the decoder projections at start; gguf: run a GGUF "
                         "file's own quantized blocks")
     p.add_argument("--quantization-group-size", type=int, default=128, help="rows per int4 scale group")
+    p.add_argument("--speculative-config", type=_json_object, default=None,
+                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4}\'')
     p.add_argument("--seed", type=int, default=0)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int):
@@ -87,12 +100,14 @@ def engine_config_kwargs(args) -> dict:
                   async_scheduling=args.async_scheduling, seed=args.seed,
                   tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                   quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-                  kv_cache_dtype=args.kv_cache_dtype,
+                  kv_cache_dtype=args.kv_cache_dtype, speculative_config=args.speculative_config,
                   compilation_cache_dir=args.compilation_cache_dir)
     # None means "the EngineConfig default" for the flags whose default is not None there.
     for name in ("max_num_seqs", "max_num_batched_tokens", "compilation_cache_dir", "enable_prefix_caching"):
         if kwargs[name] is None:
             del kwargs[name]
+    if getattr(args, "data_parallel_size", None) is not None:  # generate's flag (engine/data_parallel.py)
+        kwargs["data_parallel_size"] = args.data_parallel_size
     return kwargs
 
 
@@ -151,7 +166,15 @@ def cmd_generate(args) -> int:
         params = _sampling_params(args, seed=args.seed if args.temperature > 0 else None)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    llm = _make_llm(args, warmup=args.warmup)
+    from jaxinfer.config import UnsupportedModelError
+    from jaxinfer.errors import CheckpointError
+
+    try:
+        llm = _make_llm(args, warmup=args.warmup)
+    except (CheckpointError, UnsupportedModelError):
+        raise  # main reports these with their own exit status
+    except ValueError as e:  # settings the devices cannot serve (too few for dp x tp, ...)
+        raise SystemExit(f"error: {e}")
     tok = llm.get_tokenizer()
     if args.chat:
         if tok is None or not tok.chat_template:
@@ -167,6 +190,10 @@ def cmd_generate(args) -> int:
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 and not args.json)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    import jax
+
+    if jax.process_index() != 0:
+        return 0  # every process of a multi-process run computed the same outputs: one prints them
     for out in outputs:
         for c in out.outputs:
             if args.json:
@@ -174,6 +201,19 @@ def cmd_generate(args) -> int:
                                   "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}))
             else:
                 print(c.text if tok is not None else " ".join(map(str, c.token_ids)))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """Writes a model as an Orbax checkpoint that `--model DIR` restores straight into its shards."""
+    import jax.numpy as jnp
+
+    from jaxinfer.loading.loader import load_model
+    from jaxinfer.loading.orbax_checkpoint import save_orbax
+
+    model = load_model(args.model, dtype=None if args.dtype == "auto" else getattr(jnp, args.dtype))
+    out = save_orbax(model, args.output)
+    print(f"wrote {out}")
     return 0
 
 
@@ -218,6 +258,13 @@ def cmd_chat(args) -> int:
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
         turn += 1
+
+
+def cmd_batch(args) -> int:
+    """An OpenAI batch file through the engine (jaxinfer/batch_job.py)."""
+    from jaxinfer.batch_job import run_batch_job
+
+    return run_batch_job(args, lambda: _make_llm(args, warmup=args.warmup).engine)
 
 
 def cmd_serve(args) -> int:
@@ -269,6 +316,9 @@ def _add_server_commands(sub) -> None:
     from jaxinfer.bench.structured import add_args as add_structured_bench_args
 
     add_structured_bench_args(bench_sub)
+    from jaxinfer.bench.speculative import add_args as add_speculative_bench_args
+
+    add_speculative_bench_args(bench_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,13 +336,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object per completion")
     g.add_argument("--warmup", action="store_true", help="compile every shape bucket before generating")
+    g.add_argument("--data-parallel-size", type=int, default=1,
+                   help="engine replicas, each over its own --tensor-parallel-size devices")
+    from jaxinfer.distributed import add_args as add_distributed_args
+
+    add_distributed_args(g)
     g.set_defaults(func=cmd_generate)
+
+    cv = sub.add_parser("convert", help="write a model as an Orbax checkpoint, restored into its shards at load")
+    cv.add_argument("--model", default=None, help="HF directory, .gguf file, hub id, or alias (as generate's)")
+    cv.add_argument("--output", required=True, help="a new directory for the checkpoint")
+    cv.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="dtype to store (auto: float32 on CPU, bfloat16 on accelerators)")
+    cv.set_defaults(func=cmd_convert)
 
     c = sub.add_parser("chat", help="interactive chat with streaming replies")
     _add_engine_args(c)
     _add_sampling_args(c, max_tokens=256)
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=cmd_chat)
+
+    from jaxinfer.batch_job import add_batch_args
+
+    bj = sub.add_parser("batch", help="run an OpenAI batch file (JSONL of completions and chat requests), resumably")
+    _add_engine_args(bj)
+    add_batch_args(bj)
+    bj.set_defaults(func=cmd_batch)
 
     _add_server_commands(sub)
     for sub_parser in sub.choices.values():
@@ -312,6 +381,13 @@ def main(argv=None) -> int:
     from jaxinfer.config import UnsupportedModelError
     from jaxinfer.errors import CheckpointError, ModelNotFoundError
 
+    if hasattr(args, "coordinator_address"):
+        from jaxinfer.distributed import initialize
+
+        try:
+            initialize(args.coordinator_address, args.num_processes, args.process_id)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     try:
         return args.func(args)
     except (CheckpointError, ModelNotFoundError, UnsupportedModelError) as e:

@@ -26,8 +26,10 @@ class LLM:
         `kv_cache_memory_fraction`).
       **engine_kwargs: any EngineConfig field (max_model_len, max_num_seqs,
         max_num_batched_tokens, page_size, num_pages, enable_prefix_caching, seed,
-        attention_backend, tensor_parallel_size, quantization ("int8", "int4", "fp8", or "gguf"
-        to run a GGUF file's own blocks), ...).
+        attention_backend, tensor_parallel_size, data_parallel_size, quantization ("int8",
+        "int4", "fp8", or "gguf" to run a GGUF file's own blocks), ...). With
+        data_parallel_size > 1, `llm.engine` is a DataParallelEngine of that many replicas
+        (jaxinfer/engine/data_parallel.py).
     The functional model is reachable as `llm.model.config`, `llm.model.graphdef` and
     `llm.model.params` (the NNX state; `nnx.merge(graphdef, params)` rebuilds the module).
     """
@@ -48,16 +50,27 @@ class LLM:
         config = EngineConfig(**engine_kwargs)
         from flax import nnx
 
+        from jaxinfer.engine.data_parallel import DataParallelEngine, replica_devices
+        from jaxinfer.sharding import make_mesh
+
+        # Checked before loading: too few devices is an error before minutes of reading weights.
+        groups = replica_devices(config)
         if isinstance(model, LoadedModel):
             self.model = model
         elif isinstance(model, nnx.Module):
             self.model = LoadedModel.from_module(model)
         else:
+            # Split models load straight into (the first) replica's shards.
+            tp = config.tensor_parallel_size
             self.model = load_model(model, dtype=None if dtype == "auto" else getattr(jnp, dtype),
-                                    gguf_blocks=config.quantization == "gguf")
+                                    gguf_blocks=config.quantization == "gguf",
+                                    sharding=make_mesh(tp=tp, devices=groups[0]) if tp > 1 else None)
         if tokenizer is not None:
             self.model.tokenizer = tokenizer
-        self.engine = LLMEngine(self.model, config)
+        if config.data_parallel_size > 1:
+            self.engine = DataParallelEngine(self.model, config, devices=[d for g in groups for d in g])
+        else:
+            self.engine = LLMEngine(self.model, config)
         self._counter = itertools.count()
 
     def get_tokenizer(self):

@@ -190,6 +190,8 @@ class SamplingParams:
         (when they are not skipped).
       output_kind: what streamed outputs carry.
       structured_outputs: a grammar constraint on the output (`StructuredOutputsParams`).
+      speculative: False keeps this request out of speculative decoding (its tokens are
+        never proposed and verified, one per step), when the engine has it on.
     """
 
     n: int = 1
@@ -214,6 +216,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None
+    speculative: bool = True
 
     def __post_init__(self):
         top_k = _check_int("top_k", self.top_k, -1)
@@ -251,6 +254,7 @@ class SamplingParams:
             skip_special_tokens=_check_bool("skip_special_tokens", self.skip_special_tokens),
             spaces_between_special_tokens=_check_bool("spaces_between_special_tokens",
                                                       self.spaces_between_special_tokens),
+            speculative=_check_bool("speculative", self.speculative),
         )
         for name, value in normalised.items():
             object.__setattr__(self, name, value)

@@ -117,6 +117,24 @@ class Tokenizer:
         reader = path_or_reader if isinstance(path_or_reader, GGUFReader) else open_gguf(path_or_reader)
         return cls(*_parts_from_gguf(reader))
 
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes the files `from_directory` reads back into an equal tokenizer (the same ids,
+        special tokens, chat templates and eos ids), whether this one came from an HF directory
+        or a GGUF file: tokenizer.json, tokenizer_config.json and, for further eos ids,
+        generation_config.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config: dict[str, Any] = dict(self.special_tokens)
+        templates = self.chat_templates
+        if set(templates) == {"default"}:
+            config["chat_template"] = templates["default"]
+        elif templates:
+            config["chat_template"] = [{"name": name, "template": t} for name, t in templates.items()]
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        if self._extra_eos:
+            (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self._extra_eos)}))
+
     # ----- encoding -----
 
     @property

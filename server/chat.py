@@ -4,6 +4,7 @@ tool calls are read back out of the text (server/tools.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from typing import Any, Sequence
@@ -11,6 +12,8 @@ from typing import Any, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from jaxinfer.outputs import RequestOutput
+from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.server.errors import bad_request
 from jaxinfer.server.protocol import ChatCompletionRequest
 from jaxinfer.server.serving import Serving, StreamedChoices, new_id, salt_of, usage
@@ -63,40 +66,67 @@ def render_chat(serving: Serving, body: ChatCompletionRequest, plan: ToolPlan | 
                            template_kwargs=body.chat_template_kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedChat:
+    """A chat request made ready for the engine, with what its answer needs.
+
+    Attributes:
+      plan: how the request uses its tools.
+      prompt: the engine prompt (the rendered conversation and its token ids).
+      params: the request's SamplingParams.
+    """
+
+    plan: ToolPlan
+    prompt: dict[str, Any]
+    params: SamplingParams
+
+
+def prepare_chat(serving: Serving, body: ChatCompletionRequest) -> PreparedChat:
+    """The engine request of a /v1/chat/completions body; a 400 (OpenAIError) for what cannot be
+    served. Pure host work (the chat template, tokenization), shared by the HTTP route and
+    `jaxinfer batch`."""
+    plan = plan_tools(body, serving.tool_call_parser)
+    constraint = structured_outputs(body, plan.constraint)
+    text, ids = render_chat(serving, body, plan)
+    max_tokens = serving.completion_budget(len(ids), body.completion_limit, "messages")
+    params = serving.sampling_params(body, max_tokens=max_tokens,
+                                     logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                     stream=body.stream, prompt_logprobs=body.prompt_logprobs,
+                                     structured_outputs=constraint,
+                                     keep_special_tokens=plan.parser is not None and plan.parser.keep_special_tokens)
+    return PreparedChat(plan, {"prompt": text, "prompt_token_ids": ids, **salt_of(body)}, params)
+
+
+def chat_body(serving: Serving, body: ChatCompletionRequest, prepared: PreparedChat, out: RequestOutput, *,
+              request_id: str, model: str) -> dict[str, Any]:
+    """The (unstreamed) chat.completion object, from the request's final engine output."""
+    fmt = serving.logprobs(body.return_tokens_as_token_ids)
+    choices = []
+    for c in out.outputs:
+        message, finish_reason = _message(c.text, c.finish_reason, prepared.plan)
+        choices.append({"index": c.index, "message": message,
+                        "logprobs": fmt.chat_logprobs(c, body.top_logprobs or 0) if body.logprobs else None,
+                        "finish_reason": finish_reason, "stop_reason": serving.stop_reason(c, prepared.params)})
+    completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(len(prepared.prompt["prompt_token_ids"]), completion_tokens),
+            "system_fingerprint": None, "prompt_logprobs": fmt.prompt_logprobs(out, body.prompt_logprobs or 0)}
+
+
 @router.post("/v1/chat/completions", tags=["OpenAI"])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     serving: Serving = request.app.state.serving
     model = serving.resolve_model(body.model)
-    plan = plan_tools(body, serving.tool_call_parser)
-    constraint = structured_outputs(body, plan.constraint)
-    text, ids = await asyncio.to_thread(render_chat, serving, body, plan)
-    max_tokens = serving.completion_budget(len(ids), body.completion_limit, "messages")
-    top_n = body.top_logprobs or 0
-    params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=top_n if body.logprobs else None,
-                                     stream=body.stream, prompt_logprobs=body.prompt_logprobs,
-                                     structured_outputs=constraint,
-                                     keep_special_tokens=plan.parser is not None and plan.parser.keep_special_tokens)
+    prepared = await asyncio.to_thread(prepare_chat, serving, body)
     request_id = new_id("chatcmpl")
     opened = await unless_disconnected(
-        request, serving.open_streams([({"prompt": text, "prompt_token_ids": ids, **salt_of(body)}, params)],
-                                      request_id), request_id)
-    header = {"id": request_id, "object": "chat.completion.chunk" if body.stream else "chat.completion",
-              "created": int(time.time()), "model": model}
-    if body.stream:
-        return EventStreamResponse(_stream(serving, body, header, opened, params, plan),
-                                   on_disconnect=lambda: serving.note_disconnect(f"{request_id} mid-stream"))
-    [(out, _)] = opened
-    fmt = serving.logprobs(body.return_tokens_as_token_ids)
-    choices = []
-    for c in out.outputs:
-        message, finish_reason = _message(c.text, c.finish_reason, plan)
-        choices.append({"index": c.index, "message": message,
-                        "logprobs": fmt.chat_logprobs(c, top_n) if body.logprobs else None,
-                        "finish_reason": finish_reason, "stop_reason": serving.stop_reason(c, params)})
-    completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-    return JSONResponse({**header, "choices": choices, "usage": usage(len(ids), completion_tokens),
-                         "system_fingerprint": None,
-                         "prompt_logprobs": fmt.prompt_logprobs(out, body.prompt_logprobs or 0)})
+        request, serving.open_streams([(prepared.prompt, prepared.params)], request_id), request_id)
+    if not body.stream:
+        [(out, _)] = opened
+        return JSONResponse(chat_body(serving, body, prepared, out, request_id=request_id, model=model))
+    header = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    return EventStreamResponse(_stream(serving, body, header, opened, prepared.params, prepared.plan),
+                               on_disconnect=lambda: serving.note_disconnect(f"{request_id} mid-stream"))
 
 
 def _message(text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[dict[str, Any], str | None]:

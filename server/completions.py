@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from jaxinfer.outputs import RequestOutput
+from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.server.errors import bad_request
 from jaxinfer.server.logprobs import LogprobFormatter
 from jaxinfer.server.protocol import MAX_PROMPTS, CompletionRequest
@@ -54,18 +57,34 @@ def prepare_prompts(serving: Serving, body: CompletionRequest) -> list[tuple[str
     return out
 
 
-@router.post("/v1/completions", tags=["OpenAI"])
-async def create_completion(body: CompletionRequest, request: Request):
-    serving: Serving = request.app.state.serving
-    model = serving.resolve_model(body.model)
+@dataclasses.dataclass(frozen=True)
+class PreparedCompletion:
+    """A completion request made ready for the engine, with what its answer needs.
+
+    Attributes:
+      prompts: (text or None, token ids) per prompt.
+      requests: (engine prompt, SamplingParams) per prompt.
+      echoes: the text each prompt's choices start with ("" unless echo is set).
+      score_only: echo with max_tokens 0: the answer scores the prompt and leaves out the one
+        token the engine generates (it cannot generate none).
+    """
+
+    prompts: list[tuple[str | None, list[int]]]
+    requests: list[tuple[dict[str, Any], SamplingParams]]
+    echoes: list[str]
+    score_only: bool
+
+
+def prepare_completion(serving: Serving, body: CompletionRequest) -> PreparedCompletion:
+    """The engine requests of a /v1/completions body; a 400 (OpenAIError) for what cannot be served.
+
+    Pure host work (tokenization included), shared by the HTTP route and `jaxinfer batch`."""
     constraint = structured_outputs(body)
-    prompts = await asyncio.to_thread(prepare_prompts, serving, body)
+    prompts = prepare_prompts(serving, body)
     # Echoed prompts get logprobs too, as vLLM gives them: the prompt's, then the completion's.
     prompt_logprobs = body.prompt_logprobs
     if body.echo and body.logprobs is not None:
         prompt_logprobs = max(body.logprobs, prompt_logprobs or 0)
-    # echo with max_tokens 0 scores the prompt: the engine generates one token (it cannot generate
-    # none), which the answer leaves out.
     score_only = body.echo and body.max_tokens == 0
     requests = []
     for text, ids in prompts:
@@ -74,38 +93,62 @@ async def create_completion(body: CompletionRequest, request: Request):
                                          stream=body.stream and not score_only, prompt_logprobs=prompt_logprobs,
                                          structured_outputs=constraint)
         requests.append(({"prompt": text, "prompt_token_ids": ids, **salt_of(body)}, params))
-    request_id = new_id("cmpl")
-    opened = await unless_disconnected(request, serving.open_streams(requests, request_id), request_id)
     echoes = [_echo_text(serving, text, ids, body) if body.echo else "" for text, ids in prompts]
-    header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model}
-    if score_only:
-        return _scored(serving, body, header, opened, echoes)
-    if body.stream:
-        return EventStreamResponse(_stream(serving, body, header, opened, echoes, [p for _, p in requests]),
-                                   on_disconnect=lambda: serving.note_disconnect(f"{request_id} mid-stream"))
-    choices, completion_tokens = [], 0
-    fmt = serving.logprobs(body.return_tokens_as_token_ids)
-    for i, (out, _) in enumerate(opened):
-        for c in out.outputs:
-            completion_tokens += len(c.token_ids)
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = _logprobs(fmt, out, c, body.echo, 0)[0]
-            choices.append({"index": i * body.n + c.index, "text": echoes[i] + c.text, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason, "stop_reason": serving.stop_reason(c, requests[i][1]),
-                            "prompt_logprobs": fmt.prompt_logprobs(out, body.prompt_logprobs or 0)
-                            if body.prompt_logprobs is not None else None})
-    prompt_tokens = sum(len(ids) for _, ids in prompts)
-    return JSONResponse({**header, "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
-                         "system_fingerprint": None})
+    return PreparedCompletion(prompts, requests, echoes, score_only)
 
 
-def _scored(serving: Serving, body: CompletionRequest, header: dict[str, Any], opened, echoes):
-    """The answer to echo with max_tokens 0: each prompt as its choice's text (with its logprobs
-    when asked), no completion tokens; one chunk per choice when streamed."""
+def completion_body(serving: Serving, body: CompletionRequest, prepared: PreparedCompletion,
+                    outputs: Sequence[RequestOutput], *, request_id: str, model: str) -> dict[str, Any]:
+    """The (unstreamed) text_completion object, from each prompt's final engine output."""
     fmt = serving.logprobs(body.return_tokens_as_token_ids)
+    if prepared.score_only:
+        choices, completion_tokens = _scored_choices(fmt, body, outputs, prepared.echoes), 0
+    else:
+        choices, completion_tokens = [], 0
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _logprobs(fmt, out, c, body.echo, 0)[0]
+                choices.append({"index": i * body.n + c.index, "text": prepared.echoes[i] + c.text,
+                                "logprobs": logprobs, "finish_reason": c.finish_reason,
+                                "stop_reason": serving.stop_reason(c, prepared.requests[i][1]),
+                                "prompt_logprobs": fmt.prompt_logprobs(out, body.prompt_logprobs or 0)
+                                if body.prompt_logprobs is not None else None})
+    prompt_tokens = sum(len(ids) for _, ids in prepared.prompts)
+    return {**_header(request_id, model), "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+            "system_fingerprint": None}
+
+
+def _header(request_id: str, model: str) -> dict[str, Any]:
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model}
+
+
+@router.post("/v1/completions", tags=["OpenAI"])
+async def create_completion(body: CompletionRequest, request: Request):
+    serving: Serving = request.app.state.serving
+    model = serving.resolve_model(body.model)
+    prepared = await asyncio.to_thread(prepare_completion, serving, body)
+    request_id = new_id("cmpl")
+    opened = await unless_disconnected(request, serving.open_streams(prepared.requests, request_id), request_id)
+    if not body.stream:
+        return JSONResponse(completion_body(serving, body, prepared, [out for out, _ in opened],
+                                            request_id=request_id, model=model))
+    header = _header(request_id, model)
+    if prepared.score_only:
+        return EventStreamResponse(_iterate(_scored_events(serving, body, header, opened, prepared.echoes)))
+    return EventStreamResponse(_stream(serving, body, header, opened, prepared.echoes,
+                                       [p for _, p in prepared.requests]),
+                               on_disconnect=lambda: serving.note_disconnect(f"{request_id} mid-stream"))
+
+
+def _scored_choices(fmt: LogprobFormatter, body: CompletionRequest, outputs: Sequence[RequestOutput],
+                    echoes: list[str]) -> list[dict[str, Any]]:
+    """The choices of echo with max_tokens 0: each prompt as its choice's text (with its logprobs
+    when asked), no completion tokens."""
     choices = []
-    for i, (out, _) in enumerate(opened):
+    for i, out in enumerate(outputs):
         logprobs = None
         if body.logprobs is not None:
             logprobs = fmt.completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], 0)[0]
@@ -114,16 +157,21 @@ def _scored(serving: Serving, body: CompletionRequest, header: dict[str, Any], o
                             "finish_reason": "length", "stop_reason": None,
                             "prompt_logprobs": fmt.prompt_logprobs(out, body.prompt_logprobs or 0)
                             if body.prompt_logprobs is not None else None})
-    prompt_tokens = sum(len(out.prompt_token_ids) for out, _ in opened)
-    if not body.stream:
-        return JSONResponse({**header, "choices": choices, "usage": usage(prompt_tokens, 0),
-                             "system_fingerprint": None})
+    return choices
+
+
+def _scored_events(serving: Serving, body: CompletionRequest, header: dict[str, Any], opened,
+                   echoes: list[str]) -> list[str]:
+    """The streamed answer to echo with max_tokens 0: one chunk per choice."""
+    outputs = [out for out, _ in opened]
+    choices = _scored_choices(serving.logprobs(body.return_tokens_as_token_ids), body, outputs, echoes)
+    prompt_tokens = sum(len(out.prompt_token_ids) for out in outputs)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     extra = {"usage": None} if include_usage else {}
     events = [sse({**header, "choices": [c], **extra}) for c in choices]
     if include_usage:
         events.append(sse({**header, "choices": [], "usage": usage(prompt_tokens, 0)}))
-    return EventStreamResponse(_iterate([*events, SSE_DONE]))
+    return [*events, SSE_DONE]
 
 
 async def _iterate(items):

@@ -57,6 +57,9 @@ _COUNTERS = (
      "of queried tokens.", "external_prefix_cache_queries_total"),
     ("external_prefix_cache_hits", "External prefix cache hits from the host KV tier, in terms of number of "
      "cached tokens.", "external_prefix_cache_hits_total"),
+    ("spec_decode_num_drafts", "Number of spec decoding drafts.", "spec_decode_num_drafts_total"),
+    ("spec_decode_num_draft_tokens", "Number of draft tokens.", "spec_decode_num_draft_tokens_total"),
+    ("spec_decode_num_accepted_tokens", "Number of accepted tokens.", "spec_decode_num_accepted_tokens_total"),
 )
 _HISTOGRAMS = (
     ("time_to_first_token_seconds", "Histogram of time to first token in seconds."),
@@ -90,6 +93,11 @@ def families(sample: MetricsSample, model_name: str, prefix: str):
     for reason in sorted(set(FINISH_REASONS) | set(m.request_success_total)):
         success.add_metric([model_name, reason], m.request_success_total.get(reason, 0))
     yield success
+    per_pos = CounterMetricFamily(f"{prefix}:spec_decode_num_accepted_tokens_per_pos",
+                                  "Accepted tokens per draft position.", labels=[*labels, "position"])
+    for pos, count in enumerate(m.spec_decode_num_accepted_tokens_per_pos_total):
+        per_pos.add_metric([model_name, str(pos)], count)
+    yield per_pos
     for name, doc in _HISTOGRAMS:
         h: Histogram = getattr(m, name)
         fam = HistogramMetricFamily(f"{prefix}:{name}", doc, labels=labels)

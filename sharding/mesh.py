@@ -1,14 +1,24 @@
 """Device meshes with named axes ("dp", "tp").
 
 "tp" splits each layer's heads, mlp width and vocabulary over devices (sharding/rules.py);
-"dp" holds independent replicas and splits no parameter. The tp axis is the last (fastest
+"dp" holds independent replicas and splits no parameter: replica i is the engine over
+`mesh.devices[i]` (jaxinfer/engine/data_parallel.py). The tp axis is the last (fastest
 varying) one so that a tp group is a run of neighbouring devices, which on a GPU host share
 the fastest links.
 
-Multi-host: call `jax.distributed.initialize()` in every process before building a mesh;
-`jax.devices()` then lists the devices of all hosts and `make_mesh` spans them, each process
-feeding the same step to its own devices (not tested here: the tests simulate 8 CPU devices
-in one process).
+Axes to come, in their fixed order: ("dp", "pp", "ep", "tp"). "pp" (pipeline stages: layers
+split into consecutive groups) and "ep" (whole experts split over devices on an axis of their
+own, instead of reusing "tp" as `EXPERT_PARALLEL_RULES` does today) will sit between "dp" and
+"tp". The order runs from the axis that communicates least to the one that communicates most
+(replicas never; pipeline stages once per stage boundary; expert groups an all-to-all per MoE
+layer; tensor-parallel groups an all-reduce after every attention and MLP block), so the
+chattiest axis gets the neighbouring devices. Code names axes, never positions, so adding an
+axis of size 1 changes nothing.
+
+Multi-host: `jax.distributed.initialize()` runs in every process before a mesh is built
+(jaxinfer/distributed.py; the CLI's --coordinator-address, --num-processes, --process-id);
+`jax.devices()` then lists the devices of all hosts, `make_mesh` spans them, and each process
+feeds the same step to its own devices (docs/sharding.md).
 """
 
 from __future__ import annotations

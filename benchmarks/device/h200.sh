@@ -7,6 +7,9 @@
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
 #   quant_engine  batch 1 and 64 decode of the 8B shape in bf16 (HF peer) and each quantization
+#   spec_cost     the 8B shape's step cost verifying k proposals per request (ACCEPTED="--accepted K:L ...")
+#   spec_demo     speculative decoding on the demo model (n-gram, k = 4 and 8) at batch 1, 16, 64
+#   spec_check    the speculative-decoding exactness and compile-count tests on the GPU
 # Results land under $OUT. Run from the repository root: bash benchmarks/device/h200.sh kernels
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:.
@@ -50,6 +53,39 @@ for stage in "$@"; do
         --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -3
       timeout 160 python3 -m jaxinfer.cli bench startup --preset llama3-8b --input-len 128 --output-len 8 \
         --output-dir "$OUT/engine" --tag async 2>&1 | grep -v "compiling" | tail -3 ;;
+    spec_cost)
+      timeout 400 python3 -m jaxinfer.cli bench verify-cost --preset llama3-8b --batch-size 1,16,64 \
+        --num-tokens 0,1,2,4,8 --input-len 512 --num-steps 48 --output-dir "$OUT/engine" ${ACCEPTED:-} 2>&1 \
+        | grep -v "compiling" | tail -24 ;;
+    spec_demo)
+      # The demo GGUF travels in two carried parts (each call carries at most 64 MiB).
+      [ -f /tmp/smol.gguf ] || cat /tmp/smol.part_aa .cache/model/smol.part_ab > /tmp/smol.gguf
+      for tag in ${SPEC_TAGS:-k4 k8 k8_throttle16}; do
+        case $tag in
+          k4) cfg='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}' ;;
+          k8) cfg='{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 4}' ;;
+          *) cfg='{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 4,
+                   "disable_by_batch_size": 16}' ;;
+        esac
+        timeout 180 python3 -m jaxinfer.cli bench speculative --model /tmp/smol.gguf --batch-size 1,16,64 \
+          --output-len 256 --speculative-config "$cfg" --output-dir "$OUT/engine" --tag "$tag${TAG:-}" 2>&1 \
+          | grep -v "compiling" | tail -7 | cut -c1-400
+      done ;;
+    spec_all)
+      # The demo measurements first; their mean accepted lengths (rewrite, batch 1) then give
+      # the 8B shape's expected speedups from its measured step costs.
+      bash "$0" spec_demo
+      ACCEPTED=$(python3 - "$OUT/engine" <<'PY'
+import glob, json, sys
+for k in (4, 8):
+    for path in glob.glob(f"{sys.argv[1]}/bench_speculative_*_k{k}.json"):
+        row = next(r for r in json.load(open(path))["results"] if r["workload"] == "rewrite" and r["batch_size"] == 1)
+        print(f"--accepted {k}:{row['on']['mean_accepted_length']:.3f}", end=" ")
+PY
+) bash "$0" spec_cost ;;
+    spec_check)
+      timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_speculative.py -k "greedy_equals or compiles" \
+        2>&1 | tail -3 ;;
     check)
       timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py -k no_compiles 2>&1 | tail -3 ;;
     attention)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 LINEAR_KERNELS = ("auto", "xla", "pallas")
@@ -60,7 +61,12 @@ class EngineConfig:
       compilation_cache_dir: JAX's persistent compilation cache ("" disables it).
       warmup: compile every shape bucket when the engine starts.
       tensor_parallel_size: devices one model replica is split over (heads, mlp width and
-        vocabulary; see docs/sharding.md); the first that many of `jax.devices()` are used.
+        vocabulary; see docs/sharding.md); the first that many of `jax.devices()` are used, or
+        the devices the engine is given (LLMEngine's `devices=`).
+      data_parallel_size: independent engine replicas, each over its own tensor_parallel_size
+        devices (vLLM's name); requests go to the least busy one
+        (jaxinfer/engine/data_parallel.py). Read by `LLM` and DataParallelEngine: one
+        LLMEngine is one replica and ignores it.
       enable_expert_parallel: split a mixture-of-experts model's experts, whole, over the
         tensor-parallel devices instead of splitting every expert's mlp width (vLLM's name);
         num_experts must be a multiple of tensor_parallel_size (models/moe.py).
@@ -71,6 +77,8 @@ class EngineConfig:
         Q4_K, Q6_K; loading/gguf_blocks.py), which `LLM` and the CLI load so; "awq" / "gptq":
         such a checkpoint (which loads 4-bit whether or not this is set; loading/awq_gptq.py).
       quantization_group_size: rows per int4 scale group (128: AWQ's and GPTQ's default).
+      speculative_config: speculative decoding (vLLM's dict, e.g. {"method": "ngram",
+        "num_speculative_tokens": 4, "prompt_lookup_max": 4}; see engine/speculative.py), or None.
     """
 
     max_model_len: int | None = None
@@ -91,12 +99,15 @@ class EngineConfig:
     compilation_cache_dir: str = dataclasses.field(default_factory=default_compilation_cache_dir)
     warmup: bool = True
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     quantization: str | None = None
     quantization_group_size: int = 128
+    speculative_config: Any = None  # SpeculativeConfig, or its dict form
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "tensor_parallel_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "tensor_parallel_size",
+                     "data_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -127,5 +138,11 @@ class EngineConfig:
             if not self.enable_prefix_caching:
                 raise ValueError("kv_offloading_size keeps prefix-cache pages in host memory: it needs "
                                  "enable_prefix_caching=True")
+        if self.quantization is not None and self.tensor_parallel_size > 1:
+            raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size > 1 is not supported yet: "
+                             "the sharding rules do not cover quantized weights")
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS}, got {self.linear_kernel!r}")
+        from jaxinfer.engine.speculative import SpeculativeConfig
+
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))

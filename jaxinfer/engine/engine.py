@@ -29,12 +29,17 @@ from jaxinfer.engine.structured import Grammar, StructuredOutputs
 from jaxinfer.models import layer_views, layers_are_stacked, param_dtype, unstack_layers
 from jaxinfer.models.linear import Linear
 from jaxinfer.engine.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.engine.speculative import ngram_proposal
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 PromptType = str | Sequence[int] | dict
+# Speculative decoding's throttles (see LLMEngine.__init__).
+MAX_PROPOSAL_BACKOFF = 16
+MAX_VERIFYING_REQUESTS = 16
+ASYNC_STEPS_WITHOUT_PROPOSALS = 4
 
 
 @dataclasses.dataclass
@@ -154,9 +159,13 @@ class LLMEngine:
     Args:
       model: a loaded model (config, parameters on the device, tokenizer or None).
       config: engine settings.
+      devices: the config.tensor_parallel_size devices this replica runs on; a data-parallel
+        front end gives each replica its own (engine/data_parallel.py). Default: with tp > 1
+        the first tp of `jax.devices()`, with tp == 1 wherever the parameters are.
     """
 
-    def __init__(self, model, config: EngineConfig = EngineConfig(), *, kv_fill: float = 0.0):
+    def __init__(self, model, config: EngineConfig = EngineConfig(), *, kv_fill: float = 0.0,
+                 devices: Sequence[jax.Device] | None = None):
         self.model = model
         self.model_config = model.config
         self.tokenizer = model.tokenizer
@@ -188,7 +197,8 @@ class LLMEngine:
         if config.tensor_parallel_size > 1 and quantization_method(model.params) is not None:
             raise ValueError("quantized weights with tensor_parallel_size > 1 are not supported yet: the "
                              "sharding rules do not cover quantized weights")
-        mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size, config.enable_expert_parallel)
+        mesh, kv_sharding = self._place_on_mesh(model, config.tensor_parallel_size, config.enable_expert_parallel,
+                                                devices)
         unroll_max_tokens, unrolled_params = 0, None
         if config.scan_layers is False and layers_are_stacked(model.params):
             # Per-layer arrays replace the stacked ones in the model too, so memory is not doubled.
@@ -214,6 +224,8 @@ class LLMEngine:
                                  "16- and 32-bit caches); use 'auto' or 'xla'")
             backend = "xla"
         attention = resolve_attention_backend(backend, mesh=mesh, num_kv_heads=mc.num_kv_heads)
+        # The draft model's KV pool is allocated before the target's is sized from free memory.
+        self.draft = self._draft_proposer(config, attention, kv_dtype) if config.speculative_config else None
         # A kernel that tiles only some head sizes keeps its cache zero-padded to one.
         cache_head_dim = attention.cache_head_dim(mc.head_dim)
         num_pages = config.num_pages
@@ -237,6 +249,7 @@ class LLMEngine:
         self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, cache_head_dim, config.page_size, num_pages,
                                    jnp.dtype(kv_dtype).name)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else mc.eos_token_ids
+        max_num_spec_tokens = self._max_num_spec_tokens(config)
         self._async = (config.async_scheduling if config.async_scheduling is not None
                        else jax.default_backend() != "cpu")
         self.num_host_pages = self._host_pages(config, self.kv_spec)
@@ -250,19 +263,27 @@ class LLMEngine:
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.max_model_len, page_size=config.page_size,
                             policy=config.scheduling_policy,
-                            max_steps_in_flight=2 if self._async else 1),
+                            max_steps_in_flight=2 if self._async else 1,
+                            max_num_spec_tokens=max_num_spec_tokens),
             self.block_manager)
         self.runner = ModelRunner(
             mc, model.graphdef, model.params, self.kv_spec,
             RunnerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                          max_model_len=self.max_model_len, page_size=config.page_size,
-                         min_token_bucket=smallest_token_bucket()),
+                         min_token_bucket=smallest_token_bucket(),
+                         max_num_spec_tokens=max_num_spec_tokens),
             attention,
             linear=linear, eos_token_ids=self.eos_token_ids, kv_fill=kv_fill, kv_sharding=kv_sharding,
             unroll_max_tokens=unroll_max_tokens, unrolled_params=unrolled_params,
             num_host_pages=self.num_host_pages)
         self.mesh = mesh
         self.metrics = EngineMetrics()
+        self.speculative = config.speculative_config
+        # Proposals throttle themselves: a request whose proposals all fail waits 1, 2, 4, ...
+        # 16 rounds before proposing again; a round in which no request had a proposal lets
+        # the next few steps run asynchronously (no proposal needs their tokens).
+        self._spec_backoff: dict[str, tuple[int, int]] = {}  # request id -> (rounds left, level)
+        self._spec_async_steps = 0
         self._groups: dict[str, _Group] = {}
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
         self._seed_rng = np.random.default_rng(config.seed)
@@ -274,6 +295,38 @@ class LLMEngine:
             count = self.runner.precompile()
             logger.info("compiled %d programs in parallel in %.1f s", count, time.perf_counter() - t0)
             self.runner.warmup()
+            if self.draft is not None:
+                self.draft.warmup()
+
+    @staticmethod
+    def _max_num_spec_tokens(config: EngineConfig) -> int:
+        """Most proposed tokens verified in one step: k for at most MAX_VERIFYING_REQUESTS
+        requests (or `disable_by_batch_size`). Every step shape gets as many more logits rows
+        (LM head and sampler rows), so the bound keeps steps without proposals cheap; past a
+        dozen or so requests, verification stops paying anyway (benchmarks/NOTES.md)."""
+        spec = config.speculative_config
+        if spec is None:
+            return 0
+        requests = min(config.max_num_seqs, spec.disable_by_batch_size or MAX_VERIFYING_REQUESTS)
+        return spec.num_speculative_tokens * requests
+
+    def _draft_proposer(self, config: EngineConfig, attention, kv_dtype):
+        """The draft model's proposer (method "draft_model"), or None."""
+        spec = config.speculative_config
+        if spec.method != "draft_model":
+            return None
+        if config.tensor_parallel_size > 1:
+            raise ValueError("a draft model runs on one device; tensor_parallel_size > 1 is not supported with it yet")
+        from jaxinfer.engine.draft_model import DraftModelProposer
+        from jaxinfer.loading.loader import LoadedModel, load_model
+
+        draft = spec.model
+        if not isinstance(draft, LoadedModel):
+            draft = load_model(draft, dtype=param_dtype(self.model.params), load_tokenizer=False)
+        return DraftModelProposer(draft, self.model_config, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
+                                  page_size=config.page_size, attention=attention, kv_dtype=kv_dtype,
+                                  min_token_bucket=smallest_token_bucket())
 
     @staticmethod
     def _host_pages(config: EngineConfig, kv_spec: KVCacheSpec) -> int:
@@ -288,20 +341,35 @@ class LLMEngine:
         return num
 
     @staticmethod
-    def _place_on_mesh(model, tp: int, expert_parallel: bool = False):
-        """With tp > 1: (mesh over the first tp devices, KV pool sharding), after placing the
-        model's parameters by the rules table (once: the model keeps the placed tree, so the
-        unsharded copy is freed). With tp == 1: (None, None) and the parameters stay as they are.
+    def _place_on_mesh(model, tp: int, expert_parallel: bool = False, devices=None):
+        """Places the model's parameters on the engine's devices (once: the model keeps the placed
+        tree, so the other copy is freed) and returns (mesh, KV pool sharding).
+
+        With tp > 1: a mesh over `devices` (default: the first tp of `jax.devices()`), the
+        parameters split by the rules table. With tp == 1 and a device given: (None, a sharding
+        of the pools on that device alone), the parameters copied there; the runner places its
+        step inputs where the pools are, so a replica never touches another's device. With
+        tp == 1 and no device: (None, None), the parameters stay as they are.
         `expert_parallel`: whole experts split over the devices (models/moe.py)."""
-        if expert_parallel and not model.config.is_moe:
-            raise ValueError(f"enable_expert_parallel needs a mixture-of-experts model; "
-                             f"{model.config.model_type!r} has no experts")
-        if tp == 1:
-            return None, None
+        from jax.sharding import NamedSharding, PartitionSpec
+
         from jaxinfer.sharding import is_placed, kv_cache_sharding, make_mesh, param_shardings
         from jaxinfer.sharding.rules import DEFAULT_RULES, EXPERT_PARALLEL_RULES
 
-        mesh = make_mesh(tp=tp)
+        if expert_parallel and not model.config.is_moe:
+            raise ValueError(f"enable_expert_parallel needs a mixture-of-experts model; "
+                             f"{model.config.model_type!r} has no experts")
+        if devices is not None:
+            devices = list(devices)
+            if len(devices) != tp:
+                raise ValueError(f"tensor_parallel_size={tp} runs on {tp} device(s); the engine was given "
+                                 f"{len(devices)}")
+        if tp == 1:
+            if devices is None:
+                return None, None
+            model.params = jax.device_put(model.params, devices[0])
+            return None, NamedSharding(make_mesh(devices=devices), PartitionSpec(None, None, None, None, None))
+        mesh = make_mesh(tp=tp, devices=devices)
         if expert_parallel:
             from jaxinfer.models.moe import expert_parallel as with_experts_split
 
@@ -426,6 +494,16 @@ class LLMEngine:
         previous token turned out to stop is dropped.
         """
         outputs: list[RequestOutput] = []
+        if self._spec_async_steps and self._in_flight is not None:
+            self._spec_async_steps -= 1
+        elif self._speculating():
+            # Proposals need each request's last token: the step in flight is read first (so
+            # speculation runs without the async overlap, which only helps at large batches,
+            # where `disable_by_batch_size` turns proposals off and the overlap on again).
+            if self._in_flight is not None:
+                outputs += self._finish_step(self._in_flight)
+                self._in_flight = None
+            self._propose()
         out = self.scheduler.schedule()
         launched = self._launch(out)
         if self._in_flight is not None:
@@ -443,6 +521,48 @@ class LLMEngine:
         else:
             outputs += self._finish_step(launched)
         return outputs
+
+    def _speculating(self) -> bool:
+        spec = self.speculative
+        return spec is not None and (spec.disable_by_batch_size is None
+                                     or self.scheduler.num_running <= spec.disable_by_batch_size)
+
+    def _propose(self) -> None:
+        """Proposes tokens for every request that decodes next and may speculate: its last
+        token known (no step of its in flight), no penalties or grammar (both depend on each
+        token before the next), not opted out, and room for more than one more token."""
+        spec = self.speculative
+        running = self.scheduler.running_requests
+        wanted = []  # (request, k)
+        for req in running:
+            if req.num_output_placeholders or req.num_computed_tokens != req.num_tokens - 1:
+                continue
+            c = self._completions.get(req.request_id)
+            if c is None or c.grammar is not None or c.params.has_penalties or not c.params.speculative:
+                continue
+            room = self.max_model_len - req.num_tokens
+            if req.max_tokens is not None:
+                room = min(room, req.max_tokens - req.num_output_tokens)
+            k = min(spec.num_speculative_tokens, room - 1)
+            left, level = self._spec_backoff.get(req.request_id, (0, 0))
+            if left:
+                self._spec_backoff[req.request_id] = (left - 1, level)
+            elif k > 0:
+                wanted.append((req, k))
+        if self.draft is None:
+            for req, k in wanted:
+                req.spec_token_ids = ngram_proposal(req.all_token_ids, min_n=spec.prompt_lookup_min,
+                                                    max_n=spec.prompt_lookup_max, k=k)
+        else:
+            self.draft.release({r.request_id for r in running})
+            proposals = self.draft.propose([(req.request_id, req.all_token_ids, k) for req, k in wanted])
+            for req, _ in wanted:
+                req.spec_token_ids = proposals.get(req.request_id, [])
+        if len(self._spec_backoff) > 2 * len(running):  # forget requests that left
+            live = {r.request_id for r in running}
+            self._spec_backoff = {rid: v for rid, v in self._spec_backoff.items() if rid in live}
+        if self._async and not any(req.spec_token_ids for req, _ in wanted):
+            self._spec_async_steps = ASYNC_STEPS_WITHOUT_PROPOSALS
 
     def _launch(self, out) -> "_LaunchedStep | None":
         """Queues a scheduled step on the device (None for an empty step)."""
@@ -472,7 +592,12 @@ class LLMEngine:
             needs_mask |= c.grammar is not None
             # Tokens of earlier steps still in flight (this step's own placeholder excluded).
             pending = max(0, req.num_output_placeholders - 1)
-            rows.append(SamplingRow(c.params, req.prompt_token_ids, req.output_token_ids, pending))
+            outputs = req.output_token_ids
+            rows.append(SamplingRow(c.params, req.prompt_token_ids, outputs, pending))
+            # One more row per proposal: the j-th samples the (j+1)-th token of the step.
+            for j, draft in enumerate(out.spec_token_ids.get(rid, ())):
+                rows[-1] = dataclasses.replace(rows[-1], draft_token_id=draft)
+                rows.append(SamplingRow(c.params, req.prompt_token_ids, outputs, pending + j + 1))
         # A structured row's mask needs the previous step's token, which the host reads only
         # after this call: the forward pass goes first, the sampler once the mask is known.
         return _LaunchedStep(out, self.runner.dispatch(out, rows, wanted, defer_sampling=needs_mask),
@@ -488,6 +613,8 @@ class LLMEngine:
             c = self._completions.get(rid)
             live = c is not None and not c.request.is_finished
             grammars.append(c.grammar if live else None)
+            # Rows of proposals (requests with grammars never have any) are not masked.
+            grammars += [None] * len(launched.out.spec_token_ids.get(rid, ()))
         # The mask is filled in another thread while the runner builds the sampler's metadata.
         mask = self.structured.fill_bitmask_async(grammars)
         self.runner.sample_deferred(launched.pending, mask.result)
@@ -504,16 +631,20 @@ class LLMEngine:
             if c is not None:
                 self._record_prompt_logprobs(c, first, lp)
         sampled = result.sampled
-        rows = {rid: i for i, rid in enumerate(out.sampling_req_ids)}
-        tokens = {rid: [int(sampled.token_ids[i])] for rid, i in rows.items()}
+        rows, tokens = self._step_tokens(out, sampled)
+        before = {rid: c.request.num_output_tokens for rid in tokens
+                  if (c := self._completions.get(rid)) is not None}
         accepted = {r.request_id for r in self.scheduler.update_from_output(out, tokens)}
-        # Tokens of requests that ended meanwhile (a stop found a step late, an abort) are dropped.
-        tokens = {rid: t for rid, t in tokens.items() if rid in accepted}
+        # Tokens of requests that ended meanwhile (a stop found a step late, an abort) are
+        # dropped, and so are those after a stop among one step's accepted proposals.
+        tokens = {rid: t[:self._completions[rid].request.num_output_tokens - before[rid]]
+                  for rid, t in tokens.items() if rid in accepted and rid in before}
         advances = []
         for rid in tokens:
             c = self._completions.get(rid)
             if c is not None:
-                self._record_logprobs(c, sampled, rows[rid])
+                for j in range(len(tokens[rid])):
+                    self._record_logprobs(c, sampled, rows[rid] + j)
                 if c.grammar is not None:
                     advances += [(c.grammar, t) for t in tokens[rid]]
         if advances:
@@ -521,6 +652,26 @@ class LLMEngine:
         if then_sample is not None and then_sample.needs_mask:
             self._queue_masked_sampler(then_sample)
         return self._process_outputs(tokens, launched.num_prompt_tokens)
+
+    def _step_tokens(self, out, sampled) -> tuple[dict[str, int], dict[str, list[int]]]:
+        """Each sampling request's first row and its tokens: one, or with proposals the
+        accepted ones and the token after them (the correction, or one more when all passed)."""
+        rows, tokens = {}, {}
+        row = 0
+        spec = out.spec_token_ids
+        for rid in out.sampling_req_ids:
+            k = len(spec.get(rid, ()))
+            rows[rid] = row
+            n = 0
+            while n < k and sampled.accepted[row + n]:
+                n += 1
+            tokens[rid] = [int(t) for t in sampled.token_ids[row:row + n + 1]]
+            if k:
+                self.metrics.record_spec_decode(k, n)
+                level = 0 if n else min(2 * self._spec_backoff.get(rid, (0, 0))[1] or 1, MAX_PROPOSAL_BACKOFF)
+                self._spec_backoff[rid] = (level, level)
+            row += k + 1
+        return rows, tokens
 
     def _record_logprobs(self, c: _Completion, sampled, i: int):
         if c.logprobs is None or sampled.logprobs is None:

@@ -78,7 +78,7 @@ class PersistentBatch:
 
     def step_inputs(self, num_tokens_padded: int, num_seqs_padded: int, request_ids: Sequence[str],
                     starts: Sequence[int], num_tokens: Sequence[int], token_ids: Sequence[int],
-                    logits_indices: Sequence[int] | None = None) -> StepInputs:
+                    logits_indices: Sequence[int] | None = None, num_logits: int | None = None) -> StepInputs:
         """A step's padded inputs (laid out as tests/step_inputs_reference.py does, chunk by chunk).
 
         Args:
@@ -89,6 +89,7 @@ class PersistentBatch:
           token_ids: the step's tokens, request after request.
           logits_indices: flat token indices whose logits are returned (default: each
             request's last token).
+          num_logits: rows of logits_indices_s (default S; more with speculative decoding).
         Padding tokens write into scratch page 0 and are attributed to the last sequence slot;
         what they compute is discarded.
         """
@@ -123,7 +124,9 @@ class PersistentBatch:
         block_tables[:n_seq] = self.block_tables[rows]
         kv_lens = np.zeros(s, np.int32)
         kv_lens[:n_seq] = ends
-        last_token = np.zeros(s, np.int32)
+        last_token = np.zeros(s if num_logits is None else num_logits, np.int32)
+        if len(logits_indices if logits_indices is not None else ()) > last_token.shape[0]:
+            raise ValueError(f"{len(logits_indices)} logits rows exceed the step's {last_token.shape[0]}")
         if logits_indices is None:
             last_token[:n_seq] = cu[1:n_seq + 1] - 1
         else:

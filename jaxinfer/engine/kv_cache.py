@@ -57,8 +57,13 @@ _ALLOCATOR_SLACK = 64 << 20
 def pages_for_memory_fraction(config: ModelConfig, page_size: int, dtype, fraction: float,
                               device=None, head_dim: int | None = None) -> int | None:
     """Pages that fit in `fraction` of the device's free memory, or None where the device
-    reports no memory statistics (the CPU): callers then need an explicit page count."""
-    device = device or jax.devices()[0]
+    reports no memory statistics (the CPU): callers then need an explicit page count.
+
+    device: default the one `jax.default_device` names (a data-parallel front end builds each
+    replica under its own), else this process's first device (in a multi-process run
+    `jax.devices()[0]` may belong to another process)."""
+    default = jax.config.jax_default_device
+    device = device or (default if isinstance(default, jax.Device) else jax.local_devices()[0])
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return None
@@ -71,7 +76,15 @@ def pages_for_memory_fraction(config: ModelConfig, page_size: int, dtype, fracti
     largest = stats.get("largest_free_block_bytes")
     if largest:
         budget = min(budget, largest - _ALLOCATOR_SLACK)
-    return max(budget, 0) // KVCacheSpec.bytes_per_page(config, page_size, dtype, head_dim)
+    pages = max(budget, 0) // KVCacheSpec.bytes_per_page(config, page_size, dtype, head_dim)
+    if jax.process_count() > 1:
+        # Every process must plan the same steps (docs/sharding.md, multi-host), so all take the
+        # smallest count; the processes reach this point together, as they run the same engine.
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))
+    return pages
 
 
 def allocate_kv_cache(spec: KVCacheSpec, sharding=None, fill: float = 0.0) -> tuple[jax.Array, jax.Array]:

@@ -63,6 +63,12 @@ class EngineMetrics:
     # tokens of requests admitted while the tier exists, and tokens reloaded from it.
     external_prefix_cache_queries_total: int = 0
     external_prefix_cache_hits_total: int = 0
+    # Speculative decoding (vLLM's spec_decode_* counters): steps in which a request verified
+    # proposals, proposed tokens, accepted ones, and accepted ones by position in the proposal.
+    spec_decode_num_drafts_total: int = 0
+    spec_decode_num_draft_tokens_total: int = 0
+    spec_decode_num_accepted_tokens_total: int = 0
+    spec_decode_num_accepted_tokens_per_pos_total: list[int] = dataclasses.field(default_factory=list)
     request_success_total: dict[str, int] = dataclasses.field(default_factory=dict)
     time_to_first_token_seconds: Histogram = dataclasses.field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     inter_token_latency_seconds: Histogram = dataclasses.field(default_factory=lambda: Histogram(ITL_BUCKETS))
@@ -75,6 +81,30 @@ class EngineMetrics:
         with self._lock:
             self.request_success_total[finish_reason] = self.request_success_total.get(finish_reason, 0) + 1
             self.e2e_request_latency_seconds.observe(e2e_seconds)
+
+    def record_spec_decode(self, num_draft_tokens: int, num_accepted: int):
+        """One request's verification: num_accepted of its num_draft_tokens proposals passed."""
+        with self._lock:
+            self.spec_decode_num_drafts_total += 1
+            self.spec_decode_num_draft_tokens_total += num_draft_tokens
+            self.spec_decode_num_accepted_tokens_total += num_accepted
+            per_pos = self.spec_decode_num_accepted_tokens_per_pos_total
+            per_pos.extend([0] * (num_draft_tokens - len(per_pos)))
+            for pos in range(num_accepted):
+                per_pos[pos] += 1
+
+    @property
+    def spec_decode_acceptance_rate(self) -> float | None:
+        """Accepted over proposed tokens (None before any proposal)."""
+        drafted = self.spec_decode_num_draft_tokens_total
+        return self.spec_decode_num_accepted_tokens_total / drafted if drafted else None
+
+    @property
+    def spec_decode_mean_accepted_length(self) -> float | None:
+        """Tokens a verifying request gains per step: 1 + accepted proposals (vLLM's mean
+        acceptance length); None before any proposal."""
+        drafts = self.spec_decode_num_drafts_total
+        return 1 + self.spec_decode_num_accepted_tokens_total / drafts if drafts else None
 
     def record_step(self, *, num_prompt_tokens: int, num_generation_tokens: int, num_running: int,
                     num_waiting: int, kv_usage: float, num_preemptions_total: int,

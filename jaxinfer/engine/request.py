@@ -106,6 +106,9 @@ class Request:
         # Tokens sampled by scheduled steps whose results have not come back yet (asynchronous
         # scheduling): their positions can be computed already, their ids are on the device.
         self.num_output_placeholders = 0
+        # Speculative decoding: tokens proposed to follow the known ones, which the next
+        # schedule() verifies in the step (taken and cleared by it).
+        self.spec_token_ids: list[int] = []
         # Prompt and outputs in one list, so handing all tokens out costs no concatenation.
         self._token_ids = list(prompt)
 

@@ -52,6 +52,9 @@ class RunnerConfig:
     max_model_len: int
     page_size: int
     min_token_bucket: int = 8
+    # Speculative decoding: most proposed tokens verified in one step, over all its requests
+    # (each adds a logits row).
+    max_num_spec_tokens: int = 0
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size"):
@@ -69,6 +72,17 @@ class RunnerConfig:
     def seq_slots(self, token_bucket: int) -> int:
         """Sequence slots of a token bucket: a step never has more sequences than tokens."""
         return min(token_bucket, self.max_num_seqs)
+
+    @property
+    def max_logits_rows(self) -> int:
+        return self.max_num_seqs + self.max_num_spec_tokens
+
+    def logits_rows(self, token_bucket: int) -> int:
+        """Logits rows of a token bucket: one per sampling sequence, plus one per proposed token."""
+        return min(token_bucket, self.max_logits_rows)
+
+    def sampler_sizes(self) -> list[int]:
+        return sorted({self.logits_rows(t) for t in self.token_buckets})
 
 
 def _fed_token_ids(token_ids_t, feed_t, prev_tokens_s):
@@ -190,9 +204,9 @@ class ModelRunner:
         # The previous step's sampled ids on the device, padded to max_num_seqs, and each
         # sampling request's row in them: the next step reads tokens the host does not know yet.
         pad_out = {} if self._logits_sharding is None else dict(out_shardings=self._logits_sharding)
-        self._pad_tokens = jax.jit(lambda ids: jnp.pad(ids, (0, runner_config.max_num_seqs - ids.shape[0])),
+        self._pad_tokens = jax.jit(lambda ids: jnp.pad(ids, (0, runner_config.max_logits_rows - ids.shape[0])),
                                    **pad_out)
-        self._prev_tokens = jax.device_put(np.zeros(runner_config.max_num_seqs, np.int32), self._placement)
+        self._prev_tokens = jax.device_put(np.zeros(runner_config.max_logits_rows, np.int32), self._placement)
         self._prev_rows: dict[str, int] = {}
         self._penalties = PenaltySlots(runner_config.max_num_seqs, config.vocab_size, self._placement)
         self.sampling_widths = SamplingWidths()
@@ -213,8 +227,10 @@ class ModelRunner:
         prompt-logprob scorer, per sequence-slot count every sampler variant and the grammar
         mask, the page copy and the penalty-history write. Nothing else compiles while serving."""
         plan = [("step", t) for t in self.rc.token_buckets]
-        slots = sorted({self.rc.seq_slots(t) for t in self.rc.token_buckets})
+        slots = self.rc.sampler_sizes()
         plan += [(f"sample_{variant}", s) for s in slots for variant in VARIANTS]
+        if self.rc.max_num_spec_tokens:
+            plan += [(f"verify_{variant}", s) for s in slots for variant in VARIANTS]
         plan += [("mask", s) for s in slots]
         plan += [("score", t) for t in self.rc.token_buckets]
         plan += [("copy", COPY_BATCH), ("history", 1)]
@@ -252,15 +268,16 @@ class ModelRunner:
                 jobs.append((("commit", t), functools.partial(
                     lambda st, p, sp: self._commit.lower(self.kv_cache, st, p, spec=sp).compile(),
                     staged, args[1], spec)))
-        for size in sorted({self.rc.seq_slots(t) for t in self.rc.token_buckets}):
+        speculative = (False, True) if self.rc.max_num_spec_tokens else (False,)
+        for size in self.rc.sampler_sizes():
             logits = sds((size, self.config.vocab_size), np.float32)
-            for variant in VARIANTS:
+            for variant, verifies in ((v, sp) for v in VARIANTS for sp in speculative):
                 rows = [SamplingRow(SamplingParams(temperature=0.0), [0], [])] * size
                 md = SamplingMetadata.build(rows, batch_size=size, vocab_size=self.config.vocab_size,
-                                            widths=self.sampling_widths, variant=variant)
+                                            widths=self.sampling_widths, variant=variant, speculative=verifies)
                 packed, spec = pack(md)
                 state = self._penalties.state if variant == "full" else None
-                jobs.append((("sample", size, variant), functools.partial(
+                jobs.append((("sample", size, variant, verifies), functools.partial(
                     lambda lg, p, st, sp: sample_packed.lower(lg, p, st, spec=sp).compile(),
                     logits, sds(packed.shape, packed.dtype), state, spec)))
             jobs.append((("mask", size), functools.partial(
@@ -295,8 +312,9 @@ class ModelRunner:
                 rows = [SamplingRow(SamplingParams(temperature=0.0), [0], [])] * size
                 # Placed as the step leaves them: the sampler compiles for that.
                 logits = jax.device_put(np.zeros((size, self.config.vocab_size), np.float32), self._placement)
+                verifies, variant = kind.split("_")
                 sampled = self._sample(logits, [f"warmup-{i}" for i in range(size)], rows,
-                                       variant=kind.removeprefix("sample_"))
+                                       variant=variant, speculative=verifies == "verify")
                 self._pad_tokens(sampled.token_ids).block_until_ready()
 
     # -- steps -----------------------------------------------------------------------------
@@ -333,7 +351,7 @@ class ModelRunner:
                    feed: Mapping[int, int] | None = None):
         """A step's inputs in one int32 array (and its PackSpec) for a bucket of t tokens."""
         inputs: StepInputs = self._rows.step_inputs(t, self.rc.seq_slots(t), request_ids, starts, num_tokens,
-                                                    token_ids, logits_indices)
+                                                    token_ids, logits_indices, num_logits=self.rc.logits_rows(t))
         feed_t = np.full(t, -1, np.int32)
         for index, row in (feed or {}).items():
             feed_t[index] = row
@@ -346,7 +364,7 @@ class ModelRunner:
         return self.params
 
     def _sample(self, logits_sv, request_ids: Sequence[str], rows: Sequence[SamplingRow],
-                variant: str | None = None, bitmask=None) -> SamplerOutput:
+                variant: str | None = None, bitmask=None, speculative: bool | None = None) -> SamplerOutput:
         """Samples rows with the cheapest compiled variant that serves them all (or `variant`).
         bitmask: a grammar bitmask for `_apply_bitmask`, or a function returning one, called
         only once the metadata is on its way (so a mask computed in another thread overlaps
@@ -357,13 +375,13 @@ class ModelRunner:
                  if any(r is not None and r.params.has_penalties for r in rows) else None)
         md = SamplingMetadata.build(rows, batch_size=logits_sv.shape[0], vocab_size=self.config.vocab_size,
                                     eos_token_ids=self.eos_token_ids, widths=self.sampling_widths,
-                                    penalty_slots=slots, variant=variant)
+                                    penalty_slots=slots, variant=variant, speculative=speculative)
         variant = md.variant
         packed, spec = pack(md)
         packed = jax.device_put(packed, self._placement)
         if bitmask is not None:
             logits_sv = self._apply_bitmask(logits_sv, bitmask() if callable(bitmask) else bitmask)
-        run = (self._executables.get(("sample", logits_sv.shape[0], variant))
+        run = (self._executables.get(("sample", logits_sv.shape[0], variant, md.speculative))
                or functools.partial(sample_packed, spec=spec))
         if variant != "full":
             return run(logits_sv, packed, None)[0]
@@ -411,7 +429,9 @@ class ModelRunner:
 
         Args:
           out: the scheduler's output for this step.
-          rows: the sampling state of each request in `out.sampling_req_ids`, in that order.
+          rows: the sampling state of each request in `out.sampling_req_ids`, in that order; a
+            request verifying k proposals (`out.spec_token_ids`) has k + 1 rows, the j-th
+            carrying its j-th proposal as `draft_token_id` (the last none).
           prompt_logprobs: request id -> top-n, for requests that want prompt logprobs.
           defer_sampling: queue only the forward pass; the caller queues the sampler with
             `sample_deferred` (with a grammar bitmask) before the next dispatch, so the host can
@@ -437,33 +457,46 @@ class ModelRunner:
         starts = [computed[rid] for rid in request_ids]
         lens = [out.num_scheduled_tokens[rid] for rid in request_ids]
         token_ids, feed = [], {}
+        drafts = out.spec_token_ids
         for rid, start, n in zip(request_ids, starts, lens):
             known = self._batch[rid].token_ids
-            if start + n <= len(known):
-                token_ids.extend(known[start:start + n])
+            proposed = drafts.get(rid, ())
+            if start + n - len(proposed) <= len(known):
+                token_ids.extend(known[start:start + n - len(proposed)])
+                token_ids.extend(proposed)  # verified by the sampler; never part of `known`
                 continue
             # Its last token was sampled by the step still in flight: read on the device.
-            if start + n - 1 != len(known) or rid not in self._prev_rows:
+            if proposed or start + n - 1 != len(known) or rid not in self._prev_rows:
                 raise RuntimeError(f"request {rid!r}: {start + n - len(known)} unknown tokens, or none in flight")
             token_ids.extend(known[start:])
             feed[len(token_ids)] = self._prev_rows[rid]
             token_ids.append(0)
         wanted = {rid: k for rid, k in (prompt_logprobs or {}).items() if rid in out.num_scheduled_tokens}
         pending = PendingStep()
+        # A request verifying k proposals has k + 1 consecutive logits rows.
+        logits_indices, row_ids = [], []
+        for rid, index in zip(out.sampling_req_ids, out.logits_token_indices):
+            k = len(drafts.get(rid, ()))
+            logits_indices.extend(range(index, index + k + 1))
+            row_ids.extend([rid] * (k + 1))
+        if rows and len(rows) != len(row_ids):
+            raise ValueError(f"{len(rows)} sampling rows for {len(row_ids)} logits rows")
         run = dict(request_ids=request_ids, starts=starts, num_tokens=lens, token_ids=token_ids,
-                   logits_indices=out.logits_token_indices, feed=feed)
+                   logits_indices=logits_indices, feed=feed)
         if wanted:
             logits, hidden = self._run_model(**run, with_hidden=True)
             pending.prompt_logprobs, pending.prompt_spans = self._prompt_logprobs(out, starts, lens, hidden, wanted)
         else:
             logits = self._run_model(**run)
         if rows:
-            self._prev_rows = {rid: i for i, rid in enumerate(out.sampling_req_ids)}
+            # A request's token for the next step is its last row's (async scheduling never
+            # feeds a request that verified proposals: it waits for their outcome).
+            self._prev_rows = {rid: i for i, rid in enumerate(row_ids)}
             if defer_sampling:
-                pending.deferred = (logits, tuple(out.sampling_req_ids), tuple(rows))
+                pending.deferred = (logits, tuple(row_ids), tuple(rows))
                 self._deferred = pending
             else:
-                self._sample_step(pending, logits, out.sampling_req_ids, rows)
+                self._sample_step(pending, logits, row_ids, rows)
         else:
             self._prev_rows = {}
         return pending

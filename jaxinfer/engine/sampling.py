@@ -12,6 +12,14 @@ engine compiles them all at start-up. Penalties read each request's history from
 Every row draws from its own key, derived from (seed, tokens generated so far), so a seeded
 request gets the same tokens whatever else shares its batch and wherever its row sits.
 
+Speculative decoding (`speculative` programs): a row may carry a proposed token, which the
+sampler verifies against the row's own distribution p (after every processing step): a greedy
+row accepts it when it is the argmax; a sampled row accepts it with probability p(proposal)
+and otherwise draws from p with the proposal removed, so the row's token is distributed as
+p either way (rejection sampling with a deterministic proposer). A request's k proposals are
+k + 1 consecutive rows (the last known token's, then each proposal's), each with its own
+step, so min_tokens and the random keys see the position the row samples for.
+
 Glossary for shapes: B rows (a batch size; rows past the real ones are padding), V vocab,
 L logit-bias entries, M banned ids, R penalty slots, T prompt positions, N top logprobs,
 W packed 32-token words of a grammar bitmask (ceil(V / 32)).
@@ -68,6 +76,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     num_pending_outputs: int = 0
+    draft_token_id: int = -1  # a proposed token this row verifies (speculative decoding)
 
     @property
     def num_outputs(self) -> int:
@@ -111,8 +120,10 @@ class SamplingMetadata:
       bias_ids [B, L] i32, bias_values [B, L] f32: sparse logit bias, padded with (0, 0.0).
       banned_ids [B, M] i32: ids masked until min_tokens are generated, padded with -1.
       penalty_slots [B] i32: each row's slot in the `PenaltyState` (NO_SLOT: no penalties).
+      draft_ids [B] i32: the proposed token each row verifies, -1 for none.
       (L and M are 0 except in the full variant.)
-    Static field: variant, one of VARIANTS (see `sampler_variant`).
+    Static fields: variant, one of VARIANTS (see `sampler_variant`); speculative: the
+    program verifies draft_ids (others ignore them).
     """
 
     temperature: jax.Array
@@ -128,7 +139,9 @@ class SamplingMetadata:
     bias_values: jax.Array
     banned_ids: jax.Array
     penalty_slots: jax.Array
+    draft_ids: jax.Array
     variant: str = dataclasses.field(default="greedy", metadata=dict(static=True))
+    speculative: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_logprobs(self) -> int | None:
@@ -137,7 +150,8 @@ class SamplingMetadata:
     @classmethod
     def build(cls, rows: Sequence[SamplingRow | None], *, batch_size: int, vocab_size: int,
               eos_token_ids: Sequence[int] = (), widths: SamplingWidths = SamplingWidths(),
-              penalty_slots: Sequence[int] | None = None, variant: str | None = None) -> SamplingMetadata:
+              penalty_slots: Sequence[int] | None = None, variant: str | None = None,
+              speculative: bool | None = None) -> SamplingMetadata:
         """Packs host rows into padded arrays.
 
         Args:
@@ -150,6 +164,7 @@ class SamplingMetadata:
           penalty_slots: per row, its slot in the PenaltyState (rows with penalties need one).
           variant: the compiled sampler to use (None: `sampler_variant(rows)`); a richer one
             than needed gives the same tokens.
+          speculative: verify the rows' draft tokens (None: when any row has one).
         Raises:
           ValueError: rows do not fit the batch or the widths, an id is outside the vocab,
             a random row has no seed (seed requests with `SamplingParams.with_seed`), or a row
@@ -164,6 +179,17 @@ class SamplingMetadata:
         if VARIANTS.index(variant) < VARIANTS.index(needed):
             raise ValueError(f"these rows need the {needed!r} sampler, not {variant!r}")
         live = [(i, r) for i, r in enumerate(rows) if r is not None]
+        drafts = np.full((batch_size,), -1, np.int32)
+        for i, row in live:
+            if row.draft_token_id >= 0:
+                if row.draft_token_id >= vocab_size or row.params.has_penalties:
+                    raise ValueError(f"row {i}: a draft token must be inside the vocabulary, on a row "
+                                     "without penalties")
+                drafts[i] = row.draft_token_id
+        if speculative is None:
+            speculative = bool((drafts >= 0).any())
+        elif not speculative and (drafts >= 0).any():
+            raise ValueError("rows carry draft tokens, but the sampler is not speculative")
         for _, row in live:
             if not row.params.greedy and row.params.seed is None:
                 raise ValueError("a sampled (temperature > 0) row needs a seed; give the request "
@@ -223,7 +249,9 @@ class SamplingMetadata:
                                widths.logit_bias if full else 0, 0.0, np.float32),
             banned_ids=padded(banned, widths.banned_ids if full else 0, -1),
             penalty_slots=slots,
+            draft_ids=drafts,
             variant=variant,
+            speculative=speculative,
         )
 
 
@@ -350,10 +378,13 @@ class Logprobs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
-    """token_ids [B] i32; logprobs of those tokens when metadata.num_logprobs is set."""
+    """token_ids [B] i32; logprobs of those tokens when metadata.num_logprobs is set;
+    accepted [B] bool from speculative programs: the row's draft token was accepted (its token
+    is the draft), else None."""
 
     token_ids: jax.Array
     logprobs: Logprobs | None
+    accepted: jax.Array | None = None
 
 
 def unpack_token_bitmask(bitmask_bw, vocab_size: int):
@@ -476,6 +507,8 @@ def _sample(logits_bv, md: SamplingMetadata, penalties: PenaltyState | None = No
     raw_bv = logits_bv.astype(jnp.float32)
     logits_bv = process_logits(raw_bv, md, penalties)
     token_ids = jnp.argmax(logits_bv, axis=1).astype(jnp.int32)
+    has_draft_b = md.draft_ids >= 0
+    draft_b = jnp.maximum(md.draft_ids, 0)
     if md.variant != "greedy":
         greedy_b = md.temperature < GREEDY_TEMPERATURE
         scaled_bv = logits_bv / jnp.where(greedy_b, 1.0, md.temperature)[:, None]
@@ -483,16 +516,28 @@ def _sample(logits_bv, md: SamplingMetadata, penalties: PenaltyState | None = No
         scaled_bv = filter_logits(scaled_bv, md.min_p, md.top_k, md.top_p, use_min_p=filters,
                                   use_top_k_top_p=filters)
         keys = row_keys(md.seeds, md.steps)
+        accept_b = None
+        if md.speculative:
+            # Accept the draft with probability p(draft); otherwise draw from p without it.
+            p_draft_b = jnp.take_along_axis(jax.nn.softmax(scaled_bv, axis=1), draft_b[:, None], axis=1)[:, 0]
+            u_b = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1)))(keys)
+            accept_b = has_draft_b & (u_b < p_draft_b)
+            is_draft_bv = has_draft_b[:, None] & (jnp.arange(scaled_bv.shape[1])[None, :] == draft_b[:, None])
+            scaled_bv = jnp.where(is_draft_bv, -jnp.inf, scaled_bv)
         gumbel_bv = jax.vmap(lambda key: jax.random.gumbel(key, scaled_bv.shape[1:]))(keys)
         drawn = jnp.argmax(scaled_bv + gumbel_bv, axis=1).astype(jnp.int32)
+        if accept_b is not None:
+            drawn = jnp.where(accept_b, draft_b, drawn)
         token_ids = jnp.where(greedy_b, token_ids, drawn)
+    # A rejected draft is never drawn (it was removed), so acceptance is equality.
+    accepted = has_draft_b & (token_ids == draft_b) if md.speculative else None
     logprobs = None
     if md.variant == "full":
         # Raw model logprobs (vLLM's default), before bias, penalties and temperature.
         logprobs = gather_logprobs(jax.nn.log_softmax(raw_bv, axis=1), token_ids, MAX_LOGPROBS)
         penalties = PenaltyState(penalties.prompt_mask, penalties.output_counts.at[md.penalty_slots, token_ids].add(
             1, mode="drop"))
-    return SamplerOutput(token_ids, logprobs), penalties
+    return SamplerOutput(token_ids, logprobs, accepted), penalties
 
 
 sample = jax.jit(_sample, donate_argnums=(2,))

@@ -40,6 +40,14 @@ the value in its new/cached entry; the KV of position p goes to slot
 `sampling_req_ids[i]`. The engine passes the sampled token ids to `update_from_output` before
 the next `schedule()`.
 
+Speculative decoding. A decoding request whose `spec_token_ids` the engine set before
+`schedule()` computes its last known token and those proposed tokens in the step
+(`spec_token_ids[r]` in the output; they are not part of its known tokens, so the runner
+appends them to the step's tokens itself). Its logits index points at the last known token;
+the next k rows are the proposals'. `update_from_output` then takes 1 to k + 1 tokens for it
+(the accepted proposals and one more), and the KV of rejected proposals is rolled back before
+any page is published to the prefix cache.
+
 Host Python only: this module must not import jax.
 """
 
@@ -73,6 +81,7 @@ class SchedulerConfig:
         scheduling): the next step is planned while the previous one runs; a request that
         samples in a step gets a placeholder token whose position the next step computes (its
         id comes from the device), and the host learns the token one step late.
+      max_num_spec_tokens: most proposed tokens verified in one step (speculative decoding).
     """
 
     max_num_seqs: int
@@ -82,6 +91,7 @@ class SchedulerConfig:
     policy: str = "fcfs"
     long_prefill_token_threshold: int = 0
     max_steps_in_flight: int = 1
+    max_num_spec_tokens: int = 0
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size"):
@@ -135,6 +145,8 @@ class SchedulerOutput:
     copy_ops: tuple[tuple[int, int], ...]
     offload_ops: tuple[tuple[int, int], ...] = ()  # (device page, host slot)
     reload_ops: tuple[tuple[int, int], ...] = ()  # (host slot, device page)
+    # Proposed tokens verified in this step, per sampling request that has any.
+    spec_token_ids: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         described = [r.request_id for r in self.scheduled_new_reqs] + [r.request_id for r in self.scheduled_cached_reqs]
@@ -152,6 +164,12 @@ class SchedulerOutput:
             raise ValueError("a sampling request is not scheduled")
         if self.preempted_req_ids & set(self.scheduled_req_ids):
             raise ValueError("a preempted request cannot be scheduled in the same step")
+        if not set(self.spec_token_ids) <= set(self.sampling_req_ids):
+            raise ValueError("a request with proposed tokens must sample in the step")
+
+    @property
+    def num_spec_tokens(self) -> int:
+        return sum(map(len, self.spec_token_ids.values()))
 
     @property
     def is_empty(self) -> bool:
@@ -215,6 +233,11 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def running_requests(self) -> list[Request]:
+        """The running requests in service order (a copy)."""
+        return list(self._running)
 
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
@@ -330,15 +353,21 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         copy_ops: list[tuple[int, int]] = []
         preempted: list[str] = []
+        drafts: dict[str, tuple[int, ...]] = {}
 
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
             uncomputed = request.num_tokens_with_placeholders - request.num_computed_tokens
-            if uncomputed == 0 or not request.may_generate_more(self.config.max_model_len):
-                i += 1  # its last token is in flight, and it is the last one it may have
+            proposed, request.spec_token_ids = request.spec_token_ids, []
+            # <= 0: a step verifying its proposals is in flight (its outcome is unknown), or
+            # its last token is in flight and it is the last one it may have.
+            if uncomputed <= 0 or not request.may_generate_more(self.config.max_model_len):
+                i += 1
                 continue
             num_new = self._num_new_tokens(uncomputed, budget)
+            if proposed and uncomputed == 1 and not request.num_output_placeholders:
+                drafts[request.request_id] = tuple(proposed)
             ops = self._reserve_pages(request, num_new)
             while ops is None:
                 victim = self._running[-1]
@@ -348,6 +377,7 @@ class Scheduler:
                     break
                 ops = self._reserve_pages(request, num_new)
             if ops is None:
+                drafts.pop(request.request_id, None)
                 break  # the request preempted itself; it was the last one running
             copy_ops.extend(ops)
             scheduled.append((request, num_new))
@@ -355,9 +385,38 @@ class Scheduler:
             i += 1
 
         # Admitting right after a preemption would only thrash: pages were just found short.
+        for rid in preempted:
+            drafts.pop(rid, None)
+        if drafts:
+            # Proposals come after every running request's own tokens; while requests wait to
+            # be admitted they take at most half of what is left, so neither verification nor
+            # admission starves the other.
+            admitting = not preempted and self._waiting and len(self._running) < self.config.max_num_seqs
+            drafts = self._schedule_proposals(scheduled, drafts, budget // 2 if admitting else budget, copy_ops)
+            budget -= sum(map(len, drafts.values()))
         if not preempted:
             self._admit_waiting(budget, scheduled, copy_ops)
-        return self._build_output(scheduled, copy_ops, preempted)
+        return self._build_output(scheduled, copy_ops, preempted, drafts)
+
+    def _schedule_proposals(self, scheduled: list, drafts: dict, budget: int, copy_ops: list) -> dict:
+        """Adds proposed tokens to their requests' steps from `budget` (what the running
+        requests' own tokens left, or part of it), in service order, as far as pages allow
+        without preempting anyone. Returns the proposals scheduled."""
+        taken = {}
+        budget = min(budget, self.config.max_num_spec_tokens)
+        for j, (request, num_new) in enumerate(scheduled):
+            proposed = drafts.get(request.request_id)
+            if not proposed or budget <= 0:
+                continue
+            proposed = proposed[:budget]
+            ops = self._reserve_pages(request, num_new + len(proposed))
+            if ops is None:
+                continue
+            copy_ops.extend(ops)
+            scheduled[j] = (request, num_new + len(proposed))
+            taken[request.request_id] = proposed
+            budget -= len(proposed)
+        return taken
 
     def _num_new_tokens(self, num_uncomputed: int, budget: int) -> int:
         threshold = self.config.long_prefill_token_threshold
@@ -391,7 +450,7 @@ class Scheduler:
         self._mark_table_replaced(request.request_id)
         self._enqueue_waiting(request, front=True)
 
-    def _admit_waiting(self, budget: int, scheduled: list, copy_ops: list) -> None:
+    def _admit_waiting(self, budget: int, scheduled: list, copy_ops: list) -> int:
         i = 0
         while i < len(self._waiting) and budget > 0 and len(self._running) < self.config.max_num_seqs:
             request = self._waiting[i]
@@ -422,6 +481,7 @@ class Scheduler:
             bisect.insort(self._running, request, key=lambda r: self._order_keys[r.request_id])
             scheduled.append((request, num_new))
             budget -= num_new
+        return budget
 
     def _allocate_admission(self, request: Request, budget: int) -> int | None:
         """Pages for a waiting request's first chunk after any prefix hit; its size, or None.
@@ -456,7 +516,7 @@ class Scheduler:
         request.num_computed_tokens = num_prompt - 1
         return ops
 
-    def _build_output(self, scheduled, copy_ops, preempted) -> SchedulerOutput:
+    def _build_output(self, scheduled, copy_ops, preempted, drafts) -> SchedulerOutput:
         bm = self.block_manager
         new_reqs, cached_reqs = [], []
         num_scheduled: dict[str, int] = {}
@@ -480,9 +540,10 @@ class Scheduler:
             view.replace_table = False
             num_scheduled[rid] = num_new
             offset += num_new
-            if request.num_computed_tokens + num_new == request.num_tokens_with_placeholders:
+            num_drafts = len(drafts.get(rid, ()))
+            if request.num_computed_tokens + num_new - num_drafts == request.num_tokens_with_placeholders:
                 sampling.append(rid)
-                logits_indices.append(offset - 1)
+                logits_indices.append(offset - 1 - num_drafts)
         # The KV of these tokens is as good as computed once the runner takes this output.
         for request, num_new in scheduled:
             request.num_computed_tokens += num_new
@@ -504,6 +565,7 @@ class Scheduler:
             copy_ops=tuple(copy_ops),
             offload_ops=tuple(offload_ops),
             reload_ops=tuple(reload_ops),
+            spec_token_ids=drafts,
         )
         if not output.is_empty:
             self._awaiting_update.append(output)
@@ -532,6 +594,9 @@ class Scheduler:
         for rid, tokens in sampled.items():
             if rid not in sampling:
                 raise ValueError(f"request {rid!r} did not sample in this step")
+            if len(tokens) > 1 + len(output.spec_token_ids.get(rid, ())):
+                raise ValueError(f"request {rid!r}: {len(tokens)} tokens from a step that verified "
+                                 f"{len(output.spec_token_ids.get(rid, ()))} proposals")
         for rid in output.sampling_req_ids:
             request = self._requests.get(rid)
             if request is not None and request.status is RequestStatus.RUNNING and not sampled.get(rid):
@@ -546,6 +611,11 @@ class Scheduler:
                 continue
             if in_flight and rid in sampling:
                 request.num_output_placeholders -= 1
+            num_drafts = len(output.spec_token_ids.get(rid, ()))
+            if num_drafts and request.status is RequestStatus.RUNNING:
+                # Rejected proposals' KV is as good as never computed (and never published).
+                num_rejected = num_drafts + 1 - len(sampled.get(rid) or (0,))
+                request.num_computed_tokens -= num_rejected
             if request.status is RequestStatus.RUNNING:
                 self.block_manager.cache_computed_pages(rid, request.block_hashes, request.num_computed_tokens)
             elif request.status is not RequestStatus.PREEMPTED:

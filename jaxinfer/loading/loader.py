@@ -113,10 +113,15 @@ def load_model(ref: str | None = None, dtype=None, *, load_tokenizer: bool = Tru
       ref: the model reference; None means the default demo model.
       dtype: parameter dtype; default bfloat16 on accelerators and float32 on the CPU.
       load_tokenizer: also load the tokenizer (and chat template).
-      sharding: optional shardings as a nested dict in the state's structure (see `sharding/`).
+      sharding: where the parameters go: None (the default device), a Mesh (split by the rules
+        table, sharding/rules.py), or shardings in the state's structure (an nnx.State such as
+        `param_shardings` gives, or a nested dict). Each tensor goes straight into its shards
+        as it is placed (loading/placement.py); an Orbax checkpoint is restored so, each
+        device reading only its shard (loading/orbax_checkpoint.py).
       gguf_blocks: a GGUF file's decoder projections stay in their quantized blocks
         (loading/gguf_blocks.py) instead of being dequantized to `dtype`.
     """
+    from jaxinfer.loading.placement import place_params, shardings_for
     from jaxinfer.loading.resolve import resolve_model
 
     if dtype is None:
@@ -124,6 +129,10 @@ def load_model(ref: str | None = None, dtype=None, *, load_tokenizer: bool = Tru
     resolved = resolve_model(ref)
     path = Path(resolved.path)
     tokenizer = None
+    if resolved.kind == "orbax":
+        from jaxinfer.loading.orbax_checkpoint import load_orbax
+
+        return load_orbax(path, dtype, sharding, load_tokenizer=load_tokenizer)
     if resolved.kind == "gguf":
         from jaxinfer.loading.gguf import GGUFCheckpoint, load_gguf
         from jaxinfer.tokenizer import Tokenizer
@@ -136,5 +145,5 @@ def load_model(ref: str | None = None, dtype=None, *, load_tokenizer: bool = Tru
         config, host_params = load_hf_directory(path, dtype)
         if load_tokenizer:
             tokenizer = _load_tokenizer(path)
-    params = jax.device_put(host_params, sharding) if sharding is not None else jax.device_put(host_params)
+    params = place_params(host_params, shardings_for(config, sharding))
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, path=path)

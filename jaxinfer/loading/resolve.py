@@ -2,6 +2,7 @@
 
 A reference is one of:
   * a directory with config.json and safetensors weights (an HF checkpoint);
+  * a directory `jaxinfer convert` wrote (an Orbax checkpoint, told by its marker file);
   * a .gguf file (or a directory holding exactly one);
   * an alias of a demo model (`DEMO_MODELS`), fetched once into the cache directory;
   * a hub id `org/name`, looked up in the local Hugging Face cache (downloaded only when online).
@@ -33,14 +34,15 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedModel:
-    """Local files of a model: `kind` "gguf" (path is the .gguf file) or "hf_dir" (the directory)."""
+    """Local files of a model: `kind` "gguf" (path is the .gguf file), "hf_dir" or "orbax" (the
+    directory)."""
 
     kind: str
     path: Path
 
     def __post_init__(self):
-        if self.kind not in ("gguf", "hf_dir"):
-            raise ValueError(f"kind must be 'gguf' or 'hf_dir', got {self.kind!r}")
+        if self.kind not in ("gguf", "hf_dir", "orbax"):
+            raise ValueError(f"kind must be 'gguf', 'hf_dir' or 'orbax', got {self.kind!r}")
         object.__setattr__(self, "path", Path(self.path))
 
 
@@ -120,6 +122,10 @@ def _resolve_file(path: Path) -> ResolvedModel:
 
 
 def _resolve_directory(path: Path) -> ResolvedModel:
+    from jaxinfer.loading.orbax_checkpoint import MARKER
+
+    if (path / MARKER).is_file():
+        return ResolvedModel("orbax", path)
     if (path / "config.json").is_file():
         if any(path.glob("*.safetensors")):
             return ResolvedModel("hf_dir", path)

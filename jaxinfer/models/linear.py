@@ -47,13 +47,15 @@ class Linear:
     """How projections run (static: part of the jitted step's identity).
 
     kernel: "xla" (XLA's dot always) or "pallas" (the skinny-matmul kernel for steps of at most
-      `max_kernel_tokens` tokens, XLA above that).
+      `max_kernel_tokens` tokens, XLA above that). On the H200 the kernel beats XLA's dot up to
+      256 tokens: steps of 80 / 128 / 256 tokens of the 8B shape took 9.7 / 13.1 / 17.5 ms
+      against 18.5 / 21.8 / 23.5 with XLA above 64 (benchmarks/NOTES.md).
     interpret: run the Pallas kernel in interpret mode (tests on the CPU).
     """
 
     kernel: str = "xla"
     interpret: bool = False
-    max_kernel_tokens: int = 64
+    max_kernel_tokens: int = 256
 
     def __post_init__(self):
         if self.kernel not in ("xla", "pallas"):

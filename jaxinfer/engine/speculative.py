@@ -1,0 +1,111 @@
+"""Speculative decoding: settings (vLLM's `speculative_config`) and the n-gram proposer.
+
+A request that decodes may carry up to `num_speculative_tokens` proposed tokens into a step;
+the step computes them with its ordinary tokens (one ragged step, see scheduler.py) and the
+sampler verifies them (sampling.py): greedy rows accept a proposal equal to the argmax,
+sampled rows accept proposal d with probability p(d) and otherwise draw from p without d,
+which leaves every token distributed exactly as p. Proposals here are deterministic (one
+token per position), which is what makes that residual so simple.
+
+Host Python only: this module must not import jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+# Proposers that exist; the others are refused with a clear message.
+SUPPORTED_METHODS = ("ngram", "draft_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config` fields.
+
+    Attributes:
+      method: "ngram" (prompt lookup: the tokens that followed the latest earlier occurrence
+        of the sequence's last n tokens).
+      num_speculative_tokens: most tokens proposed per request per step (k).
+      prompt_lookup_min, prompt_lookup_max: n-gram sizes tried, longest first (vLLM's
+        defaults: 5 and 5, either one defaulting to the other).
+      model: the draft model of method "draft_model": a path or alias as `LLM(model=...)` takes,
+        or a LoadedModel; it must share the target's tokenizer (its vocabulary size is checked).
+        It proposes greedily (engine/draft_model.py).
+      disable_by_batch_size: no proposals while more requests than this run (proposals
+        verified at large batch cost compute that no longer hides under the weight read);
+        None: always propose.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    model: Any = dataclasses.field(default=None, compare=False)
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self):
+        method = self.method
+        if method is None and self.model is not None:
+            method = "draft_model"
+        if method not in METHODS:
+            raise ValueError(f"speculative_config method must be one of {METHODS}, got {method!r}")
+        if method not in SUPPORTED_METHODS:
+            raise ValueError(f"speculative_config method {method!r} is not supported yet; use one of "
+                             f"{SUPPORTED_METHODS}")
+        object.__setattr__(self, "method", method)
+        if method == "draft_model" and self.model is None:
+            raise ValueError("speculative_config method 'draft_model' needs a draft `model`")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, 16], got {k!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:
+            lo = hi = 5
+        lo = hi if lo is None else lo
+        hi = lo if hi is None else hi
+        for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if lo > hi:
+            raise ValueError(f"prompt_lookup_min ({lo}) exceeds prompt_lookup_max ({hi})")
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)
+        limit = self.disable_by_batch_size
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"disable_by_batch_size must be a positive integer or None, got {limit!r}")
+
+    @classmethod
+    def from_dict(cls, value: "SpeculativeConfig | Mapping[str, Any] | None") -> "SpeculativeConfig | None":
+        """From vLLM's dict form (as `--speculative-config '{...}'` gives it); unknown keys are an error."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative_config keys {unknown}; known: {sorted(known)}")
+        fields = dict(value)
+        if "method" not in fields and fields.get("model") is not None:
+            fields["method"] = "draft_model"
+        return cls(**fields)
+
+
+def ngram_proposal(token_ids: Sequence[int] | np.ndarray, *, min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the sequence's last n
+    tokens, for the largest n in [min_n, max_n] that has one; [] when none does."""
+    tokens = np.asarray(token_ids, dtype=np.int64)
+    length = tokens.shape[0]
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = tokens[length - n:]
+        # Windows starting at 0 .. length - n - 1: every occurrence but the suffix itself.
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return tokens[start:start + k].tolist()
+    return []
