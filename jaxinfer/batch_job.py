@@ -101,12 +101,12 @@ class BatchRunner:
     """Runs batch requests through an LLMEngine and appends each one's result line.
 
     Args:
-      engine: an LLMEngine (driven here with add_request and step).
+      engine: an LLMEngine or a DataParallelEngine (driven here with add_request and step).
       served_names: model names a body may give; the first is reported.
       results: where result lines go (a ResultFile, or anything with `append` and `sync`).
       tool_call_parser: reads tool calls out of chat answers for tool_choice "auto" (None: off).
-      window: unfinished engine requests to keep queued (default: twice max_num_seqs, so a step
-        never waits for the host to admit more).
+      window: unfinished engine requests to keep queued (default: twice max_num_seqs per
+        replica, so a step never waits for the host to admit more).
       on_result: called with each result line after it is appended (the progress bar).
     """
 
@@ -117,7 +117,7 @@ class BatchRunner:
         self.engine = engine
         self.serving = Serving(None, ModelInfo.from_engine(engine, served_names), tool_call_parser)
         self.results = results
-        self.window = window or max(2 * engine.config.max_num_seqs, 8)
+        self.window = window or max(2 * engine.config.max_num_seqs * engine.config.data_parallel_size, 8)
         self.on_result = on_result
         self.stats = BatchStats()
         self._running: dict[str, _Line] = {}  # engine request id -> its line
@@ -227,7 +227,8 @@ def run_batch_job(args: argparse.Namespace, make_engine: Callable[[], Any]) -> i
 
     Args:
       args: parsed `batch` arguments.
-      make_engine: builds the LLMEngine from the engine flags (jaxinfer/cli.py owns them).
+      make_engine: builds the engine from the engine flags (jaxinfer/cli.py owns them): an
+        LLMEngine, or a DataParallelEngine with --data-parallel-size.
     Returns:
       0 when every request has a result (failed requests included: each has its error line),
       130 when interrupted (a rerun resumes).

@@ -54,10 +54,20 @@ def _add_engine_args(p: argparse.ArgumentParser):
                    help="weight-only quantization of the decoder projections at start; gguf: run a GGUF "
                         "file's own quantized blocks")
     p.add_argument("--quantization-group-size", type=int, default=128, help="rows per int4 scale group")
+    p.add_argument("--response-cache-size", type=int, default=0,
+                   help="finished responses of deterministic requests (greedy, or seeded) kept to answer "
+                        "exact repeats without running the model (0: off)")
     p.add_argument("--speculative-config", type=_json_object, default=None,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4}\'')
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_data_parallel_arg(p: argparse.ArgumentParser):
+    """vLLM's --data-parallel-size, for the commands that drive many requests (generate, batch, serve)."""
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="engine replicas, each over its own --tensor-parallel-size devices; requests go to "
+                        "the least busy one (docs/sharding.md)")
 
 
 def _json_object(text: str) -> dict:
@@ -101,20 +111,32 @@ def engine_config_kwargs(args) -> dict:
                   tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                   quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                   kv_cache_dtype=args.kv_cache_dtype, speculative_config=args.speculative_config,
+                  response_cache_size=args.response_cache_size,
                   compilation_cache_dir=args.compilation_cache_dir)
     # None means "the EngineConfig default" for the flags whose default is not None there.
     for name in ("max_num_seqs", "max_num_batched_tokens", "compilation_cache_dir", "enable_prefix_caching"):
         if kwargs[name] is None:
             del kwargs[name]
-    if getattr(args, "data_parallel_size", None) is not None:  # generate's flag (engine/data_parallel.py)
+    if getattr(args, "data_parallel_size", None) is not None:  # `_add_data_parallel_arg`'s flag
         kwargs["data_parallel_size"] = args.data_parallel_size
     return kwargs
 
 
 def _make_llm(args, warmup: bool):
+    """The LLM the engine flags describe; settings the devices cannot serve (too few for dp x tp,
+    ...) exit with their message, while a missing or unsupported model propagates for `main`
+    to report with its own exit status."""
     from jaxinfer.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, warmup=warmup, **engine_config_kwargs(args))
+    try:
+        return LLM(args.model, dtype=args.dtype, warmup=warmup, **engine_config_kwargs(args))
+    except ValueError as e:
+        from jaxinfer.config import UnsupportedModelError
+        from jaxinfer.errors import CheckpointError
+
+        if isinstance(e, (CheckpointError, UnsupportedModelError)):
+            raise
+        raise SystemExit(f"error: {e}")
 
 
 def _read_prompts(path: str) -> list:
@@ -166,15 +188,7 @@ def cmd_generate(args) -> int:
         params = _sampling_params(args, seed=args.seed if args.temperature > 0 else None)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    from jaxinfer.config import UnsupportedModelError
-    from jaxinfer.errors import CheckpointError
-
-    try:
-        llm = _make_llm(args, warmup=args.warmup)
-    except (CheckpointError, UnsupportedModelError):
-        raise  # main reports these with their own exit status
-    except ValueError as e:  # settings the devices cannot serve (too few for dp x tp, ...)
-        raise SystemExit(f"error: {e}")
+    llm = _make_llm(args, warmup=args.warmup)
     tok = llm.get_tokenizer()
     if args.chat:
         if tok is None or not tok.chat_template:
@@ -296,6 +310,7 @@ def _add_server_commands(sub) -> None:
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
     _add_engine_args(s)
+    _add_data_parallel_arg(s)
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -336,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object per completion")
     g.add_argument("--warmup", action="store_true", help="compile every shape bucket before generating")
-    g.add_argument("--data-parallel-size", type=int, default=1,
-                   help="engine replicas, each over its own --tensor-parallel-size devices")
+    _add_data_parallel_arg(g)
     from jaxinfer.distributed import add_args as add_distributed_args
 
     add_distributed_args(g)
@@ -360,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bj = sub.add_parser("batch", help="run an OpenAI batch file (JSONL of completions and chat requests), resumably")
     _add_engine_args(bj)
+    _add_data_parallel_arg(bj)
     add_batch_args(bj)
     bj.set_defaults(func=cmd_batch)
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 import jaxinfer
 from jaxinfer.server.chat import router as chat_router
 from jaxinfer.server.chat_page import add_chat_page
+from jaxinfer.server.router_info import add_router_info_routes
 from jaxinfer.server.completions import router as completions_router
 from jaxinfer.server.errors import OpenAIError, install_error_handlers
 from jaxinfer.server.metrics import CONTENT_TYPE, MetricsRenderer, sample_engine
@@ -117,6 +118,7 @@ def create_app(front, settings: ServerSettings = ServerSettings()) -> FastAPI:
     app.include_router(responses_router)
     app.include_router(tokenization_router)
     add_chat_page(app)
+    add_router_info_routes(app, info, front)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": info.created, "owned_by": "jaxinfer", "root": info.root,

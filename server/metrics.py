@@ -93,6 +93,12 @@ def families(sample: MetricsSample, model_name: str, prefix: str):
     for reason in sorted(set(FINISH_REASONS) | set(m.request_success_total)):
         success.add_metric([model_name, reason], m.request_success_total.get(reason, 0))
     yield success
+    if prefix == "jaxinfer":  # no vLLM counterpart
+        for name, doc in (("response_cache_queries", "Deterministic requests looked up in the response cache."),
+                          ("response_cache_hits", "Requests answered from the response cache.")):
+            c = CounterMetricFamily(f"{prefix}:{name}", doc, labels=labels)
+            c.add_metric(values, getattr(m, f"{name}_total"))
+            yield c
     per_pos = CounterMetricFamily(f"{prefix}:spec_decode_num_accepted_tokens_per_pos",
                                   "Accepted tokens per draft position.", labels=[*labels, "position"])
     for pos, count in enumerate(m.spec_decode_num_accepted_tokens_per_pos_total):

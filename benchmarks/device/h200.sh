@@ -55,7 +55,8 @@ for stage in "$@"; do
         --output-dir "$OUT/engine" --tag async 2>&1 | grep -v "compiling" | tail -3 ;;
     spec_cost)
       timeout 400 python3 -m jaxinfer.cli bench verify-cost --preset llama3-8b --batch-size 1,16,64 \
-        --num-tokens 0,1,2,4,8 --input-len 512 --num-steps 48 --output-dir "$OUT/engine" ${ACCEPTED:-} 2>&1 \
+        --num-tokens 0,1,2,4,8 --input-len 512 --num-steps 48 --output-dir "$OUT/engine" ${ACCEPTED:-} \
+        --tag "${TAG:-}" 2>&1 \
         | grep -v "compiling" | tail -24 ;;
     spec_demo)
       # The demo GGUF travels in two carried parts (each call carries at most 64 MiB).

@@ -77,6 +77,9 @@ class EngineConfig:
         Q4_K, Q6_K; loading/gguf_blocks.py), which `LLM` and the CLI load so; "awq" / "gptq":
         such a checkpoint (which loads 4-bit whether or not this is set; loading/awq_gptq.py).
       quantization_group_size: rows per int4 scale group (128: AWQ's and GPTQ's default).
+      response_cache_size: finished responses of deterministic requests (greedy, or sampled with
+        a seed the user gave) kept to answer exact repeats without running the model
+        (engine/response_cache.py); 0: off.
       speculative_config: speculative decoding (vLLM's dict, e.g. {"method": "ngram",
         "num_speculative_tokens": 4, "prompt_lookup_max": 4}; see engine/speculative.py), or None.
     """
@@ -104,6 +107,7 @@ class EngineConfig:
     quantization: str | None = None
     quantization_group_size: int = 128
     speculative_config: Any = None  # SpeculativeConfig, or its dict form
+    response_cache_size: int = 0
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "tensor_parallel_size",
@@ -138,6 +142,9 @@ class EngineConfig:
             if not self.enable_prefix_caching:
                 raise ValueError("kv_offloading_size keeps prefix-cache pages in host memory: it needs "
                                  "enable_prefix_caching=True")
+        size = self.response_cache_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"response_cache_size must be a non-negative integer, got {size!r}")
         if self.quantization is not None and self.tensor_parallel_size > 1:
             raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size > 1 is not supported yet: "
                              "the sharding rules do not cover quantized weights")

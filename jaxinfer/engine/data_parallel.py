@@ -7,11 +7,15 @@ replica's step waits for another's (vLLM does the same for dense models; only ex
 would need the replicas to meet, which this engine does not do).
 
 The front end has LLMEngine's request surface (add_request, step, abort_request,
-has_unfinished_requests). A new request goes to the replica with the fewest unfinished
-requests. `step()` steps every replica that has work, each in its own thread: a replica's
-step blocks on its own tokens (at once without asynchronous scheduling, a step late with it),
-and JAX releases the GIL while it waits, so while one replica waits for its device another
-plans and launches its own step, and replicas on different devices compute at the same time.
+has_unfinished_requests) and what is read off an engine from outside (tokenizer, model_config,
+max_model_len, eos_token_ids, config; metrics, scheduler and block_manager as totals over the
+replicas), so `LLM`, `jaxinfer batch` and the server (AsyncLLMEngine, the engine process,
+/metrics) drive it as they drive one LLMEngine. A new request goes to the replica with the
+fewest unfinished requests. `step()` steps every replica that has work, each in its own thread:
+a replica's step blocks on its own tokens (at once without asynchronous scheduling, a step late
+with it), and JAX releases the GIL while it waits, so while one replica waits for its device
+another plans and launches its own step, and replicas on different devices compute at the same
+time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import LLMEngine, PromptType
+from jaxinfer.engine.metrics import EngineMetrics, merge_metrics
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 
@@ -61,8 +66,26 @@ def replica_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence((seed, index)).generate_state(1)[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class SchedulerTotals:
+    """The replicas' schedulers as one, for readers from outside (server/metrics.py): their
+    running and waiting requests, summed."""
+
+    num_running: int
+    num_waiting: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KVUsageTotals:
+    """The replicas' block managers as one, for readers from outside: the mean fraction of KV
+    pages in use (the pooled fraction when the replicas' caches are the same size)."""
+
+    usage: float
+
+
 class DataParallelEngine:
-    """Engine replicas over disjoint device groups, with LLMEngine's request surface.
+    """Engine replicas over disjoint device groups, with LLMEngine's request surface and the
+    attributes read off one (the module docstring lists them).
 
     Args:
       model: a loaded model. Replica 0 takes it over as LLMEngine does (its parameters move
@@ -118,6 +141,24 @@ class DataParallelEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return sum(r.num_unfinished_requests for r in self.replicas)
+
+    # What /metrics reads off an engine (server/metrics.py), as totals over the replicas: one
+    # series per name, as one engine would report (vLLM labels each dp rank's series instead).
+    # Each is a copy made when read; read them between steps (the server does, on the engine
+    # thread).
+    @property
+    def metrics(self) -> EngineMetrics:
+        """The replicas' metrics merged (`merge_metrics`: counters summed, histograms merged)."""
+        return merge_metrics([r.metrics.snapshot() for r in self.replicas])
+
+    @property
+    def scheduler(self) -> SchedulerTotals:
+        return SchedulerTotals(sum(r.scheduler.num_running for r in self.replicas),
+                               sum(r.scheduler.num_waiting for r in self.replicas))
+
+    @property
+    def block_manager(self) -> KVUsageTotals:
+        return KVUsageTotals(sum(float(r.block_manager.usage) for r in self.replicas) / len(self.replicas))
 
     def step(self) -> list[RequestOutput]:
         """One step of every replica that has work; their outputs, replica by replica."""

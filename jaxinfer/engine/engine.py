@@ -23,6 +23,7 @@ from jaxinfer.engine.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine.kv_cache import KVCacheSpec, pages_for_memory_fraction
 from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.engine.request import Request
+from jaxinfer.engine.response_cache import ResponseCache
 from jaxinfer.engine.runner import ModelRunner, RunnerConfig
 from jaxinfer.engine.sampling import SamplingRow
 from jaxinfer.engine.structured import Grammar, StructuredOutputs
@@ -82,6 +83,7 @@ class _Group:
     completions: list[_Completion] = dataclasses.field(default_factory=list)
     # Position 0 has nothing before it to be scored from, as in vLLM.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    response_key: object = None  # its key in the response cache, when that may store it
 
     @property
     def finished(self) -> bool:
@@ -288,6 +290,8 @@ class LLMEngine:
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
         self._seed_rng = np.random.default_rng(config.seed)
         self._in_flight: _LaunchedStep | None = None
+        self.response_cache = ResponseCache(config.response_cache_size) if config.response_cache_size else None
+        self._replayed: dict[str, RequestOutput] = {}  # cached responses not yet returned by step()
         # Grammar state; the llguidance tokenizer is built only when a structured request arrives.
         self.structured = StructuredOutputs(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         if config.warmup:
@@ -324,7 +328,8 @@ class LLMEngine:
         if not isinstance(draft, LoadedModel):
             draft = load_model(draft, dtype=param_dtype(self.model.params), load_tokenizer=False)
         return DraftModelProposer(draft, self.model_config, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_model_len=self.max_model_len,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
                                   page_size=config.page_size, attention=attention, kv_dtype=kv_dtype,
                                   min_token_bucket=smallest_token_bucket())
 
@@ -419,7 +424,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if request_id in self._groups:
+        if request_id in self._groups or request_id in self._replayed:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
         if len(ids) >= self.max_model_len:
@@ -436,12 +441,20 @@ class LLMEngine:
                              f"ids; at most {widths.banned_ids} are supported")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        response_key = None
+        if self.response_cache is not None:
+            response_key = ResponseCache.key(ids, params, cache_salt)
+            cached = self.response_cache.get(response_key) if response_key is not None else None
+            if cached is not None:
+                self._replay(request_id, text, ids, params, arrival, *cached)
+                return
         # Compiled before anything is queued, so an invalid constraint changes nothing.
         grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
-        arrival = time.monotonic() if arrival_time is None else arrival_time
         params = params.with_seed(int(self._seed_rng.integers(0, 2**62)))
         group = _Group(request_id, text, ids, params, RequestMetrics(arrival_time=arrival),
-                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+                       response_key=response_key)
         for i in range(params.n):
             p = params.for_sample(i)
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -470,6 +483,8 @@ class LLMEngine:
         for rid in request_ids:
             group = self._groups.pop(rid, None)
             if group is None:
+                if self._replayed.pop(rid, None) is not None:
+                    self.metrics.record_finished("abort", 0.0)
                 continue
             self.metrics.record_finished("abort", now - group.metrics.arrival_time)
             for c in group.completions:
@@ -478,11 +493,31 @@ class LLMEngine:
         self.scheduler.abort_requests(sub_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups or self._replayed)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._groups)
+        return len(self._groups) + len(self._replayed)
+
+    def _replay(self, request_id, text, ids, params, arrival, completions, prompt_logprobs) -> None:
+        """Answers a request from the response cache: its output comes with the next step()."""
+        now = time.monotonic()
+        metrics = RequestMetrics(arrival_time=arrival, first_scheduled_time=now, first_token_time=now,
+                                 last_token_time=now, finished_time=now)
+        self._replayed[request_id] = RequestOutput(request_id=request_id, prompt=text, prompt_token_ids=ids,
+                                                   outputs=completions, finished=True, metrics=metrics,
+                                                   prompt_logprobs=prompt_logprobs)
+
+    def _store_response(self, group: _Group) -> None:
+        """Keeps a finished group's whole completions (whatever its output kind streamed)."""
+        if group.response_key is None or any(c.finish_reason == "abort" for c in group.completions):
+            return
+        completions = [CompletionOutput(
+            index=c.index, text=c.detokenizer.output_text if c.detokenizer is not None else "",
+            token_ids=c.request.output_token_ids, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            logprobs=list(c.logprobs) if c.logprobs is not None else None,
+            cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None) for c in group.completions]
+        self.response_cache.put(group.response_key, completions, group.prompt_logprobs)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -494,6 +529,14 @@ class LLMEngine:
         previous token turned out to stop is dropped.
         """
         outputs: list[RequestOutput] = []
+        if self._replayed:
+            outputs = list(self._replayed.values())
+            self._replayed = {}
+            for out in outputs:
+                self.metrics.record_finished(out.outputs[0].finish_reason, 0.0)
+            self._record_cache_queries()
+            if not self._groups:
+                return outputs
         if self._spec_async_steps and self._in_flight is not None:
             self._spec_async_steps -= 1
         elif self._speculating():
@@ -734,6 +777,8 @@ class LLMEngine:
         for group in touched.values():
             outputs.append(self._make_output(group))
             if group.finished:
+                if group.response_key is not None:
+                    self._store_response(group)
                 group.metrics.finished_time = now
                 self.metrics.record_finished(group.completions[0].finish_reason, now - group.metrics.arrival_time)
                 del self._groups[group.request_id]
@@ -768,7 +813,12 @@ class LLMEngine:
                              finished=group.finished, metrics=group.metrics,
                              prompt_logprobs=list(group.prompt_logprobs) if group.prompt_logprobs is not None else None)
 
+    def _record_cache_queries(self):
+        if self.response_cache is not None:
+            self.metrics.record_response_cache(self.response_cache.num_queries, self.response_cache.num_hits)
+
     def _record_step(self, num_prompt_tokens: int, num_generation_tokens: int, ttfts, itls):
+        self._record_cache_queries()
         s, bm = self.scheduler, self.block_manager
         self.metrics.record_step(num_prompt_tokens=num_prompt_tokens, num_generation_tokens=num_generation_tokens,
                                  num_running=s.num_running, num_waiting=s.num_waiting,

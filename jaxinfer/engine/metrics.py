@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import threading
+from typing import Sequence
 
 # Bucket upper bounds in seconds, as vLLM uses for the same histograms.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -38,6 +39,15 @@ class Histogram:
         self.total += value
         self.count += 1
 
+    @classmethod
+    def merged(cls, parts: Sequence["Histogram"]) -> "Histogram":
+        """One histogram of every observation of `parts` (which share their bucket bounds)."""
+        bounds = parts[0].bounds
+        if any(h.bounds != bounds for h in parts):
+            raise ValueError("only histograms with the same bucket bounds can be merged")
+        return cls(bounds, [sum(c) for c in zip(*(h.counts for h in parts))], sum(h.total for h in parts),
+                   sum(h.count for h in parts))
+
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations <= bound) pairs ending with (+inf, count)."""
         out, running = [], 0
@@ -65,6 +75,9 @@ class EngineMetrics:
     external_prefix_cache_hits_total: int = 0
     # Speculative decoding (vLLM's spec_decode_* counters): steps in which a request verified
     # proposals, proposed tokens, accepted ones, and accepted ones by position in the proposal.
+    # The exact response cache (jaxinfer's own): deterministic requests looked up, and answered.
+    response_cache_queries_total: int = 0
+    response_cache_hits_total: int = 0
     spec_decode_num_drafts_total: int = 0
     spec_decode_num_draft_tokens_total: int = 0
     spec_decode_num_accepted_tokens_total: int = 0
@@ -81,6 +94,11 @@ class EngineMetrics:
         with self._lock:
             self.request_success_total[finish_reason] = self.request_success_total.get(finish_reason, 0) + 1
             self.e2e_request_latency_seconds.observe(e2e_seconds)
+
+    def record_response_cache(self, queries_total: int, hits_total: int):
+        with self._lock:
+            self.response_cache_queries_total = queries_total
+            self.response_cache_hits_total = hits_total
 
     def record_spec_decode(self, num_draft_tokens: int, num_accepted: int):
         """One request's verification: num_accepted of its num_draft_tokens proposals passed."""
@@ -144,3 +162,37 @@ class EngineMetrics:
             fields = {f.name: copy.deepcopy(getattr(self, f.name))
                       for f in dataclasses.fields(self) if f.name != "_lock"}
         return EngineMetrics(**fields)
+
+
+# Gauges of fractions: merged engines report their mean (the pooled fraction when their KV
+# caches are the same size); every other number is a count and is summed.
+_AVERAGED = frozenset({"kv_cache_usage_perc"})
+
+
+def merge_metrics(parts: Sequence[EngineMetrics]) -> EngineMetrics:
+    """Several engines' metrics as one engine's (a data-parallel front end's replicas, served as
+    one model): counters and request-count gauges summed, per-reason and per-position counts
+    summed key by key, histograms merged bucket by bucket, the KV usage fraction averaged.
+
+    Args:
+      parts: at least one EngineMetrics, read as they are (pass snapshots of live ones).
+    """
+    if not parts:
+        raise ValueError("merge_metrics needs at least one EngineMetrics")
+    fields = {}
+    for f in dataclasses.fields(EngineMetrics):
+        if f.name == "_lock":
+            continue
+        values = [getattr(m, f.name) for m in parts]
+        if isinstance(values[0], Histogram):
+            fields[f.name] = Histogram.merged(values)
+        elif isinstance(values[0], dict):
+            fields[f.name] = {k: sum(v.get(k, 0) for v in values) for k in sorted({k for v in values for k in v})}
+        elif isinstance(values[0], list):
+            width = max(len(v) for v in values)
+            fields[f.name] = [sum(v[i] for v in values if i < len(v)) for i in range(width)]
+        elif f.name in _AVERAGED:
+            fields[f.name] = sum(values) / len(values)
+        else:
+            fields[f.name] = sum(values)
+    return EngineMetrics(**fields)
