@@ -68,7 +68,7 @@ for stage in "$@"; do
           *) cfg='{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 4,
                    "disable_by_batch_size": 16}' ;;
         esac
-        timeout 180 python3 -m jaxinfer.cli bench speculative --model /tmp/smol.gguf --batch-size 1,16,64 \
+        timeout 300 python3 -m jaxinfer.cli bench speculative --model /tmp/smol.gguf --batch-size 1,16,64 \
           --output-len 256 --speculative-config "$cfg" --output-dir "$OUT/engine" --tag "$tag${TAG:-}" 2>&1 \
           | grep -v "compiling" | tail -7 | cut -c1-400
       done ;;
