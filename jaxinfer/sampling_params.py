@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
 MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's documented range for logit_bias values
+# The constraint fields of StructuredOutputsParams, exactly one of which is set.
+CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -115,6 +117,10 @@ class StructuredOutputsParams:
       choice: the output is exactly one of these strings.
       grammar: a context-free grammar (Lark / GBNF text, as the grammar library takes it).
       json_object: True for any JSON object (OpenAI's `response_format: json_object`).
+      structural_tag: free text in which each trigger opens a tagged region whose body follows a
+        JSON schema (vLLM's field: JSON text of {"structures": [{"begin", "schema", "end"}],
+        "triggers": [...]}, as `response_format: structural_tag` gives it); tool calls in a
+        model's own format, for instance.
     disable_any_whitespace: JSON is emitted without free whitespace between tokens.
     """
 
@@ -124,17 +130,17 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
+    structural_tag: str | None = None
 
     def __post_init__(self):
-        set_fields = [name for name in ("json", "regex", "choice", "grammar", "json_object")
-                      if getattr(self, name) not in (None, False)]
+        set_fields = [name for name in CONSTRAINT_KINDS if getattr(self, name) not in (None, False)]
         if len(set_fields) != 1:
-            raise ValueError("structured_outputs: exactly one of json, regex, choice, grammar or "
-                             f"json_object must be set, got {set_fields or 'none'}")
+            raise ValueError("structured_outputs: exactly one of json, regex, choice, grammar, json_object or "
+                             f"structural_tag must be set, got {set_fields or 'none'}")
         if self.json is not None and not isinstance(self.json, (str, Mapping)):
             raise ValueError(f"structured_outputs.json must be a schema (dict or JSON text), "
                              f"got {type(self.json).__name__}")
-        for name in ("regex", "grammar"):
+        for name in ("regex", "grammar", "structural_tag"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"structured_outputs.{name} must be a non-empty string")
@@ -152,12 +158,12 @@ class StructuredOutputsParams:
         schema = self.json if isinstance(self.json, (str, type(None))) else _json.dumps(
             self.json, sort_keys=True)
         return hash((schema, self.regex, self.choice, self.grammar, self.json_object,
-                     self.disable_any_whitespace))
+                     self.disable_any_whitespace, self.structural_tag))
 
     @property
     def kind(self) -> str:
-        """Which constraint this is: 'json', 'regex', 'choice', 'grammar' or 'json_object'."""
-        for name in ("json", "regex", "choice", "grammar", "json_object"):
+        """Which constraint this is: one of CONSTRAINT_KINDS."""
+        for name in CONSTRAINT_KINDS:
             if getattr(self, name) not in (None, False):
                 return name
         raise AssertionError("unreachable: validated in __post_init__")

@@ -55,9 +55,18 @@ class JsonSchemaFormat(StrictModel):
     strict: bool | None = None
 
 
+class StructuralTagStructure(StrictModel):
+    begin: str
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    end: str
+
+
 class ResponseFormat(StrictModel):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    # vLLM's structural tag format: free text, each trigger opening a tagged JSON region.
+    structures: list[StructuralTagStructure] | None = None
+    triggers: list[str] | None = None
 
 
 class StructuredOutputsRequest(StrictModel):
@@ -68,6 +77,7 @@ class StructuredOutputsRequest(StrictModel):
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None
     disable_any_whitespace: bool = False
 
     def model_dump(self, **kwargs):

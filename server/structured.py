@@ -39,6 +39,12 @@ def _requested(req) -> list[tuple[str, dict[str, Any]]]:
         if schema is None:
             raise bad_request("response_format: type 'json_schema' needs json_schema.schema", "response_format")
         found.append(("response_format", {"json": _schema(schema, "response_format")}))
+    elif fmt is not None and fmt.type == "structural_tag":
+        if not fmt.structures or not fmt.triggers:
+            raise bad_request("response_format: type 'structural_tag' needs structures and triggers", "response_format")
+        tag = {"structures": [s.model_dump(by_alias=True, exclude_none=True) for s in fmt.structures],
+               "triggers": fmt.triggers}
+        found.append(("response_format", {"structural_tag": json.dumps(tag)}))
     if req.guided_json is not None:
         found.append(("guided_json", {"json": _schema(req.guided_json, "guided_json")}))
     if req.guided_regex is not None:
@@ -55,7 +61,7 @@ def _requested(req) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 def _options_only(so) -> bool:

@@ -59,6 +59,8 @@ def grammar_text(params: StructuredOutputsParams) -> str:
             raise ValueError(f"structured_outputs.json is not a usable schema: {e}") from None
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(params.regex)
+    if kind == "structural_tag":
+        return structural_tag_grammar(params.structural_tag)
     if kind == "choice":
         # Lark string literals take JSON's escapes, so any choice text is quoted exactly.
         return llguidance.LLMatcher.grammar_from_lark(
@@ -67,6 +69,34 @@ def grammar_text(params: StructuredOutputsParams) -> str:
         return llguidance.grammar_from("grammar", params.grammar)  # Lark, or GBNF converted to it
     except ValueError as e:
         raise ValueError(f"structured_outputs.grammar: {e}") from None
+
+
+def structural_tag_grammar(text: str) -> str:
+    """The Lark grammar of vLLM's structural tag: free text, in which each trigger can only start
+    one of the structures that begin with it, whose body is JSON of the structure's schema."""
+    import llguidance
+
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"structured_outputs.structural_tag is not valid JSON: {e}") from None
+    structures, triggers = spec.get("structures") if isinstance(spec, dict) else None, spec.get("triggers", [])
+    if not isinstance(structures, list) or not structures or not isinstance(triggers, list) or not triggers:
+        raise ValueError("structured_outputs.structural_tag needs non-empty 'structures' and 'triggers' lists")
+    tags = []
+    for i, s in enumerate(structures):
+        if not isinstance(s, dict) or not all(isinstance(s.get(k), str) for k in ("begin", "end")):
+            raise ValueError(f"structured_outputs.structural_tag: structures[{i}] needs 'begin' and 'end' strings")
+        trigger = next((t for t in triggers if isinstance(t, str) and t and s["begin"].startswith(t)), None)
+        if trigger is None:
+            raise ValueError(f"structured_outputs.structural_tag: no trigger starts structures[{i}].begin "
+                             f"{s['begin']!r}")
+        schema = s.get("schema") or {}
+        if not isinstance(schema, dict):
+            raise ValueError(f"structured_outputs.structural_tag: structures[{i}].schema must be an object")
+        tags.append(llguidance.StructTag(trigger=trigger, begin=s["begin"], grammar=schema, end=s["end"]))
+    # Triggers are matched as text: a model's special-token spelling is text in its vocabulary too.
+    return llguidance.StructTag.to_grammar(tags, assume_special=False)
 
 
 class Grammar:
