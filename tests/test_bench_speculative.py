@@ -48,3 +48,25 @@ def test_forced_proposals_verify_k_tokens_a_step():
     m = engine.metrics
     assert m.spec_decode_num_drafts_total >= 5
     assert m.spec_decode_num_draft_tokens_total >= 3 * 5
+
+
+def test_speculative_command_writes_its_record(tmp_path):
+    """`bench speculative` on a tiny chat checkpoint: both engines run every round, the record
+    carries acceptance counters and the speedup is the ratio of the medians' rates."""
+    from tests.server_fixtures import write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "ckpt")
+    argv = ["bench", "speculative", "--model", str(checkpoint), "--workload", "chat", "--batch-size", "2",
+            "--num-rounds", "1", "--num-iters", "2", "--output-len", "6", "--max-model-len", "256",
+            "--num-pages", "64", "--max-num-batched-tokens", "64", "--page-size", "8",
+            "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1}',
+            "--output-dir", str(tmp_path / "out"), "--compilation-cache-dir", ""]
+    assert main(argv) == 0
+    [path] = (tmp_path / "out").glob("bench_speculative_*.json")
+    [row] = json.loads(path.read_text())["results"]
+    assert (row["workload"], row["batch_size"]) == ("chat", 2)
+    for name in ("off", "on"):
+        assert len(row[name]["runs_seconds"]) == 2 and 0 < row[name]["output_tokens"] <= 2 * 6
+    assert row["speedup"] == row["on"]["output_tokens_per_s"] / row["off"]["output_tokens_per_s"]
+    assert row["on"]["draft_tokens"] >= row["on"]["accepted_tokens"] >= 0
+    assert 0 <= row["identical_outputs"] <= 2
