@@ -361,3 +361,32 @@ def test_failing_proposals_back_off(model):
     assert m.spec_decode_num_accepted_tokens_total == 0
     assert 3 <= m.spec_decode_num_drafts_total <= 8, m.spec_decode_num_drafts_total
     assert done["a"].outputs[0].token_ids == generate(model, [prompt], 48)[0]
+
+
+def test_structured_rows_share_steps_with_verifying_rows(tmp_path):
+    """A grammar-constrained request (never speculating) beside requests that verify proposals:
+    its mask rows line up with the step's expanded logits rows, its output follows its regex,
+    and the others stay exact."""
+    import re
+
+    from jaxinfer.sampling_params import StructuredOutputsParams
+    from tests.server_fixtures import make_engine, write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "ckpt")
+    engines = {name: make_engine(checkpoint, warmup=False, speculative_config=spec)
+               for name, spec in (("plain", None), ("spec", NGRAM))}
+    tok = engines["plain"].tokenizer
+    prompts = [tok.encode("The quick brown fox jumps over the lazy dog. The quick brown fox"),
+               tok.encode("Paris is the capital of France, and Paris is the capital of")]
+    regex = r"[0-9]{3}-[a-z]{2}"
+    outs = {}
+    for name, engine in engines.items():
+        requests = [(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+                    for i, p in enumerate(prompts)]
+        requests.append(("s", prompts[0], SamplingParams(
+            temperature=0.0, max_tokens=16, structured_outputs=StructuredOutputsParams(regex=regex))))
+        outs[name] = _run(engine, requests)
+    assert engines["spec"].metrics.spec_decode_num_drafts_total > 0
+    assert re.fullmatch(regex, outs["spec"]["s"].outputs[0].text), outs["spec"]["s"].outputs[0].text
+    for rid in ("g0", "g1", "s"):
+        assert outs["spec"][rid].outputs[0].token_ids == outs["plain"][rid].outputs[0].token_ids
