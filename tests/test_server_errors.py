@@ -83,6 +83,8 @@ BAD_INPUTS = [
     ("guided_json that is not JSON", COMP, comp(guided_json="{nope"), 400, "guided_json", "not valid JSON"),
     ("empty structured_outputs", CHAT, chat(structured_outputs={}), 400, "structured_outputs", "exactly one"),
     ("structural_tag response_format", CHAT, chat(response_format={"type": "structural_tag"}), 400,
+     "response_format", "needs structures and triggers"),
+    ("unknown response_format type", CHAT, chat(response_format={"type": "grammar"}), 400,
      "response_format.type", "'json_schema'"),
     ("tools the template cannot render", CHAT,
      chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}], tool_choice="required"), 400,
