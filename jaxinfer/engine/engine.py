@@ -30,7 +30,7 @@ from jaxinfer.engine.structured import Grammar, StructuredOutputs
 from jaxinfer.models import layer_views, layers_are_stacked, param_dtype, unstack_layers
 from jaxinfer.models.linear import Linear
 from jaxinfer.engine.scheduler import Scheduler, SchedulerConfig
-from jaxinfer.engine.speculative import ngram_proposal
+from jaxinfer.engine.speculative import TokenHistories, ngram_proposal
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
@@ -286,6 +286,7 @@ class LLMEngine:
         # the next few steps run asynchronously (no proposal needs their tokens).
         self._spec_backoff: dict[str, tuple[int, int]] = {}  # request id -> (rounds left, level)
         self._spec_async_steps = 0
+        self._token_histories = TokenHistories()  # n-gram lookups read these, extended as tokens come
         self._groups: dict[str, _Group] = {}
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
         self._seed_rng = np.random.default_rng(config.seed)
@@ -594,16 +595,18 @@ class LLMEngine:
                 wanted.append((req, k))
         if self.draft is None:
             for req, k in wanted:
-                req.spec_token_ids = ngram_proposal(req.all_token_ids, min_n=spec.prompt_lookup_min,
+                tokens = self._token_histories.view(req.request_id, req.all_token_ids)
+                req.spec_token_ids = ngram_proposal(tokens, min_n=spec.prompt_lookup_min,
                                                     max_n=spec.prompt_lookup_max, k=k)
         else:
             self.draft.release({r.request_id for r in running})
             proposals = self.draft.propose([(req.request_id, req.all_token_ids, k) for req, k in wanted])
             for req, _ in wanted:
                 req.spec_token_ids = proposals.get(req.request_id, [])
-        if len(self._spec_backoff) > 2 * len(running):  # forget requests that left
+        if max(len(self._spec_backoff), len(self._token_histories)) > 2 * len(running):  # forget those that left
             live = {r.request_id for r in running}
             self._spec_backoff = {rid: v for rid, v in self._spec_backoff.items() if rid in live}
+            self._token_histories.keep_only(live)
         if self._async and not any(req.spec_token_ids for req, _ in wanted):
             self._spec_async_steps = ASYNC_STEPS_WITHOUT_PROPOSALS
 
@@ -636,11 +639,12 @@ class LLMEngine:
             # Tokens of earlier steps still in flight (this step's own placeholder excluded).
             pending = max(0, req.num_output_placeholders - 1)
             outputs = req.output_token_ids
-            rows.append(SamplingRow(c.params, req.prompt_token_ids, outputs, pending))
-            # One more row per proposal: the j-th samples the (j+1)-th token of the step.
-            for j, draft in enumerate(out.spec_token_ids.get(rid, ())):
-                rows[-1] = dataclasses.replace(rows[-1], draft_token_id=draft)
-                rows.append(SamplingRow(c.params, req.prompt_token_ids, outputs, pending + j + 1))
+            # With proposals, row j samples the step's j-th token and verifies proposal j (the
+            # last row has none): k + 1 rows, each counting the outputs before its token.
+            drafts = out.spec_token_ids.get(rid, ())
+            rows += [SamplingRow(c.params, req.prompt_token_ids, outputs, pending + j,
+                                 draft_token_id=drafts[j] if j < len(drafts) else -1)
+                     for j in range(len(drafts) + 1)]
         # A structured row's mask needs the previous step's token, which the host reads only
         # after this call: the forward pass goes first, the sampler once the mask is known.
         return _LaunchedStep(out, self.runner.dispatch(out, rows, wanted, defer_sampling=needs_mask),
@@ -675,13 +679,10 @@ class LLMEngine:
                 self._record_prompt_logprobs(c, first, lp)
         sampled = result.sampled
         rows, tokens = self._step_tokens(out, sampled)
-        before = {rid: c.request.num_output_tokens for rid in tokens
-                  if (c := self._completions.get(rid)) is not None}
         accepted = {r.request_id for r in self.scheduler.update_from_output(out, tokens)}
         # Tokens of requests that ended meanwhile (a stop found a step late, an abort) are
-        # dropped, and so are those after a stop among one step's accepted proposals.
-        tokens = {rid: t[:self._completions[rid].request.num_output_tokens - before[rid]]
-                  for rid, t in tokens.items() if rid in accepted and rid in before}
+        # dropped; the scheduler cut each list to the tokens it took (none after a stop).
+        tokens = {rid: t for rid, t in tokens.items() if rid in accepted}
         advances = []
         for rid in tokens:
             c = self._completions.get(rid)

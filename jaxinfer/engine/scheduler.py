@@ -168,10 +168,6 @@ class SchedulerOutput:
             raise ValueError("a request with proposed tokens must sample in the step")
 
     @property
-    def num_spec_tokens(self) -> int:
-        return sum(map(len, self.spec_token_ids.values()))
-
-    @property
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
 
@@ -377,7 +373,6 @@ class Scheduler:
                     break
                 ops = self._reserve_pages(request, num_new)
             if ops is None:
-                drafts.pop(request.request_id, None)
                 break  # the request preempted itself; it was the last one running
             copy_ops.extend(ops)
             scheduled.append((request, num_new))
@@ -580,7 +575,8 @@ class Scheduler:
           output: the oldest `schedule()` result not yet applied.
           sampled: request id -> tokens sampled for it (one per step without speculation), for
             each request in `output.sampling_req_ids` still running; ids of requests finished
-            or aborted since the step was scheduled are ignored.
+            or aborted since the step was scheduled are ignored. A list is cut in place to the
+            tokens taken: those after a stop among one step's accepted proposals are dropped.
         Returns:
           The requests that received tokens, including those that finished (pages freed).
         """
@@ -624,11 +620,12 @@ class Scheduler:
             tokens = sampled.get(rid)
             if not tokens:
                 continue
-            for token in tokens:
+            for i, token in enumerate(tokens):
                 request.append_output_token(token)
                 status = request.stop_status(self.config.max_model_len)
                 if status is not None:
                     self._finish(request, status)
+                    del tokens[i + 1:]
                     break
             self._hash_new_pages(request)
             changed.append(request)

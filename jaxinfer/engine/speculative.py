@@ -97,15 +97,49 @@ class SpeculativeConfig:
 
 def ngram_proposal(token_ids: Sequence[int] | np.ndarray, *, min_n: int, max_n: int, k: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the sequence's last n
-    tokens, for the largest n in [min_n, max_n] that has one; [] when none does."""
-    tokens = np.asarray(token_ids, dtype=np.int64)
-    length = tokens.shape[0]
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        suffix = tokens[length - n:]
-        # Windows starting at 0 .. length - n - 1: every occurrence but the suffix itself.
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
+    tokens, for the largest n in [min_n, max_n] that has one; [] when none does.
+
+    Every occurrence ends at a position holding the last token, so only those positions are
+    extended backwards (at most max_n compares each), not every window of the sequence."""
+    tokens = np.asarray(token_ids)
+    last = tokens.shape[0] - 1
+    ends = np.flatnonzero(tokens[:last] == tokens[last]) if last > 0 else np.zeros(0, np.int64)
+    # lengths[e]: how far the match ending at ends[e] reaches back (capped at max_n).
+    lengths = np.ones(ends.shape[0], np.int64)
+    alive = np.ones(ends.shape[0], bool)
+    for j in range(1, min(max_n, last)):  # a match ending before `last` spans at most `last` tokens
+        alive &= ends >= j
+        alive[alive] = tokens[ends[alive] - j] == tokens[last - j]
+        lengths += alive
+    for n in range(max_n, min_n - 1, -1):
+        hits = ends[lengths >= n]
         if hits.size:
-            start = int(hits[-1]) + n
+            start = int(hits[-1]) + 1
             return tokens[start:start + k].tolist()
     return []
+
+
+class TokenHistories:
+    """Each request's tokens as one growing NumPy array, extended by the tokens appended since
+    the last call, so proposing does not convert a whole history every step."""
+
+    def __init__(self):
+        self._arrays: dict[str, tuple[np.ndarray, int]] = {}
+
+    def view(self, request_id: str, token_ids: Sequence[int]) -> np.ndarray:
+        """The request's tokens (a view; valid until the next call for it)."""
+        buf, n = self._arrays.get(request_id, (np.zeros(0, np.int64), 0))
+        total = len(token_ids)
+        if total > buf.shape[0]:
+            grown = np.zeros(max(2 * buf.shape[0], total, 64), np.int64)
+            grown[:n] = buf[:n]
+            buf = grown
+        buf[n:total] = token_ids[n:total]
+        self._arrays[request_id] = (buf, total)
+        return buf[:total]
+
+    def keep_only(self, request_ids) -> None:
+        self._arrays = {rid: v for rid, v in self._arrays.items() if rid in request_ids}
+
+    def __len__(self) -> int:
+        return len(self._arrays)
