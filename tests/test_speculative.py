@@ -310,12 +310,15 @@ def test_opt_out_and_batch_size_throttle(model):
     assert engine.metrics.spec_decode_num_drafts_total > two_running, "one request alone speculates"
 
 
-def test_no_compiles_after_warmup_with_speculation(model):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_no_compiles_after_warmup_with_speculation(model, method):
     """Verifying and plain steps of every size, every sampling feature (penalties and grammars
-    opt out), n = 2: nothing compiles once the engine has warmed up."""
+    opt out), n = 2, proposals of every length: nothing compiles once the engine has warmed up."""
     from tests.test_engine import _feature_params
 
-    engine = _engine(model, warmup=True, num_pages=48)
+    spec = NGRAM if method == "ngram" else {"method": "draft_model", "model": _perturbed(model, 0.05),
+                                            "num_speculative_tokens": 3}
+    engine = _engine(model, warmup=True, num_pages=48, speculative_config=spec)
     rng = np.random.default_rng(5)
     with CompileCounter() as counter:
         for i in range(20):

@@ -63,7 +63,7 @@ class DraftModelProposer:
                                                max_model_len=max_model_len, page_size=page_size,
                                                min_token_bucket=min_token_bucket),
                                   attention)
-        self._rows = self.runner._rows
+        self._rows = self.runner.block_tables
         self._computed: dict[str, int] = {}  # request id -> positions with the draft's KV
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._slots: dict[str, int] = {}
@@ -71,7 +71,7 @@ class DraftModelProposer:
     def warmup(self) -> None:
         """Compiles the draft's step for every token bucket and the argmax per slot count."""
         for t in self.runner.rc.token_buckets:
-            logits = self.runner._run_model(token_bucket=t)
+            logits = self.runner.forward(token_bucket=t)
             _argmax_padded(logits, rows=self.runner.rc.max_logits_rows).block_until_ready()
 
     def release(self, keep: set[str]) -> None:
@@ -111,19 +111,20 @@ class DraftModelProposer:
                 ready.append((rid, len(known), k))
         if not ready:
             return {}
-        logits = self.runner._run_model(request_ids=ids, starts=starts, num_tokens=lens, token_ids=tokens,
-                                        logits_indices=last_rows)
+        logits = self.runner.forward(request_ids=ids, starts=starts, num_tokens=lens, token_ids=tokens,
+                                     logits_indices=last_rows)
         rows = self.runner.rc.max_logits_rows
         proposed = [_argmax_padded(logits, rows=rows)]
         k_max = max(k for _, _, k in ready)
         # Each later round feeds every ready request its previous proposal (row i of the
         # previous argmax) at the next position; requests that want fewer go along anyway.
         for j in range(1, k_max):
-            self.runner._prev_tokens = proposed[-1]
-            logits = self.runner._run_model(
+            logits = self.runner.forward(
                 request_ids=[rid for rid, _, _ in ready], starts=[n + j - 1 for _, n, _ in ready],
                 num_tokens=[1] * len(ready), token_ids=[0] * len(ready),
-                logits_indices=list(range(len(ready))), feed={i: i for i in range(len(ready))})
+                logits_indices=list(range(len(ready))), fed_tokens=proposed[-1],
+                feed={i: i for i in range(len(ready))})
             proposed.append(_argmax_padded(logits, rows=rows))
-        drafts = np.asarray(jnp.stack(proposed))  # [k_max, rows]: one transfer
+        # One transfer for all rounds (stacking on the device would compile once per k_max).
+        drafts = np.stack(jax.device_get(proposed))  # [k_max, rows]
         return {rid: drafts[:k, i].tolist() for i, (rid, _, k) in enumerate(ready)}

@@ -347,6 +347,23 @@ class ModelRunner:
         self.kv_cache = kv_out
         return (logits, hidden) if with_hidden else logits
 
+    @property
+    def block_tables(self) -> PersistentBatch:
+        """The persistent batch's block-table rows (a caller driving `forward` itself keeps them)."""
+        return self._rows
+
+    def forward(self, request_ids: Sequence[str] = (), starts: Sequence[int] = (), num_tokens: Sequence[int] = (),
+                token_ids: Sequence[int] = (), logits_indices: Sequence[int] | None = None,
+                fed_tokens=None, feed: Mapping[int, int] | None = None, token_bucket: int | None = None):
+        """One forward pass over explicitly laid-out tokens (no scheduler output), for a caller
+        that plans its own steps (the draft model's proposer); the logits of `logits_indices`.
+        fed_tokens: a device array whose row `feed[t]` replaces flat token t (tokens sampled on
+        the device that the host has not read)."""
+        if fed_tokens is not None:
+            self._prev_tokens = fed_tokens
+        return self._run_model(request_ids, starts, num_tokens, token_ids, token_bucket=token_bucket,
+                               logits_indices=logits_indices, feed=feed)
+
     def _pack_step(self, t: int, request_ids=(), starts=(), num_tokens=(), token_ids=(), logits_indices=None,
                    feed: Mapping[int, int] | None = None):
         """A step's inputs in one int32 array (and its PackSpec) for a bucket of t tokens."""
