@@ -18,6 +18,7 @@ Writes kernels.json and kernels.md under --out.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.record import kernel_bench_parser, report_saver, run_header
+from jaxinfer.devices import datasheet
+from pallas_kernels.common import next_power_of_2
 from pallas_kernels.paged_attention import gpu as decode_gpu
 from pallas_kernels.paged_attention.reference import paged_attention_reference
 from pallas_kernels.paged_attention.tuned_block_sizes import GpuDecodeBlockSizes
@@ -35,7 +38,16 @@ from pallas_kernels.ragged_paged_attention import gpu as ragged_gpu
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention.tuned_block_sizes import GpuRaggedBlockSizes
 
-DATASHEET_TBS = 3.35  # H100 SXM HBM3
+
+
+def datasheet_tbs() -> float:
+    """HBM bandwidth of this device from the datasheet table (jaxinfer.devices), TB/s; the H100's
+    3.35 where the table has no row (the CPU of a --quick run, whose fractions mean nothing)."""
+    spec = datasheet()
+    return spec.memory_bytes_per_s / 1e12 if spec else 3.35
+
+
+DATASHEET_TBS = datasheet_tbs()
 
 
 def make_cache(rng, num_kv_heads, num_pages, page_size, head_dim, dtype, used_pages):
@@ -249,7 +261,11 @@ def bench_decode(rng, args, page_sizes, sweep):
         inputs = decode_inputs(rng, page_size=page_size, sets=args.sets, **shape)
         ours = [None]
         if sweep and page_size == page_sizes[0]:
-            grid = [(64, 1, 4, 3), (64, 1, 4, 4), (128, 1, 4, 2), (128, 2, 4, 3), (128, 1, 8, 3), (256, 1, 8, 2)]
+            # (tokens per inner step, splits, warps, stages): every tile size at each pipelining
+            # depth, and split-K to more programs per SM.
+            grid = [(tok, 1, w, st) for tok in (32, 64, 128, 256) for w in (4, 8) for st in (2, 3, 4)
+                    if not (tok == 256 and st == 4)]
+            grid += [(64, 2, 4, 3), (128, 2, 4, 3)]
             ours += [GpuDecodeBlockSizes(pages_per_block=max(1, tok // page_size), num_splits=sp,
                                          num_warps=w, num_stages=st) for tok, sp, w, st in grid]
         if page_size == page_sizes[0]:
@@ -258,7 +274,8 @@ def bench_decode(rng, args, page_sizes, sweep):
             fn = jax.jit(lambda q, k, v, t, l, bs=bs: decode_gpu.paged_attention(
                 q, k, v, t, l, scale=scale, block_sizes=bs, interpret=args.quick))
             label = "ours default" if bs is None else (
-                f"ours tok={bs.pages_per_block * page_size} sp={bs.num_splits} w={bs.num_warps} st={bs.num_stages}")
+                f"ours tok={bs.pages_per_block * page_size} sp={bs.num_splits} w={bs.num_warps} "
+                f"st={bs.num_stages}")
             record(label, page_size, fn, inputs,
                    block_sizes=None if bs is None else bs.__dict__)
         stock_configs = [dict()]
@@ -277,35 +294,69 @@ def bench_decode(rng, args, page_sizes, sweep):
                 kv_bytes=kv_bytes, rows=rows)
 
 
+def ragged_sweep_grids(page_size):
+    """Tilings to sweep per batch. Decodes only use the short tile and prefill chunks only the
+    long one, so each is swept alone (the other tile at the default); the mixed batch then takes
+    the two winners together, under either winner's warps and stages (one launch has one of each).
+    Returns (short grid, long grid), each of (rows, tokens per step, warps, stages)."""
+    short = [(rows, tok, w, st) for rows in (16, 32) for tok in (64, 128, 256) for w in (4, 8)
+             for st in (2, 3, 4) if not (tok == 256 and st == 4) and not (rows == 32 and w == 4)]
+    long_ = [(rows, tok, w, st) for rows, tok in ((64, 32), (64, 64), (128, 32), (128, 64), (128, 128))
+             for w, st in ((4, 2), (4, 3), (8, 2), (8, 3))]
+    return short, long_
+
+
 def bench_ragged(rng, args, sweep):
     heads = dict(num_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
-    batches = {"mixed": ([512] * 8 + [1] * 56, [1024] * 8 + [2048] * 56),
+    # Decodes only and prefill chunks only come first: with --sweep their winners make the
+    # mixed batch's candidates.
+    batches = {"decodes only": ([1] * 56, [2048] * 56),
                "prefill chunks only": ([512] * 8, [1024] * 8),
-               "decodes only": ([1] * 56, [2048] * 56)}
+               "mixed": ([512] * 8 + [1] * 56, [1024] * 8 + [2048] * 56)}
     if args.quick:
         heads = dict(num_heads=8, num_kv_heads=2, head_dim=32, page_size=8, dtype=jnp.float32)
         batches = {"mixed": ([16, 1, 1], [32, 64, 40])}
     scale = heads["head_dim"] ** -0.5
     page_size = heads["page_size"]
+    group_pad = next_power_of_2(heads["num_heads"] // heads["num_kv_heads"])
+    default = ragged_gpu.gpu_ragged_block_sizes(
+        group=heads["num_heads"] // heads["num_kv_heads"], head_dim=heads["head_dim"],
+        page_size=page_size, dtype=heads["dtype"], device_kind="interpret" if args.quick else None)
+    short_grid, long_grid = ragged_sweep_grids(page_size)
+
+    def sizes(long_rows, long_tok, short_rows, short_tok, w, st):
+        return GpuRaggedBlockSizes(
+            queries_per_block=max(1, long_rows // group_pad), pages_per_block=max(1, long_tok // page_size),
+            short_query_len=max(1, short_rows // group_pad),
+            short_pages_per_block=max(1, short_tok // page_size), num_warps=w, num_stages=st)
+
+    d_long = (default.queries_per_block * group_pad, default.pages_per_block * page_size)
+    d_short = (default.short_query_len * group_pad, default.short_pages_per_block * page_size)
     rows_out = []
+    best = {}  # batch name -> (seconds, block sizes)
     for batch_name, (q_lens, kv_lens) in batches.items():
         inputs = [ragged_case(rng, q_lens=q_lens, kv_lens=kv_lens, pad_tokens=0, pad_seqs=0, **heads)
                   for _ in range(args.sets)]
         kv_bytes = (sum(kv_lens) * heads["num_kv_heads"] * heads["head_dim"] * 2
                     * jnp.dtype(heads["dtype"]).itemsize)
         configs = [None]
-        if sweep and batch_name == "mixed":
-            configs += [GpuRaggedBlockSizes(queries_per_block=rows // 4, pages_per_block=tok // page_size,
-                                            short_query_len=4, short_pages_per_block=short_tok // page_size,
-                                            num_warps=w, num_stages=st)
-                        for rows, tok, short_tok in ((64, 64, 128), (128, 32, 128), (128, 64, 64))
-                        for w, st in ((4, 3),)]
+        if sweep and batch_name == "decodes only":
+            configs += [sizes(*d_long, *tile) for tile in short_grid]
+        elif sweep and batch_name == "prefill chunks only":
+            configs += [sizes(rows, tok, *d_short, w, st) for rows, tok, w, st in long_grid]
+        elif sweep and batch_name == "mixed" and len(best) == 2:
+            s, l = best["decodes only"][1], best["prefill chunks only"][1]
+            for launch in (s, l):
+                configs.append(dataclasses.replace(
+                    l, short_query_len=s.short_query_len, short_pages_per_block=s.short_pages_per_block,
+                    num_warps=launch.num_warps, num_stages=launch.num_stages))
         for bs in configs:
             fn = jax.jit(lambda *a, bs=bs: ragged_gpu.ragged_paged_attention(
                 *a, scale=scale, block_sizes=bs, interpret=args.quick))
             label = f"{batch_name}: ours " + ("default" if bs is None else (
                 f"q={bs.queries_per_block} tok={bs.pages_per_block * page_size} "
-                f"short_tok={bs.short_pages_per_block * page_size} w={bs.num_warps} st={bs.num_stages}"))
+                f"short_q={bs.short_query_len} short_tok={bs.short_pages_per_block * page_size} "
+                f"w={bs.num_warps} st={bs.num_stages}"))
             try:
                 sec, times = timings(fn, inputs, args.iters, args.repeats, profile=not args.quick)
             except Exception as e:
@@ -315,11 +366,16 @@ def bench_ragged(rng, args, sweep):
             tbs = kv_bytes / sec / 1e12
             rows_out.append(dict(name=label, batch=batch_name, kv_bytes=kv_bytes, kv_tbs=tbs,
                                  floor_frac=tbs / DATASHEET_TBS, **times,
-                                 block_sizes=None if bs is None else bs.__dict__))
-            print(f"  {label:<64} {sec * 1e6:9.1f} us  {tbs:5.2f} TB/s (KV read once)", flush=True)
+                                 block_sizes=(bs or default).__dict__))
+            ranked = times.get("kernel_us") or sec * 1e6
+            if batch_name not in best or ranked < best[batch_name][0]:
+                best[batch_name] = (ranked, bs or default)
+            print(f"  {label:<72} {sec * 1e6:9.1f} us  {tbs:5.2f} TB/s (KV read once); kernel time "
+                  f"{times.get('kernel_us')} us", flush=True)
     return dict(batches={k: dict(q_lens=f"{len(v[0])} seqs, {sum(v[0])} query tokens",
                                  kv_lens=f"{sum(v[1])} cached tokens") for k, v in batches.items()},
                 heads={k: (jnp.dtype(v).name if k == "dtype" else v) for k, v in heads.items()},
+                best={k: dict(us=v[0], block_sizes=v[1].__dict__) for k, v in best.items()},
                 rows=rows_out)
 
 

@@ -4,6 +4,10 @@
 #   engine    jaxinfer bench latency (P1, HF peer), latency sweep, throughput (P2b, P2), startup
 #   check     the engine's compile-counting test on the GPU
 #   attention the attention kernels' GPU tests (head sizes 40, 80, 96 included)
+#   attn_sweep  the paged decode and ragged kernels' benchmark with a sweep of tilings (H200 tables)
+#   serve_clients  N concurrent streaming clients against `jaxinfer serve` (demo model; the
+#             same engine offline at the same batch as the peer); CLIENTS, SERVE_FLAGS
+#   prefill   one 4096-token prompt through the 8B engine (HF peer): prefill against the matmul peak
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
 #   quant_engine  batch 1 and 64 decode of the 8B shape in bf16 (HF peer) and each quantization
@@ -92,6 +96,37 @@ PY
     attention)
       timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_ragged_paged_attention.py \
         tests/test_paged_attention.py tests/test_flash_attention.py -k "not Interpret" 2>&1 | tail -4 ;;
+    attn_sweep)
+      timeout 520 python3 benchmarks/kernels.py --out "$OUT/kernels" --sweep --page-sizes 16,32 --repeats 5 \
+        2>&1 | tee "$OUT/kernels.log" | grep -E "FAIL|ceiling|default|stock|reference" | cut -c1-200 ;;
+    serve_clients)
+      [ -f /tmp/smol.gguf ] || cat ${SMOL_PART_AA:-/tmp/smol.part_aa} .cache/model/smol.part_ab > /tmp/smol.gguf
+      n=${CLIENTS:-256}; len=${LEN:-128}; port=8011
+      for mode in ${SERVE_MODES:-thread process}; do
+        flags=""; [ "$mode" = process ] && flags="--engine-process"
+        python3 -m jaxinfer.cli serve --model /tmp/smol.gguf --port $port --max-num-seqs "$n" \
+          --max-model-len 1024 $flags ${SERVE_FLAGS:-} > "$OUT/serve_$mode.log" 2>&1 &
+        pid=$!
+        for _ in $(seq 600); do
+          python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=1)" \
+            2>/dev/null && break
+          kill -0 $pid 2>/dev/null || break; sleep 0.5
+        done
+        for run in 1 2; do  # the first run warms the server's paths; the second is the record
+          timeout 300 python3 -m jaxinfer.cli bench serve --base-url "http://127.0.0.1:$port" \
+            --model /tmp/smol.gguf --endpoint completions --num-prompts $((2 * n)) --request-rate inf \
+            --max-concurrency "$n" --input-len "$len" --output-len "$len" --ignore-eos \
+            --result-file "$OUT/serve_clients_$mode.json" 2>&1 | tail -4
+        done
+        kill -INT $pid; wait $pid
+      done
+      timeout 200 python3 -m jaxinfer.cli bench throughput --model /tmp/smol.gguf --input-len "$len" \
+        --output-len "$len" --num-prompts "$n" --num-iters 3 --max-model-len 1024 \
+        --output-dir "$OUT/engine" --tag "offline_clients${TAG:-}" 2>&1 | grep -v compiling | tail -3 ;;
+    prefill)
+      timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 4096 --output-len 2 \
+        --batch-size 1 --max-num-batched-tokens 8192 --hf-peer --output-dir "$OUT/engine" \
+        --tag "prefill4096${TAG:-}" 2>&1 | grep -v "compiling" | tail -3 | cut -c1-2000 ;;
     p1)
       timeout 170 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
         --batch-size 1 --hf-peer --profile --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 | grep -v "compiling" \

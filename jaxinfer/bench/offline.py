@@ -212,7 +212,9 @@ def cmd_latency(args) -> int:
     for b in batch_sizes:
         prompts = _prompts(model.config.vocab_size, b, args.input_len, args.seed)
         _run_batch(engine, prompts, min(args.output_len, 8), f"warm{b}")  # first-use costs off the clock
-        runs = [_run_batch(engine, prompts, args.output_len, f"b{b}-{i}") for i in range(args.num_iters)]
+        # Fresh prompts each run: repeating one would find its pages in the prefix cache.
+        runs = [_run_batch(engine, _prompts(model.config.vocab_size, b, args.input_len, args.seed + 1 + i),
+                           args.output_len, f"b{b}-{i}") for i in range(args.num_iters)]
         median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
         decode_s = median["seconds"] - median["ttft_s"]
         row = {"batch_size": b, "runs": runs, "latency_s": median["seconds"], "ttft_s": median["ttft_s"],
@@ -354,8 +356,11 @@ def cmd_throughput(args) -> int:
     engine = _engine(model, args, max_num_seqs=min(256, args.num_prompts),
                      max_len=args.input_len + args.output_len, batched_tokens=8192)
     cost = _cost(model)
-    _run_batch(engine, prompts[:8], 4, "warm")
-    runs = [_run_batch(engine, prompts, args.output_len, f"t{i}") for i in range(args.num_iters)]
+    # Warm-up and every run draw their own prompts: a repeated prompt would hit the prefix cache.
+    _run_batch(engine, _prompts(model.config.vocab_size, 8, args.input_len, args.seed + 1_000_003), 4, "warm")
+    runs = [_run_batch(engine, prompts if i == 0 else _prompts(model.config.vocab_size, args.num_prompts,
+                                                                args.input_len, args.seed + i),
+                       args.output_len, f"t{i}") for i in range(args.num_iters)]
     median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
     seqs = engine.config.max_num_seqs
     waves = -(-args.num_prompts // seqs)

@@ -3,15 +3,15 @@
 Grid (B, K, num_splits). Program (b, h, s) holds the G query heads of kv head h of sequence
 b as one [Gp, H] tile (Gp = G rounded up to a power of 2, at least 16 for the tensor cores;
 pad rows are masked on load and store) and walks its share of the sequence's visible pages,
-pages_per_block pages per step: gather the block's page ids, load the K and V pages, and run
-an online softmax in base 2 (exp2 is one instruction). The visible range, not the table, is
+pages_per_block pages per step: gather the block's page ids, load the K and V token rows, and
+run an online softmax in base 2 (exp2 is one instruction). The visible range, not the table, is
 what gets split, so programs of one sequence get equal work whatever its length. With one
 split the program writes the normalised output; with more it writes its normalised output
 and log-sum-exp, merged exactly afterwards (flash-decoding).
 
 Nothing past a sequence's visible range is used: table slots past the last page are read
-under a mask (page 0 instead), and logits and values of tokens outside the range are masked
-after the load, so NaN or stale data in the cache cannot reach the result.
+under a mask, and tokens outside the range read the range's first token with a masked logit
+(flash_over_pages), so NaN or stale data in the cache cannot reach the result.
 """
 
 from __future__ import annotations
@@ -76,30 +76,42 @@ def load_block_pages(tables_ref, row, first_slot, num_slots, end_slot, num_pages
     return jnp.clip(ids, 0, num_pages - 1)
 
 
-def flash_over_pages(q, k_ref, v_ref, tables_ref, table_row, *, kv_lo, kv_hi, pages_per_block,
-                     block_lo, block_hi, visible_fn, scale, logit_softcap):
+def flash_over_pages(q, k_ref, v_ref, tables_ref, table_row, *, page_size, kv_lo, kv_hi,
+                     pages_per_block, block_lo, block_hi, visible_fn, scale, logit_softcap):
     """Online softmax of the q tile [M, H] over blocks [block_lo, block_hi) of the cache range
     [kv_lo, kv_hi) of one table row; block j starts at slot kv_lo // page_size + j * pages_per_block.
 
-    visible_fn(k_pos [BK]) -> [M, BK] says which logits count. Keys and values outside
-    [kv_lo, kv_hi) never count: their logits are masked and their values zeroed.
+    The cache refs are token rows [num_pages * page_size, H] (the pools flattened; see
+    cache_operands). A block is one gather of block_k rows straight into the dots' operand
+    shape. A token outside [kv_lo, kv_hi) (the tail of the last page, slots past the table's
+    end) reads the range's first token instead: finite data whose logit is masked, so its
+    probability is exactly 0. The loads thus need neither a mask nor a select on the values
+    (NaN or stale data elsewhere in the pool is never read), and that is what lets Triton's
+    software pipeliner stage them: on the H200 this took the P4 decode from 2.07 to 4.25 TB/s
+    by kernel time against the same loop over page gathers with a select on V
+    (benchmarks/results/kernels_h200_2026-12-01_run*).
+
+    visible_fn(k_pos [BK]) -> [M, BK] says which logits count, inside the range.
     Returns (acc [M, H] unnormalised, m [M] running max in base 2, l [M] softmax sum).
     """
-    num_pages, page_size, head_dim = k_ref.shape
+    num_pages, head_dim = k_ref.shape[0] // page_size, k_ref.shape[1]
     block_k = pages_per_block * page_size
     first_slot, end_slot, _ = page_blocks(kv_lo, kv_hi, page_size, pages_per_block)
+    # Used only when the range is not empty (else the loop runs no block); clamped anyway.
+    lo_slot = jnp.minimum(kv_lo // page_size, tables_ref.shape[1] - 1)
+    lo_page = jnp.clip(plgpu.load(tables_ref.at[table_row, lo_slot]), 0, num_pages - 1)
+    stand_in_row = lo_page * page_size + kv_lo % page_size
+    page_offsets = lax.broadcasted_iota(jnp.int32, (pages_per_block, page_size), 1)
 
     def body(j, carry):
         acc, m, l = carry
         slot0 = first_slot + j * pages_per_block
         ids = load_block_pages(tables_ref, table_row, slot0, pages_per_block, end_slot, num_pages)
-        k = k_ref[ids].reshape(block_k, head_dim)
-        v = v_ref[ids].reshape(block_k, head_dim)
         k_pos = slot0 * page_size + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         in_range = (k_pos >= kv_lo) & (k_pos < kv_hi)
-        # A select, not a masked load: on the H100, a masked load of the gathered V pages cut
-        # the P4 decode from 2.57 to 1.66 TB/s.
-        v = jnp.where(in_range[:, None], v, 0)  # 0 * NaN would poison p @ v
+        rows = jnp.where(in_range, (ids[:, None] * page_size + page_offsets).reshape(block_k),
+                         stand_in_row)
+        k, v = k_ref[rows], v_ref[rows]
         s = scaled_logits(_dot(q, k, ((1,), (1,))), scale=scale, logit_softcap=logit_softcap)
         s = jnp.where(in_range[None, :] & visible_fn(k_pos), s, -jnp.inf)
         return online_softmax_step(acc, m, l, s, v)
@@ -110,14 +122,24 @@ def flash_over_pages(q, k_ref, v_ref, tables_ref, table_row, *, kv_lo, kv_hi, pa
     return lax.fori_loop(block_lo, block_hi, body, init)
 
 
+def cache_operands(k_pages, v_pages):
+    """The pools as the kernels read them, token rows [K, num_pages * page_size, H] (a free
+    reshape of the same buffers), and the BlockSpec handing one kv head (grid axis 1) to a
+    program."""
+    k_rows = k_pages.reshape(k_pages.shape[0], -1, k_pages.shape[-1])
+    v_rows = v_pages.reshape(v_pages.shape[0], -1, v_pages.shape[-1])
+    spec = pl.BlockSpec((None, *k_rows.shape[1:]), lambda _, h, *rest: (h, 0, 0))
+    return k_rows, v_rows, spec
+
+
 def normalise(acc, l):
     return acc / jnp.where(l == 0, 1.0, l)[:, None]
 
 
 def _decode_kernel(seq_lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, scale, sliding_window,
-                   logit_softcap, group, group_pad, pages_per_block, num_splits):
+                   logit_softcap, group, group_pad, page_size, pages_per_block, num_splits):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    _, page_size, head_dim = k_ref.shape
+    head_dim = k_ref.shape[-1]
     seq_len = jnp.minimum(seq_lens_ref[b], tables_ref.shape[1] * page_size)
     first = jnp.int32(0) if sliding_window is None else jnp.maximum(seq_len - sliding_window, 0)
     _, _, num_blocks = page_blocks(first, seq_len, page_size, pages_per_block)
@@ -130,7 +152,7 @@ def _decode_kernel(seq_lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, sca
     # The one query sees every cached token in [first, seq_len): no per-row mask.
     acc, m, l = flash_over_pages(
         q, k_ref, v_ref, tables_ref, b, kv_lo=first, kv_hi=seq_len, pages_per_block=pages_per_block,
-        block_lo=block_lo, block_hi=jnp.minimum(block_lo + per_split, num_blocks),
+        page_size=page_size, block_lo=block_lo, block_hi=jnp.minimum(block_lo + per_split, num_blocks),
         visible_fn=lambda k_pos: jnp.ones((group_pad, k_pos.shape[0]), jnp.bool_),
         scale=scale, logit_softcap=logit_softcap)
     out = normalise(acc, l)
@@ -205,12 +227,13 @@ def paged_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale, slidi
     kernel = functools.partial(
         _decode_kernel, scale=float(scale), sliding_window=sliding_window,
         logit_softcap=None if logit_softcap is None else float(logit_softcap), group=group,
-        group_pad=group_pad, pages_per_block=block_sizes.pages_per_block, num_splits=splits)
+        group_pad=group_pad, page_size=page_size, pages_per_block=block_sizes.pages_per_block,
+        num_splits=splits)
 
     def whole(x):
         return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
-    pages_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
+    k_cache, v_cache, pages_spec = cache_operands(k_pages, v_pages)
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     else:
@@ -226,6 +249,6 @@ def paged_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale, slidi
                                              num_stages=block_sizes.num_stages),
         interpret=interpret,
         name="paged_decode_attention",
-    )(seq_lens, block_tables, q, k_pages, v_pages)
+    )(seq_lens, block_tables, q, k_cache, v_cache)
     out = outs[0] if splits == 1 else merge_splits(outs[0], outs[1], q.dtype)
     return out[..., :true_head_dim]

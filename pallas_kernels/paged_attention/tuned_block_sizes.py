@@ -54,6 +54,11 @@ _GPU_TABLE: dict[tuple[str, int, int, str], tuple[int, int, int]] = {
     ("H100", 128, 16, "bfloat16"): (128, 4, 3),
     ("H100", 128, 32, "bfloat16"): (128, 4, 3),
     ("H100", 128, 64, "bfloat16"): (128, 4, 3),
+    # H200 sweep of the token-row gather (kernels_h200_2026-12-01_run2_token_rows): 64 tokens a
+    # step, 4 warps, 3 stages read the P4 shape's KV at 4.06 TB/s wall, 4.25 by kernel time.
+    ("H200", 128, 16, "bfloat16"): (64, 4, 3),
+    ("H200", 128, 32, "bfloat16"): (64, 4, 3),
+    ("H200", 128, 64, "bfloat16"): (64, 4, 3),
 }
 _GPU_FALLBACK = (64, 4, 2)
 # Split-K programs are added until the grid has at least this many programs per multiprocessor.

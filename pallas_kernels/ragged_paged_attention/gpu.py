@@ -31,7 +31,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (check_block_sizes, check_options, check_ragged_inputs,
                                    next_power_of_2, pad_head_dims, page_blocks)
-from pallas_kernels.paged_attention.gpu import MIN_DOT_DIM, flash_over_pages, gpu_head_dim, normalise
+from pallas_kernels.paged_attention.gpu import (MIN_DOT_DIM, cache_operands, flash_over_pages, gpu_head_dim,
+                                               normalise)
 from pallas_kernels.ragged_paged_attention.tuned_block_sizes import (GpuRaggedBlockSizes,
                                                                      gpu_ragged_block_sizes)
 
@@ -51,10 +52,10 @@ def find_sequence(cu_ref, query_block, num_seqs, queries_per_block, search_steps
 
 
 def attend_tile(q_ref, k_ref, v_ref, o_ref, tables_ref, *, h, table_row, q0, q_end, kv_len, bq,
-                pages_per_block, group, group_pad, scale, sliding_window, logit_softcap):
+                page_size, pages_per_block, group, group_pad, scale, sliding_window, logit_softcap):
     """Attention for query rows [q0, min(q0 + bq, q_end)) of one sequence and kv head h."""
     num_tokens = q_ref.shape[0]
-    _, page_size, head_dim = k_ref.shape
+    head_dim = k_ref.shape[-1]
     rows = bq * group_pad
     r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
     token = q0 + r // group_pad
@@ -77,7 +78,7 @@ def attend_tile(q_ref, k_ref, v_ref, o_ref, tables_ref, *, h, table_row, q0, q_e
     q = plgpu.load(q_ref.at[tile], mask=tile_mask, other=0).reshape(rows, head_dim)
     acc, _, l = flash_over_pages(
         q, k_ref, v_ref, tables_ref, table_row, kv_lo=kv_lo, kv_hi=kv_hi,
-        pages_per_block=pages_per_block, block_lo=0,
+        pages_per_block=pages_per_block, page_size=page_size, block_lo=0,
         block_hi=page_blocks(kv_lo, kv_hi, page_size, pages_per_block)[2], visible_fn=visible,
         scale=scale, logit_softcap=logit_softcap)
     out = normalise(acc, l).astype(o_ref.dtype).reshape(bq, group_pad, head_dim)
@@ -89,7 +90,7 @@ def _ragged_kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, q_ref, k_ref, 
     row, h = pl.program_id(0), pl.program_id(1)
     max_seqs, table_slots = tables_ref.shape
     num_tokens = q_ref.shape[0]
-    max_kv = table_slots * k_ref.shape[1]
+    max_kv = table_slots * tile_kw["page_size"]
     short_len = block_sizes.short_query_len
     num_seqs = jnp.clip(num_seqs_ref[0], 0, max_seqs)
 
@@ -177,12 +178,12 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         search_steps=max(1, max_seqs.bit_length()), scale=float(scale),
         sliding_window=sliding_window,
         logit_softcap=None if logit_softcap is None else float(logit_softcap), group=group,
-        group_pad=group_pad)
+        group_pad=group_pad, page_size=page_size)
 
     def whole(x):
         return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
-    pages_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda i, h: (h, 0, 0, 0))
+    k_cache, v_cache, pages_spec = cache_operands(k_pages, v_pages)
     out = pl.pallas_call(
         kernel,
         grid=(num_long_rows + max_seqs, num_kv_heads),
@@ -194,5 +195,5 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
                                              num_stages=block_sizes.num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
-    )(kv_lens, block_tables, cu_q_lens, num_seqs, q, k_pages, v_pages)
+    )(kv_lens, block_tables, cu_q_lens, num_seqs, q, k_cache, v_cache)
     return out[..., :true_head_dim]

@@ -61,6 +61,9 @@ class TpuRaggedBlockSizes:
 #   (long tile rows, long tokens per block, short tile rows, short tokens per block, warps, stages).
 _GPU_TABLE: dict[tuple[str, int, int, str], tuple[int, int, int, int, int, int]] = {
     ("H100", 128, 16, "bfloat16"): (128, 64, 16, 128, 4, 3),
+    # H200 sweep (kernels_h200_2026-12-01_run2_token_rows): decodes only 3.81 TB/s wall with
+    # 128-token short steps; prefill chunks fastest in 64-row tiles of 32-token steps.
+    ("H200", 128, 16, "bfloat16"): (64, 32, 16, 128, 4, 2),
 }
 _GPU_FALLBACK = (64, 64, 16, 64, 4, 2)
 
