@@ -43,6 +43,10 @@ class BenchConfig:
       max_concurrency: requests in flight at once (None: no limit).
       goodput: latency targets in ms by metric name (ttft, itl, tpot, e2el).
       ignore_eos: ask the server to keep generating past EOS (vLLM's extension).
+      client_processes: processes sending the requests, each with its own event loop and an
+        equal share of the requests and of max_concurrency. One Python client parsing a few
+        thousand streamed chunks a second is itself the bound (its own ITL grows), which a
+        benchmark of a fast server must not mistake for the server.
     """
 
     base_url: str
@@ -60,6 +64,7 @@ class BenchConfig:
     api_key: str | None = None
     seed: int = 0
     timeout: float = 600.0
+    client_processes: int = 1
 
     def __post_init__(self):
         if self.endpoint not in ("completions", "chat"):
@@ -74,6 +79,11 @@ class BenchConfig:
             raise ValueError(f"random_range_ratio must be in [0, 1), got {self.random_range_ratio}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be positive, got {self.max_concurrency}")
+        if self.client_processes < 1:
+            raise ValueError(f"client_processes must be positive, got {self.client_processes}")
+        if self.client_processes > min(self.num_prompts, self.max_concurrency or self.num_prompts):
+            raise ValueError(f"client_processes {self.client_processes} is more than the requests or the "
+                             "concurrency to share among them")
         unknown = set(self.goodput) - set(GOODPUT_METRICS)
         if unknown:
             raise ValueError(f"goodput metrics must be among {GOODPUT_METRICS}, got {sorted(unknown)}")
@@ -220,15 +230,16 @@ def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float) -
     return summary
 
 
-async def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Sends the requests, waits for every one, and returns `summarize`'s numbers."""
+async def _send(cfg: BenchConfig, bodies: list[dict[str, Any]], offsets: np.ndarray, start_at: float,
+                limit: int) -> tuple[list[RequestResult], float]:
+    """Sends bodies[i] at wall-clock time start_at + offsets[i], at most `limit` in flight;
+    returns the results and the wall-clock time the last one ended."""
     import httpx
 
     base = cfg.base_url.rstrip("/")
     base = base if base.endswith("/v1") else base + "/v1"
     url = base + ("/chat/completions" if cfg.endpoint == "chat" else "/completions")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limit = cfg.max_concurrency or cfg.num_prompts
     gate = asyncio.Semaphore(limit)
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
 
@@ -238,14 +249,44 @@ async def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 return await _one_request(client, url, body, cfg.endpoint == "chat")
 
         tasks = []
-        start = time.perf_counter()
-        for body, gap in zip(make_requests(cfg), arrival_gaps(cfg)):
-            if gap > 0:
-                await asyncio.sleep(gap)
+        for body, offset in zip(bodies, offsets):
+            wait = start_at + offset - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             tasks.append(asyncio.ensure_future(limited(body)))
         results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return summarize(cfg, list(results), duration)
+    return list(results), time.time()
+
+
+def _send_shard(job) -> tuple[list[RequestResult], float]:
+    """One client process's share (a top-level function, so a spawned process can run it)."""
+    return asyncio.run(_send(*job))
+
+
+async def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
+    """Sends the requests, waits for every one, and returns `summarize`'s numbers."""
+    bodies = make_requests(cfg)
+    offsets = np.cumsum(arrival_gaps(cfg))
+    limit = cfg.max_concurrency or cfg.num_prompts
+    n = cfg.client_processes
+    if n == 1:
+        start = time.time()
+        results, end = await _send(cfg, bodies, offsets, start, limit)
+        return summarize(cfg, results, end - start)
+    import concurrent.futures
+    import multiprocessing
+
+    # Request i goes to process i % n, which keeps the arrival schedule: every process waits
+    # for the same wall-clock start, set far enough ahead for the processes to spawn and import.
+    start = time.time() + 3.0
+    jobs = [(cfg, bodies[p::n], offsets[p::n], start, limit // n + (p < limit % n)) for p in range(n)]
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shards = await asyncio.gather(*(loop.run_in_executor(pool, _send_shard, job) for job in jobs))
+    results = [None] * cfg.num_prompts
+    for p, (shard, _) in enumerate(shards):
+        results[p::n] = shard
+    return summarize(cfg, results, max(end for _, end in shards) - start)
 
 
 def format_summary(s: dict[str, Any]) -> str:

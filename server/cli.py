@@ -111,6 +111,10 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--result-file", default=None, help="write the results as JSON here")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="processes sending the requests, each with an equal share of them and of "
+                        "--max-concurrency (one Python client tops out at a few thousand streamed "
+                        "chunks a second)")
 
 
 def bench_serve(args: argparse.Namespace) -> int:
@@ -122,7 +126,8 @@ def bench_serve(args: argparse.Namespace) -> int:
                           input_len=args.input_len, output_len=args.output_len,
                           random_range_ratio=args.random_range_ratio, max_concurrency=args.max_concurrency,
                           goodput=parse_goodput(args.goodput), ignore_eos=args.ignore_eos,
-                          api_key=args.api_key or os.environ.get(API_KEY_ENV), seed=args.seed, timeout=args.timeout)
+                          api_key=args.api_key or os.environ.get(API_KEY_ENV), seed=args.seed, timeout=args.timeout,
+                          client_processes=args.client_processes)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     summary = asyncio.run(run_benchmark(cfg))

@@ -65,6 +65,20 @@ def test_benchmark_against_the_server(stack):
     assert impossible["completed"] == 4 and impossible["goodput"] == 0
 
 
+def test_benchmark_from_several_client_processes(stack):
+    """Two spawned client processes share the requests (lengths drawn per request) and the
+    concurrency; every request is sent once and its tokens counted once."""
+    cfg = BenchConfig(base_url=stack.url, model=MODEL_NAME, num_prompts=10, input_len=6, output_len=8,
+                      random_range_ratio=0.5, max_concurrency=3, ignore_eos=True, client_processes=2)
+    s = asyncio.run(run_benchmark(cfg))
+    assert s["completed"] == 10 and s["failed"] == 0, s["errors"]
+    assert s["total_output_tokens"] == sum(b["max_tokens"] for b in make_requests(cfg))
+    assert s["request_throughput"] == pytest.approx(10 / s["duration_s"])
+    assert 0 < s["p50_ttft_ms"] <= s["p99_e2el_ms"]
+    with pytest.raises(ValueError, match="client_processes"):
+        BenchConfig(base_url="http://x", model="m", num_prompts=4, max_concurrency=2, client_processes=3)
+
+
 def test_bench_cli_writes_json(stack, tmp_path, capsys):
     out = tmp_path / "result.json"
     rc = jaxinfer_main(["bench", "serve", "--base-url", stack.url + "/v1", "--model", MODEL_NAME, "--endpoint",

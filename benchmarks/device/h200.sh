@@ -6,7 +6,8 @@
 #   attention the attention kernels' GPU tests (head sizes 40, 80, 96 included)
 #   attn_sweep  the paged decode and ragged kernels' benchmark with a sweep of tilings (H200 tables)
 #   serve_clients  N concurrent streaming clients against `jaxinfer serve` (demo model; the
-#             same engine offline at the same batch as the peer); CLIENTS, SERVE_FLAGS
+#             same engine offline at the same batch as the peer; first the client's ceiling
+#             against a stand-in server); CLIENTS, CLIENT_PROCESSES, SERVE_MODES, SERVE_FLAGS
 #   prefill   one 4096-token prompt through the 8B engine (HF peer): prefill against the matmul peak
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
@@ -101,23 +102,33 @@ PY
         2>&1 | tee "$OUT/kernels.log" | grep -E "FAIL|ceiling|default|stock|reference" | cut -c1-200 ;;
     serve_clients)
       [ -f /tmp/smol.gguf ] || cat ${SMOL_PART_AA:-/tmp/smol.part_aa} .cache/model/smol.part_ab > /tmp/smol.gguf
-      n=${CLIENTS:-256}; len=${LEN:-128}; port=8011
-      for mode in ${SERVE_MODES:-thread process}; do
+      n=${CLIENTS:-256}; len=${LEN:-128}; port=8011; procs=${CLIENT_PROCESSES:-4}
+      clients() {  # $1: result file; the first of two runs warms the server's paths
+        for run in 1 2; do
+          timeout 300 python3 -m jaxinfer.cli bench serve --base-url "http://127.0.0.1:$port" \
+            --model "${MODEL_NAME:-/tmp/smol.gguf}" --endpoint completions --num-prompts $((2 * n)) \
+            --request-rate inf --max-concurrency "$n" --input-len "$len" --output-len "$len" --ignore-eos \
+            --client-processes "${CP:-$procs}" --result-file "$1" 2>&1 | grep -E "output tokens|TPOT|TTFT|failed"
+        done
+      }
+      wait_ready() {
+        for _ in $(seq 600); do
+          python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=1)" \
+            2>/dev/null && return; kill -0 "$1" 2>/dev/null || return; sleep 0.5
+        done
+      }
+      # The client's ceiling: a stand-in server streaming one chunk per request every 15 ms.
+      python3 benchmarks/device/paced_sse_server.py $port 0.015 & pid=$!; wait_ready $pid
+      for cp in 1 "$procs"; do
+        CP=$cp MODEL_NAME=paced clients "$OUT/serve_clients_paced_cp$cp.json"
+      done
+      kill $pid; wait $pid 2>/dev/null
+      for mode in ${SERVE_MODES:-process}; do
         flags=""; [ "$mode" = process ] && flags="--engine-process"
         python3 -m jaxinfer.cli serve --model /tmp/smol.gguf --port $port --max-num-seqs "$n" \
           --max-model-len 1024 $flags ${SERVE_FLAGS:-} > "$OUT/serve_$mode.log" 2>&1 &
-        pid=$!
-        for _ in $(seq 600); do
-          python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=1)" \
-            2>/dev/null && break
-          kill -0 $pid 2>/dev/null || break; sleep 0.5
-        done
-        for run in 1 2; do  # the first run warms the server's paths; the second is the record
-          timeout 300 python3 -m jaxinfer.cli bench serve --base-url "http://127.0.0.1:$port" \
-            --model /tmp/smol.gguf --endpoint completions --num-prompts $((2 * n)) --request-rate inf \
-            --max-concurrency "$n" --input-len "$len" --output-len "$len" --ignore-eos \
-            --result-file "$OUT/serve_clients_$mode.json" 2>&1 | tail -4
-        done
+        pid=$!; wait_ready $pid
+        clients "$OUT/serve_clients_$mode.json"
         kill -INT $pid; wait $pid
       done
       timeout 200 python3 -m jaxinfer.cli bench throughput --model /tmp/smol.gguf --input-len "$len" \
