@@ -68,6 +68,9 @@ def _add_data_parallel_arg(p: argparse.ArgumentParser):
     p.add_argument("--data-parallel-size", type=int, default=1,
                    help="engine replicas, each over its own --tensor-parallel-size devices; requests go to "
                         "the least busy one (docs/sharding.md)")
+    p.add_argument("--disaggregate-prefill", action="store_true",
+                   help="prefill-decode disaggregation: prompts computed on the first --tensor-parallel-size "
+                        "devices, their KV pages moved to a decode engine on the next ones (docs/sharding.md)")
 
 
 def _json_object(text: str) -> dict:
@@ -117,8 +120,9 @@ def engine_config_kwargs(args) -> dict:
     for name in ("max_num_seqs", "max_num_batched_tokens", "compilation_cache_dir", "enable_prefix_caching"):
         if kwargs[name] is None:
             del kwargs[name]
-    if getattr(args, "data_parallel_size", None) is not None:  # `_add_data_parallel_arg`'s flag
+    if getattr(args, "data_parallel_size", None) is not None:  # `_add_data_parallel_arg`'s flags
         kwargs["data_parallel_size"] = args.data_parallel_size
+        kwargs["disaggregate_prefill"] = args.disaggregate_prefill
     return kwargs
 
 

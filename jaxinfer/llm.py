@@ -29,7 +29,9 @@ class LLM:
         attention_backend, tensor_parallel_size, data_parallel_size, quantization ("int8",
         "int4", "fp8", or "gguf" to run a GGUF file's own blocks), ...). With
         data_parallel_size > 1, `llm.engine` is a DataParallelEngine of that many replicas
-        (jaxinfer/engine/data_parallel.py).
+        (jaxinfer/engine/data_parallel.py); with disaggregate_prefill=True, a
+        DisaggregatedEngine (prefill and decode on their own devices,
+        jaxinfer/engine/disaggregated.py).
     The functional model is reachable as `llm.model.config`, `llm.model.graphdef` and
     `llm.model.params` (the NNX state; `nnx.merge(graphdef, params)` rebuilds the module).
     """
@@ -51,10 +53,13 @@ class LLM:
         from flax import nnx
 
         from jaxinfer.engine.data_parallel import DataParallelEngine, replica_devices
+        from jaxinfer.engine.disaggregated import DisaggregatedEngine, disaggregated_devices
         from jaxinfer.sharding import make_mesh
 
         # Checked before loading: too few devices is an error before minutes of reading weights.
         groups = replica_devices(config)
+        if config.disaggregate_prefill:
+            groups = disaggregated_devices(config)
         if isinstance(model, LoadedModel):
             self.model = model
         elif isinstance(model, nnx.Module):
@@ -67,7 +72,10 @@ class LLM:
                                     sharding=make_mesh(tp=tp, devices=groups[0]) if tp > 1 else None)
         if tokenizer is not None:
             self.model.tokenizer = tokenizer
-        if config.data_parallel_size > 1:
+        if config.disaggregate_prefill:
+            self.engine = DisaggregatedEngine(self.model, config, prefill_devices=groups[0],
+                                              decode_devices=groups[1])
+        elif config.data_parallel_size > 1:
             self.engine = DataParallelEngine(self.model, config, devices=[d for g in groups for d in g])
         else:
             self.engine = LLMEngine(self.model, config)

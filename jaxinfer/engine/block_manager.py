@@ -418,6 +418,25 @@ class BlockManager:
             hashes.append(digest)
         return PrefixHit(tuple(pages), tuple(slots), tuple(hashes), self.page_size)
 
+    def cached_device_pages(self, block_hashes: Sequence[bytes]) -> list[int]:
+        """The device pages holding the leading run of `block_hashes` that is cached on the
+        device (pages another engine may copy; see engine/disaggregated.py)."""
+        pages = []
+        for digest in block_hashes:
+            page = self._page_of_hash.get(digest)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def import_host_page(self, digest: bytes) -> int | None:
+        """A host-tier slot for a page moved in from elsewhere under hash `digest`, which the
+        caller fills before the next step; None when this engine already holds the hash (on the
+        device or in the tier) or has no tier."""
+        if digest in self._page_of_hash:
+            return None
+        return self.host.insert(digest)
+
     def record_admission(self, num_tokens: int, hit: PrefixHit) -> None:
         """Counts one admitted request's lookup: its tokens as queries, the hit as hits."""
         self.num_prefix_query_tokens += num_tokens

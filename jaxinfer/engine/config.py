@@ -67,6 +67,10 @@ class EngineConfig:
         devices (vLLM's name); requests go to the least busy one
         (jaxinfer/engine/data_parallel.py). Read by `LLM` and DataParallelEngine: one
         LLMEngine is one replica and ignores it.
+      disaggregate_prefill: prefill-decode disaggregation: prompts are computed by a prefill
+        engine on tensor_parallel_size devices and their KV pages move to a decode engine on the
+        next tensor_parallel_size devices, which generates (jaxinfer/engine/disaggregated.py).
+        Read by `LLM` and DisaggregatedEngine, like data_parallel_size.
       enable_expert_parallel: split a mixture-of-experts model's experts, whole, over the
         tensor-parallel devices instead of splitting every expert's mlp width (vLLM's name);
         num_experts must be a multiple of tensor_parallel_size (models/moe.py).
@@ -103,6 +107,7 @@ class EngineConfig:
     warmup: bool = True
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    disaggregate_prefill: bool = False
     enable_expert_parallel: bool = False
     quantization: str | None = None
     quantization_group_size: int = 128

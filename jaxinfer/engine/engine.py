@@ -416,17 +416,24 @@ class LLMEngine:
 
         cache_salt (or a prompt dict's "cache_salt", as in vLLM): requests share cached prefix
         pages only with requests of the same salt (e.g. one per tenant)."""
+        params = params or SamplingParams()
+        if request_id in self._groups or request_id in self._replayed:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids, cache_salt = self.check_request(prompt, params, cache_salt)
+        self._queue(request_id, text, ids, params, arrival_time, priority, cache_salt)
+
+    def check_request(self, prompt: PromptType, params: SamplingParams,
+                      cache_salt: str | None = None) -> tuple[str | None, list[int], str | None]:
+        """What add_request checks before queueing anything: raises ValueError when the request
+        cannot be served; returns (prompt text, prompt token ids, cache salt)."""
         if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
             if cache_salt is not None and cache_salt != prompt["cache_salt"]:
                 raise ValueError("cache_salt is given twice, with different values")
             cache_salt = prompt["cache_salt"]
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
-        params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if request_id in self._groups or request_id in self._replayed:
-            raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len="
@@ -442,6 +449,11 @@ class LLMEngine:
                              f"ids; at most {widths.banned_ids} are supported")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        if params.structured_outputs:  # compiled (and cached) here, so a bad constraint is refused
+            self.structured.compile(params.structured_outputs)
+        return text, ids, cache_salt
+
+    def _queue(self, request_id, text, ids, params, arrival_time, priority, cache_salt) -> None:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         response_key = None
         if self.response_cache is not None:

@@ -74,6 +74,15 @@ class HostTier:
         self._pending.add(digest)
         return slot
 
+    def insert(self, digest: bytes) -> int | None:
+        """A slot for a page with hash `digest` whose bytes the caller writes now, before the next
+        step (a page moved in from elsewhere): readable at once, unlike `store`'s. None when the
+        hash is already here or the tier has no slots."""
+        slot = self.store(digest)
+        if slot is not None:
+            self._pending.discard(digest)
+        return slot
+
     def end_step(self) -> None:
         """The step that carries this step's offloads has been handed out: they become readable."""
         self._pending.clear()
