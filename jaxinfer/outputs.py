@@ -72,3 +72,23 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # None for the first token
     metrics: RequestMetrics | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def merge_deltas(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One delta output carrying two consecutive ones of the same request (DELTA output kind):
+    each completion's text, tokens and logprobs concatenated, its finish state and cumulative
+    logprob from the later one. Lets a consumer that fell behind take what queued up in one piece."""
+    merged = {c.index: c for c in first.outputs}
+    for c in later.outputs:
+        prev = merged.get(c.index)
+        if prev is None:
+            merged[c.index] = c
+            continue
+        logprobs = None
+        if prev.logprobs is not None or c.logprobs is not None:
+            logprobs = list(prev.logprobs or []) + list(c.logprobs or [])
+        merged[c.index] = dataclasses.replace(
+            c, text=prev.text + c.text, token_ids=list(prev.token_ids) + list(c.token_ids), logprobs=logprobs)
+    return dataclasses.replace(later, outputs=list(merged.values()),
+                               prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None
+                               else later.prompt_logprobs, extra={**first.extra, **later.extra})

@@ -17,7 +17,7 @@ from jaxinfer.sampling_params import RequestOutputKind, SamplingParams, Structur
 from jaxinfer.server.errors import OpenAIError, bad_request, error_body, overloaded, param_of_message
 from jaxinfer.server.logprobs import LogprobFormatter
 from jaxinfer.server.protocol import SamplingFields
-from jaxinfer.server.streaming import SSE_DONE, merge, prepend, sse
+from jaxinfer.server.streaming import SSE_DONE, compact_json, merge, prepend, sse
 
 logger = logging.getLogger(__name__)
 
@@ -237,12 +237,18 @@ class StreamedChoices:
         and [DONE]. An error after the stream started becomes an error event."""
         for choice in first_choices:
             yield sse({**header, "choices": [choice], **self.usage_field()})
+        # Every chunk is the header, one choice and the usage field: the header's JSON is
+        # written once, so a token costs one small json.dumps (what sse() gives, key for key).
+        opening = sse({**header, "choices": []})[:-len("]}\n\n")]
         try:
             async with contextlib.aclosing(self.updates()) as updates:
                 async for i, index, c in updates:
                     choices = choice_of(i, index, c)
                     for choice in choices if isinstance(choices, list) else [choices]:
-                        yield sse({**header, "choices": [choice], **self.usage_field()})
+                        usage_json = ""
+                        if self.include_usage:
+                            usage_json = ',"usage":' + compact_json(self.usage() if self.continuous_usage else None)
+                        yield f"{opening}{compact_json(choice)}]{usage_json}}}\n\n"
             if self.include_usage:
                 yield sse({**header, "choices": [], "usage": self.usage()})
         except Exception as e:  # the status line already went out as 200

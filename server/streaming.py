@@ -110,13 +110,15 @@ async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int,
             await s.aclose()
 
 
-def sse(data: Any) -> str:
-    """One server-sent event carrying `data` as compact JSON.
+def compact_json(data: Any) -> str:
+    """Compact, ASCII-only JSON: a raw U+2028 or U+0085 in the text would end the line for
+    clients that split lines the way Python's str.splitlines does."""
+    return json.dumps(data, separators=(',', ':'))
 
-    ASCII-only JSON: a raw U+2028 or U+0085 in the text would end the line for clients that split
-    lines the way Python's str.splitlines does.
-    """
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying `data` as compact JSON."""
+    return f"data: {compact_json(data)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

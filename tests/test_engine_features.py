@@ -228,6 +228,58 @@ def test_async_streams_and_disconnect(engine, model):
     assert usage == (0, False)
 
 
+def test_a_slow_consumer_gets_what_queued_in_one_output(engine, model):
+    """A consumer that reads slower than the engine steps gets the deltas queued meanwhile merged
+    (tokens, text and logprobs in order), or the latest cumulative output: nothing is lost and
+    nothing repeats."""
+    from jaxinfer.sampling_params import RequestOutputKind
+
+    [ref] = generate(model, [PROMPT], 24)
+    front = AsyncLLMEngine(engine)
+
+    async def consume(rid, kind):
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1, output_kind=kind)
+        got = []
+        async for out in front.generate({"prompt_token_ids": PROMPT}, params, rid):
+            got.append(out)
+            await asyncio.sleep(0.15)  # several engine steps pass before the next read
+        return got
+
+    async def main():
+        return await asyncio.gather(consume("delta", RequestOutputKind.DELTA),
+                                    consume("cumulative", RequestOutputKind.CUMULATIVE))
+
+    try:
+        delta, cumulative = asyncio.run(main())
+    finally:
+        front.shutdown()
+    tokens = [t for out in delta for t in out.outputs[0].token_ids]
+    assert tokens == ref and delta[-1].finished and not any(o.finished for o in delta[:-1])
+    assert max(len(o.outputs[0].token_ids) for o in delta) > 1  # some outputs were merged
+    assert "".join(o.outputs[0].text for o in delta) == model.tokenizer.decode(ref)
+    logprobs = [lp for out in delta for lp in out.outputs[0].logprobs]
+    assert len(logprobs) == len(ref) and all(tok in d for d, tok in zip(logprobs, ref))
+    assert cumulative[-1].outputs[0].token_ids == ref and len(cumulative) < len(ref)
+    lengths = [len(o.outputs[0].token_ids) for o in cumulative]
+    assert lengths == sorted(set(lengths))  # each read is newer than the last
+
+
+def test_merge_deltas_concatenates_each_completion():
+    from jaxinfer.outputs import CompletionOutput, RequestOutput, merge_deltas
+
+    a = RequestOutput("r", None, [1], [CompletionOutput(0, "ab", [3, 4], logprobs=[{3: 0.1}, {4: 0.2}]),
+                                       CompletionOutput(1, "x", [9])], prompt_logprobs=[None],
+                      extra={"k": 1})
+    b = RequestOutput("r", None, [1], [CompletionOutput(0, "c", [5], finish_reason="length", logprobs=[{5: 0.3}]),
+                                       CompletionOutput(2, "z", [8])], finished=True, extra={"j": 2})
+    m = merge_deltas(a, b)
+    assert m.finished and m.prompt_logprobs == [None] and m.extra == {"k": 1, "j": 2}
+    by_index = {c.index: c for c in m.outputs}
+    assert (by_index[0].text, by_index[0].token_ids, by_index[0].finish_reason) == ("abc", [3, 4, 5], "length")
+    assert by_index[0].logprobs == [{3: 0.1}, {4: 0.2}, {5: 0.3}]
+    assert by_index[1].token_ids == [9] and by_index[2].token_ids == [8]
+
+
 @pytest.fixture(scope="module")
 def small_score_chunk_engine(model):
     """Prompt logprobs scored 12 rows at a time: several chunks per step, the last one padded."""

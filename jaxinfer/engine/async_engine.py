@@ -16,8 +16,8 @@ import threading
 from typing import AsyncIterator
 
 from jaxinfer.engine.engine import LLMEngine, PromptType
-from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.outputs import RequestOutput, merge_deltas
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +84,29 @@ class AsyncLLMEngine:
                 self._abort_quietly(request_id)
             raise
         finished = False
+        cumulative = params.output_kind == RequestOutputKind.CUMULATIVE
+        error = None
         try:
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer that fell behind (many streams on one event loop) takes everything
+                # queued in one output, as vLLM's output collector does: the latest cumulative
+                # output, or the deltas merged. Under load a chunk then carries several tokens
+                # and the server's cost per token falls instead of its backlog growing.
+                while not item.finished and not stream.empty():
+                    later = stream.get_nowait()
+                    if isinstance(later, BaseException):
+                        error = later
+                        break
+                    item = later if cumulative else merge_deltas(item, later)
                 yield item
                 if item.finished:
                     finished = True
                     return
+                if error is not None:
+                    raise error
         finally:
             self._streams.pop(request_id, None)
             if not finished:
@@ -145,10 +159,16 @@ class AsyncLLMEngine:
                 fut.set_exception(e)
 
     def _dispatch(self, outputs: list[RequestOutput]):
+        # One hand-over per event loop per step, not one per output: each call_soon_threadsafe
+        # wakes the loop through its self-pipe (a system call and a thread switch), which at
+        # 256 streams a step was a large share of the server's time per token.
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             entry = self._streams.get(out.request_id)
             if entry is not None:
-                entry[0].call_soon_threadsafe(entry[1].put_nowait, out)
+                by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _loop(self):
         try:
@@ -164,6 +184,12 @@ class AsyncLLMEngine:
             self._error = e
             for loop, stream in list(self._streams.values()):
                 loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(f"engine stopped: {e!r}"))
+
+
+def _deliver(items) -> None:
+    """Puts each output on its stream's queue (on the streams' event loop)."""
+    for stream, out in items:
+        stream.put_nowait(out)
 
 
 class QueueFullError(RuntimeError):
