@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# A float8 KV cache (scale 1, as vLLM's uncalibrated "fp8"), read by the kernels that upcast
+# pages to q's dtype after the load (the GPU kernels and the references).
+FP8_CACHE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
 
 
 def check_dtypes(**arrays) -> None:
@@ -21,8 +24,9 @@ def check_dtypes(**arrays) -> None:
             raise ValueError(f"{name} dtype {x.dtype} is not one of {[str(d) for d in SUPPORTED_DTYPES]}")
 
 
-def check_paged_kv(q, k_pages, v_pages) -> tuple[int, int, int]:
-    """Validates q [..., N, H] against k_pages, v_pages [K, num_pages, page_size, H].
+def check_paged_kv(q, k_pages, v_pages, fp8_cache: bool = False) -> tuple[int, int, int]:
+    """Validates q [..., N, H] against k_pages, v_pages [K, num_pages, page_size, H]; the cache
+    has q's dtype, or with `fp8_cache` may be float8 e4m3 instead.
 
     Returns (num_kv_heads, num_pages, page_size).
     """
@@ -33,9 +37,11 @@ def check_paged_kv(q, k_pages, v_pages) -> tuple[int, int, int]:
         raise ValueError(f"v_pages shape {v_pages.shape} must equal k_pages shape {k_pages.shape}")
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"k_pages dtype {k_pages.dtype} differs from v_pages dtype {v_pages.dtype}")
-    check_dtypes(q=q, k_pages=k_pages)
-    if q.dtype != k_pages.dtype:
-        raise ValueError(f"q dtype {q.dtype} must equal the KV cache dtype {k_pages.dtype}")
+    check_dtypes(q=q)
+    if not (fp8_cache and jnp.dtype(k_pages.dtype) in FP8_CACHE_DTYPES):
+        check_dtypes(k_pages=k_pages)
+        if q.dtype != k_pages.dtype:
+            raise ValueError(f"q dtype {q.dtype} must equal the KV cache dtype {k_pages.dtype}")
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
     num_heads, q_head_dim = q.shape[-2:]
     if q_head_dim != head_dim:
@@ -54,9 +60,9 @@ def check_int32(name: str, x, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
-def check_decode_inputs(q, k_pages, v_pages, block_tables, seq_lens):
+def check_decode_inputs(q, k_pages, v_pages, block_tables, seq_lens, fp8_cache: bool = False):
     """Static checks of paged_attention's arrays; returns (num_kv_heads, page_size)."""
-    num_kv_heads, _, page_size = check_paged_kv(q, k_pages, v_pages)
+    num_kv_heads, _, page_size = check_paged_kv(q, k_pages, v_pages, fp8_cache)
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, num_heads, head_dim], got shape {q.shape}")
     if block_tables.ndim != 2:
@@ -66,10 +72,11 @@ def check_decode_inputs(q, k_pages, v_pages, block_tables, seq_lens):
     return num_kv_heads, page_size
 
 
-def check_ragged_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs):
+def check_ragged_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
+                        fp8_cache: bool = False):
     """Static checks of ragged_paged_attention's arrays; returns (num_kv_heads, page_size,
     num_seqs as int32[1])."""
-    num_kv_heads, _, page_size = check_paged_kv(q, k_pages, v_pages)
+    num_kv_heads, _, page_size = check_paged_kv(q, k_pages, v_pages, fp8_cache)
     if q.ndim != 3:
         raise ValueError(f"q must be [num_tokens, num_heads, head_dim], got shape {q.shape}")
     if block_tables.ndim != 2:

@@ -38,7 +38,7 @@ def test_forced_proposals_verify_k_tokens_a_step():
 
     engine = LLMEngine(tiny_model(), EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
                                                   num_pages=64, page_size=4, compilation_cache_dir="", warmup=False,
-                                                  speculative_config={"method": "ngram",
+                                                  speculative_config={"method": "ngram", "adaptive": False,
                                                                       "num_speculative_tokens": 3}))
     _forced_proposals(engine, 3)
     engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0.0, max_tokens=10,

@@ -24,7 +24,10 @@ from jaxinfer.sampling_params import SamplingParams
 from tests.engine_fixtures import tiny_model
 from tests.test_sampling import EOS, V, ref_probs
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# The proposal mechanics are tested with proposals whenever possible; the governor that turns
+# them off where they do not pay has its own tests below.
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+         "adaptive": False}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +142,7 @@ def test_greedy_equals_reference_under_batching_chunking_and_preemption(model, a
     arrivals = {str(i): int(rng.integers(0, 30)) for i in range(len(prompts))}
     # 30 usable pages of 4 tokens for up to 8 sequences of ~70 tokens: preemption; a budget of
     # 16 tokens: long prompts arrive in chunks beside other requests' verification.
-    spec = NGRAM if method == "ngram" else {"method": "draft_model", "model": _perturbed(model, 0.05),
+    spec = NGRAM if method == "ngram" else {"method": "draft_model", "adaptive": False, "model": _perturbed(model, 0.05),
                                             "num_speculative_tokens": 3}
     engine = _engine(model, num_pages=31, max_model_len=96, max_num_batched_tokens=16,
                      async_scheduling=async_scheduling, speculative_config=spec)
@@ -164,7 +167,7 @@ def test_greedy_equals_reference_under_batching_chunking_and_preemption(model, a
 def test_draft_model_equal_to_the_target_accepts_everything(model):
     rng = np.random.default_rng(6)
     prompts = _repetitive_prompts(rng, 6)
-    engine = _engine(model, speculative_config={"method": "draft_model", "model": model, "num_speculative_tokens": 4})
+    engine = _engine(model, speculative_config={"method": "draft_model", "adaptive": False, "model": model, "num_speculative_tokens": 4})
     done = _run(engine, [(str(i), p, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
                          for i, p in enumerate(prompts)])
     m = engine.metrics
@@ -173,7 +176,7 @@ def test_draft_model_equal_to_the_target_accepts_everything(model):
     for i, p in enumerate(prompts):
         assert done[str(i)].outputs[0].token_ids == generate(model, [p], 24)[0]
     with pytest.raises(ValueError, match="vocabulary"):
-        _engine(model, speculative_config={"method": "draft_model", "model": tiny_model(vocab_size=300)})
+        _engine(model, speculative_config={"method": "draft_model", "adaptive": False, "model": tiny_model(vocab_size=300)})
     with pytest.raises(ValueError, match="needs a draft"):
         SpeculativeConfig.from_dict({"method": "draft_model"})
 
@@ -316,7 +319,7 @@ def test_no_compiles_after_warmup_with_speculation(model, method):
     opt out), n = 2, proposals of every length: nothing compiles once the engine has warmed up."""
     from tests.test_engine import _feature_params
 
-    spec = NGRAM if method == "ngram" else {"method": "draft_model", "model": _perturbed(model, 0.05),
+    spec = NGRAM if method == "ngram" else {"method": "draft_model", "adaptive": False, "model": _perturbed(model, 0.05),
                                             "num_speculative_tokens": 3}
     engine = _engine(model, warmup=True, num_pages=48, speculative_config=spec)
     rng = np.random.default_rng(5)
@@ -357,7 +360,7 @@ def test_failing_proposals_back_off(model):
     """An unrelated draft model's proposals are always rejected: the request proposes again
     after 1, 2, 4, ... rounds, not every step, and its output stays exact."""
     prompt = [5, 9, 13, 17] * 3
-    engine = _engine(model, speculative_config={"method": "draft_model", "model": tiny_model(seed=5),
+    engine = _engine(model, speculative_config={"method": "draft_model", "adaptive": False, "model": tiny_model(seed=5),
                                                 "num_speculative_tokens": 3})
     done = _run(engine, [("a", prompt, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))])
     m = engine.metrics
@@ -393,3 +396,60 @@ def test_structured_rows_share_steps_with_verifying_rows(tmp_path):
     assert re.fullmatch(regex, outs["spec"]["s"].outputs[0].text), outs["spec"]["s"].outputs[0].text
     for rid in ("g0", "g1", "s"):
         assert outs["spec"][rid].outputs[0].token_ids == outs["plain"][rid].outputs[0].token_ids
+
+
+# -- the governor: propose only while it measures faster ----------------------------------------
+def _drive(governor, steps, rate_with, rate_without, num_running=1):
+    """Runs the governor against fixed token rates (tokens per 10 ms step); returns its modes."""
+    modes = []
+    for _ in range(steps):
+        mode = governor.speculate(num_running)
+        modes.append(mode)
+        governor.record(num_running, mode, 0.01, (rate_with if mode else rate_without) * 0.01)
+    return modes
+
+
+def test_governor_keeps_the_faster_mode_and_looks_again():
+    from jaxinfer.engine.speculative import SpeculationGovernor
+
+    g = SpeculationGovernor(probe_steps=4, reprobe_every=64)
+    modes = _drive(g, 400, rate_with=300.0, rate_without=100.0)
+    # Proposals first, then plain steps to measure them, then proposals except for re-probes.
+    assert modes[:4] == [True] * 4 and modes[4:9] == [False] * 5
+    settled = modes[9:]
+    assert sum(settled) / len(settled) >= 64 / 69 - 0.01
+    assert g.rates(1) == {True: pytest.approx(300.0), False: pytest.approx(100.0)}
+    # Where plain steps are faster (a large batch), it proposes only to re-probe; buckets are
+    # separate, so batch 1 keeps proposing meanwhile.
+    big = _drive(g, 400, rate_with=5000.0, rate_without=6400.0, num_running=64)
+    assert sum(big[20:]) / len(big[20:]) <= 5 / 69 + 0.01
+    assert g.speculate(1) or g.speculate(1)
+    # A workload that changes is noticed at the next re-probe.
+    turned = _drive(g, 200, rate_with=50.0, rate_without=100.0)
+    assert sum(turned[100:]) / 100 <= 5 / 69 + 0.02
+    with pytest.raises(ValueError):
+        SpeculationGovernor(probe_steps=1)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_engine_follows_the_governor(model, async_scheduling):
+    """The engine asks the governor before proposing: held off, it proposes nothing; allowed,
+    it does; switched every few steps (synchronous proposal steps and asynchronous plain ones
+    alternating), greedy outputs still equal the reference loop."""
+    from jaxinfer.engine.speculative import SpeculationGovernor
+
+    prompts = _repetitive_prompts(np.random.default_rng(4), 3)
+    ref = generate(model, prompts, 12)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    asked = []
+    policies = {"never": lambda n: False, "always": lambda n: True,
+                "alternating": lambda n: asked.append(n) or len(asked) % 3 != 0}
+    for name, policy in policies.items():
+        engine = _engine(model, speculative_config={**NGRAM, "adaptive": True}, async_scheduling=async_scheduling)
+        assert isinstance(engine._governor, SpeculationGovernor)
+        engine._governor.speculate = policy
+        done = _run(engine, [(f"r{i}", p, params) for i, p in enumerate(prompts)])
+        assert [done[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))] == ref, name
+        assert (engine.metrics.spec_decode_num_drafts_total > 0) == (name != "never"), name
+    assert asked and all(n >= 1 for n in asked)
+    assert _engine(model)._governor is None  # adaptive False

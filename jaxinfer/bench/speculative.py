@@ -232,7 +232,8 @@ def cmd_verify_cost(args) -> int:
         baseline[b] = _step_time(engine, b, args.input_len, args.num_steps, vocab, f"base{b}")
     del engine
     gc.collect()
-    spec = {"method": "ngram", "num_speculative_tokens": max(max(ks), 1)}
+    # Proposals forced every step (the governor would stop them: they are never accepted).
+    spec = {"method": "ngram", "num_speculative_tokens": max(max(ks), 1), "adaptive": False}
     engine = LLMEngine(model, EngineConfig(**{**kwargs, "speculative_config": spec}))
     cost = _cost(model)
     sheet = datasheet()

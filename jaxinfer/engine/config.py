@@ -34,8 +34,9 @@ class EngineConfig:
       kv_cache_memory_fraction: share of the device's free memory given to the KV cache.
       kv_cache_dtype: "auto" (the parameters' dtype), "float32", "bfloat16", or "fp8" (vLLM's
         name; also "fp8_e4m3"): keys and values stored as float8 e4m3 with a scale of 1, as
-        vLLM's uncalibrated default, saturated at +-448; half the bytes of bf16. Runs on the
-        XLA attention path (the Pallas kernels read 16- and 32-bit caches only).
+        vLLM's uncalibrated default, saturated at +-448; half the bytes of bf16. The XLA path
+        and the GPU kernels read it (pages upcast after the load); on a TPU it runs on the XLA
+        path.
       scheduling_policy: "fcfs" or "priority".
       enable_prefix_caching: reuse KV pages of identical prompt prefixes (on by default, as in
         vLLM: a hit skips computing, a miss costs one hash per full page). Prefixes are shared

@@ -30,7 +30,7 @@ from jaxinfer.engine.structured import Grammar, StructuredOutputs
 from jaxinfer.models import layer_views, layers_are_stacked, param_dtype, unstack_layers
 from jaxinfer.models.linear import Linear
 from jaxinfer.engine.scheduler import Scheduler, SchedulerConfig
-from jaxinfer.engine.speculative import TokenHistories, ngram_proposal
+from jaxinfer.engine.speculative import SpeculationGovernor, TokenHistories, ngram_proposal
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
@@ -220,12 +220,13 @@ class LLMEngine:
         kv_dtype = (weights_dtype if config.kv_cache_dtype == "auto" else
                     jnp.dtype(jnp.float8_e4m3fn) if fp8_kv else jnp.dtype(config.kv_cache_dtype))
         backend = config.attention_backend
-        if fp8_kv:  # only the XLA path reads float8 pages
-            if backend == "pallas":
-                raise ValueError("kv_cache_dtype='fp8' runs on attention_backend='xla' (the Pallas kernels read "
-                                 "16- and 32-bit caches); use 'auto' or 'xla'")
-            backend = "xla"
         attention = resolve_attention_backend(backend, mesh=mesh, num_kv_heads=mc.num_kv_heads)
+        if fp8_kv and getattr(attention, "platform", "gpu") == "tpu":
+            # The GPU kernels upcast float8 pages after the load; the TPU kernels do not yet.
+            if backend == "pallas":
+                raise ValueError("kv_cache_dtype='fp8' on a TPU runs on attention_backend='xla' (the TPU "
+                                 "kernels read 16- and 32-bit caches); use 'auto' or 'xla'")
+            attention = resolve_attention_backend("xla")
         # The draft model's KV pool is allocated before the target's is sized from free memory.
         self.draft = self._draft_proposer(config, attention, kv_dtype) if config.speculative_config else None
         # A kernel that tiles only some head sizes keeps its cache zero-padded to one.
@@ -287,6 +288,10 @@ class LLMEngine:
         self._spec_backoff: dict[str, tuple[int, int]] = {}  # request id -> (rounds left, level)
         self._spec_async_steps = 0
         self._token_histories = TokenHistories()  # n-gram lookups read these, extended as tokens come
+        # Whether proposing pays, measured per batch size (speculative.SpeculationGovernor).
+        self._governor = (SpeculationGovernor() if self.speculative is not None and self.speculative.adaptive
+                          else None)
+        self._last_step_end: float | None = None
         self._groups: dict[str, _Group] = {}
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
         self._seed_rng = np.random.default_rng(config.seed)
@@ -550,9 +555,11 @@ class LLMEngine:
             self._record_cache_queries()
             if not self._groups:
                 return outputs
-        if self._spec_async_steps and self._in_flight is not None:
+        spec_on = self._speculating()
+        tokens_before = self.metrics.generation_tokens_total
+        if spec_on and self._spec_async_steps and self._in_flight is not None:
             self._spec_async_steps -= 1
-        elif self._speculating():
+        elif spec_on:
             # Proposals need each request's last token: the step in flight is read first (so
             # speculation runs without the async overlap, which only helps at large batches,
             # where `disable_by_batch_size` turns proposals off and the overlap on again).
@@ -576,12 +583,20 @@ class LLMEngine:
             self._in_flight = launched
         else:
             outputs += self._finish_step(launched)
+        if self._governor is not None:
+            now = time.monotonic()
+            if self._last_step_end is not None and self.scheduler.num_running:
+                self._governor.record(self.scheduler.num_running, spec_on, now - self._last_step_end,
+                                      self.metrics.generation_tokens_total - tokens_before)
+            self._last_step_end = now if self.scheduler.num_running else None
         return outputs
 
     def _speculating(self) -> bool:
         spec = self.speculative
-        return spec is not None and (spec.disable_by_batch_size is None
-                                     or self.scheduler.num_running <= spec.disable_by_batch_size)
+        if spec is None or (spec.disable_by_batch_size is not None
+                            and self.scheduler.num_running > spec.disable_by_batch_size):
+            return False
+        return self._governor is None or self._governor.speculate(max(1, self.scheduler.num_running))
 
     def _propose(self) -> None:
         """Proposes tokens for every request that decodes next and may speculate: its last

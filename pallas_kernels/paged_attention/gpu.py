@@ -112,6 +112,8 @@ def flash_over_pages(q, k_ref, v_ref, tables_ref, table_row, *, page_size, kv_lo
         rows = jnp.where(in_range, (ids[:, None] * page_size + page_offsets).reshape(block_k),
                          stand_in_row)
         k, v = k_ref[rows], v_ref[rows]
+        if k.dtype != q.dtype:  # a float8 cache: upcast after the load, so the dots run in q's dtype
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         s = scaled_logits(_dot(q, k, ((1,), (1,))), scale=scale, logit_softcap=logit_softcap)
         s = jnp.where(in_range[None, :] & visible_fn(k_pos), s, -jnp.inf)
         return online_softmax_step(acc, m, l, s, v)
@@ -210,7 +212,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale, slidi
       [B, N, H] in q.dtype.
     """
     q, k_pages, v_pages, true_head_dim = pad_head_dims(q, k_pages, v_pages, gpu_head_dim(q.shape[-1]))
-    num_kv_heads, page_size = check_decode_inputs(q, k_pages, v_pages, block_tables, seq_lens)
+    num_kv_heads, page_size = check_decode_inputs(q, k_pages, v_pages, block_tables, seq_lens,
+                                                  fp8_cache=True)
     check_options(scale, sliding_window, logit_softcap)
     batch, num_heads, head_dim = q.shape
     pages_per_seq = block_tables.shape[1]

@@ -43,7 +43,8 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, *, sc
     Returns:
       [B, N, H] in q.dtype; rows with seq_len 0 are zeros.
     """
-    num_kv_heads, page_size = check_decode_inputs(q, k_pages, v_pages, block_tables, seq_lens)
+    num_kv_heads, page_size = check_decode_inputs(q, k_pages, v_pages, block_tables, seq_lens,
+                                                  fp8_cache=True)
     check_options(scale, sliding_window, logit_softcap)
     b, n, h = q.shape
     p = block_tables.shape[1]

@@ -146,7 +146,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     """
     q, k_pages, v_pages, true_head_dim = pad_head_dims(q, k_pages, v_pages, gpu_head_dim(q.shape[-1]))
     num_kv_heads, page_size, num_seqs = check_ragged_inputs(
-        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
+        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, fp8_cache=True)
     check_options(scale, sliding_window, logit_softcap)
     num_tokens, num_heads, head_dim = q.shape
     max_seqs = block_tables.shape[0]

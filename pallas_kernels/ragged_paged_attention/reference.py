@@ -45,7 +45,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, block_tables,
       [T, N, H] in q.dtype; padding rows are zeros.
     """
     num_kv_heads, page_size, _ = check_ragged_inputs(q, k_pages, v_pages, kv_lens, block_tables,
-                                                     cu_q_lens, num_seqs)
+                                                     cu_q_lens, num_seqs, fp8_cache=True)
     check_options(scale, sliding_window, logit_softcap)
     t, n, h = q.shape
     p = block_tables.shape[1]
