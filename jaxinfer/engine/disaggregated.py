@@ -101,8 +101,9 @@ class DisaggregatedEngine:
         params, graphdef = model.params, model.graphdef
         config = dataclasses.replace(config, disaggregate_prefill=False)  # what each engine is
         with jax.default_device(prefill_devices[0]):
+            # It only computes prompts: no host tier, response cache or proposer of its own.
             self.prefill = LLMEngine(model, dataclasses.replace(config, kv_offloading_size=None,
-                                                                 response_cache_size=0),
+                                                                 response_cache_size=0, speculative_config=None),
                                      devices=prefill_devices)
         decode_config = config
         if config.kv_offloading_size is None:
