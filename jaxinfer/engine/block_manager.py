@@ -224,6 +224,8 @@ class BlockManager:
         if not isinstance(num_tokens_total, int) or num_tokens_total < 0:
             raise ValueError(f"num_tokens_total must be a non-negative integer, got {num_tokens_total!r}")
         table = self._tables.get(request_id)
+        if table is not None and prefix_hit is None and num_tokens_total <= len(table) * self.page_size:
+            return []  # a running request within its pages: most decode steps (called per request per step)
         is_new = table is None
         hit = prefix_hit or PrefixHit(page_size=self.page_size)
         if hit.pages:
@@ -361,7 +363,10 @@ class BlockManager:
                              f"of request {request_id!r}; allocate slots first")
         if start_pos == end_pos:
             return []
-        indices = range(start_pos // self.page_size, (end_pos - 1) // self.page_size + 1)
+        first, last = start_pos // self.page_size, (end_pos - 1) // self.page_size
+        if first == last and self._ref_counts[table[first]] == 1 and table[first] not in self._hash_of_page:
+            return []  # one private, uncached page: a decode's usual write, nothing to do
+        indices = range(first, last + 1)
         if sum(1 for i in indices if self._ref_counts[table[i]] > 1) > self.num_free_pages:
             return None
         copy_ops = []
