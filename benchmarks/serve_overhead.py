@@ -41,6 +41,8 @@ class StepEngine:
         self.tokens = 0
 
     def add_request(self, request_id, prompt, params, priority: int = 0, **_):
+        if params.output_kind != RequestOutputKind.DELTA:
+            raise ValueError("the stand-in engine streams deltas only")
         ids = prompt.get("prompt_token_ids") or self.tokenizer.encode(prompt["prompt"])
         self.running[request_id] = [params, ids, 0]
 
@@ -59,12 +61,9 @@ class StepEngine:
             token, text = self.pieces[done % len(self.pieces)]
             entry[2] = done = done + 1
             finished = done >= params.max_tokens
-            delta = params.output_kind == RequestOutputKind.DELTA
             outputs.append(RequestOutput(rid, None, ids, [CompletionOutput(
                 index=0, text=text, token_ids=[token], finish_reason="length" if finished else None)],
                 finished=finished))
-            if not delta:
-                raise ValueError("the stand-in engine streams deltas only")
             if finished:
                 del self.running[rid]
         self.tokens += len(outputs)

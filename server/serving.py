@@ -235,31 +235,29 @@ class StreamedChoices:
         choice that `choice_of(prompt index, choice index, delta output)` returns for an update
         (one choice, or a list of them: none, or several chunks), the usage chunk if asked for,
         and [DONE]. An error after the stream started becomes an error event."""
-        for choice in first_choices:
-            yield sse({**header, "choices": [choice], **self.usage_field()})
         # Every chunk is the header, one choice and the usage field: the header's JSON is
         # written once, so a token costs one small json.dumps (what sse() gives, key for key).
         opening = sse({**header, "choices": []})[:-len("]}\n\n")]
+
+        def chunk(choice) -> str:
+            if not self.include_usage:
+                return f"{opening}{compact_json(choice)}]}}\n\n"
+            usage = self.usage() if self.continuous_usage else None  # running totals, or null
+            return f"{opening}{compact_json(choice)}],\"usage\":{compact_json(usage)}}}\n\n"
+
+        for choice in first_choices:
+            yield chunk(choice)
         try:
             async with contextlib.aclosing(self.updates()) as updates:
                 async for i, index, c in updates:
                     choices = choice_of(i, index, c)
                     for choice in choices if isinstance(choices, list) else [choices]:
-                        usage_json = ""
-                        if self.include_usage:
-                            usage_json = ',"usage":' + compact_json(self.usage() if self.continuous_usage else None)
-                        yield f"{opening}{compact_json(choice)}]{usage_json}}}\n\n"
+                        yield chunk(choice)
             if self.include_usage:
                 yield sse({**header, "choices": [], "usage": self.usage()})
         except Exception as e:  # the status line already went out as 200
             yield stream_error_event(e)
         yield SSE_DONE
-
-    def usage_field(self) -> dict[str, Any]:
-        """What each chunk carries about usage: nothing, null, or the running totals."""
-        if not self.include_usage:
-            return {}
-        return {"usage": self.usage() if self.continuous_usage else None}
 
     def usage(self) -> dict[str, int]:
         return usage(self.prompt_tokens, self.completion_tokens)

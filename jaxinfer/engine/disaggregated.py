@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import LLMEngine, PromptType
-from jaxinfer.engine.kv_offload import _gather_pages, batches
+from jaxinfer.engine.kv_offload import gather_pages, padded_pages, transfer_spans
 from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
@@ -118,7 +118,7 @@ class DisaggregatedEngine:
         self.model, self.tokenizer, self.model_config = self.decode.model, self.decode.tokenizer, self.decode.model_config
         self.max_model_len = min(self.prefill.max_model_len, self.decode.max_model_len)
         self.eos_token_ids = self.decode.eos_token_ids
-        self._gather = jax.jit(_gather_pages)
+        self._gather = jax.jit(gather_pages)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-prefill")
         self._prefilling: dict[str, _InFlight] = {}
         self.num_transferred_pages = 0
@@ -130,7 +130,7 @@ class DisaggregatedEngine:
         engine would check it, then prefilled. Raises ValueError, changing nothing, when the
         request cannot be served."""
         params = params or SamplingParams()
-        if request_id in self._prefilling or request_id in self.decode._groups:
+        if request_id in self._prefilling or self.decode.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         _, ids, cache_salt = self.decode.check_request(prompt, params, cache_salt)
         first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True,
@@ -200,14 +200,10 @@ class DisaggregatedEngine:
         pages = self.prefill.block_manager.cached_device_pages(hashes)
         if not pages:
             return [], None
-        rows, start = [], 0
-        for b in batches(len(pages)):  # the host tier's transfer sizes: few compiled shapes
-            chunk = np.zeros(b, np.int32)
-            part = pages[start:start + b]
-            chunk[:len(part)] = part
-            rows.append(np.asarray(self._gather(self.prefill.runner.kv_cache, chunk))[:len(part)])
-            start += b
-        return hashes[:len(pages)], np.concatenate(rows)
+        # In the host tier's transfer sizes, so few shapes compile.
+        rows = [np.asarray(self._gather(self.prefill.runner.kv_cache, padded_pages(pages, start, b)))
+                for start, b in transfer_spans(len(pages))]
+        return hashes[:len(pages)], np.concatenate(rows)[:len(pages)]
 
     def _import(self, hashes: list[bytes], rows: np.ndarray | None) -> None:
         """Writes the rows into the decode engine's host tier under their hashes (pages it

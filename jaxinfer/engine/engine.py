@@ -155,6 +155,15 @@ def _logprob_entry(token_id: int, lp, row: int, top_n: int) -> dict[int, Logprob
     return entry
 
 
+def _whole_completion(c: _Completion) -> CompletionOutput:
+    """A completion's output so far, whole (cumulative outputs, the response cache)."""
+    return CompletionOutput(
+        index=c.index, text=c.detokenizer.output_text if c.detokenizer is not None else "",
+        token_ids=c.request.output_token_ids, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+        logprobs=list(c.logprobs) if c.logprobs is not None else None,
+        cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None)
+
+
 class LLMEngine:
     """Continuous-batching engine over one model replica.
 
@@ -422,7 +431,7 @@ class LLMEngine:
         cache_salt (or a prompt dict's "cache_salt", as in vLLM): requests share cached prefix
         pages only with requests of the same salt (e.g. one per tenant)."""
         params = params or SamplingParams()
-        if request_id in self._groups or request_id in self._replayed:
+        if self.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids, cache_salt = self.check_request(prompt, params, cache_salt)
         self._queue(request_id, text, ids, params, arrival_time, priority, cache_salt)
@@ -467,7 +476,7 @@ class LLMEngine:
             if cached is not None:
                 self._replay(request_id, text, ids, params, arrival, *cached)
                 return
-        # Compiled before anything is queued, so an invalid constraint changes nothing.
+        # A fresh matcher from the template check_request compiled and cached.
         grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
         params = params.with_seed(int(self._seed_rng.integers(0, 2**62)))
         group = _Group(request_id, text, ids, params, RequestMetrics(arrival_time=arrival),
@@ -513,6 +522,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups or self._replayed)
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether an unfinished request holds this id."""
+        return request_id in self._groups or request_id in self._replayed
+
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._groups) + len(self._replayed)
@@ -530,12 +543,8 @@ class LLMEngine:
         """Keeps a finished group's whole completions (whatever its output kind streamed)."""
         if group.response_key is None or any(c.finish_reason == "abort" for c in group.completions):
             return
-        completions = [CompletionOutput(
-            index=c.index, text=c.detokenizer.output_text if c.detokenizer is not None else "",
-            token_ids=c.request.output_token_ids, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-            logprobs=list(c.logprobs) if c.logprobs is not None else None,
-            cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None) for c in group.completions]
-        self.response_cache.put(group.response_key, completions, group.prompt_logprobs)
+        self.response_cache.put(group.response_key, [_whole_completion(c) for c in group.completions],
+                                group.prompt_logprobs)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -805,8 +814,7 @@ class LLMEngine:
         for group in touched.values():
             outputs.append(self._make_output(group))
             if group.finished:
-                if group.response_key is not None:
-                    self._store_response(group)
+                self._store_response(group)
                 group.metrics.finished_time = now
                 self.metrics.record_finished(group.completions[0].finish_reason, now - group.metrics.arrival_time)
                 del self._groups[group.request_id]
@@ -823,19 +831,18 @@ class LLMEngine:
             return None
         completions = []
         for c in group.completions:
-            if kind == RequestOutputKind.DELTA:
-                # Only the new tokens are sliced out (a fresh list); copying every output token
-                # each step made this O(output length) per request per step.
-                text, token_ids = c.delta_text, c.request.all_token_ids[c.request.num_prompt_tokens + c.delta_start:]
-                logprobs = c.logprobs[c.delta_start:] if c.logprobs is not None else None
-                c.delta_text, c.delta_start = "", c.request.num_output_tokens
-            else:
-                text = c.detokenizer.output_text if c.detokenizer is not None else ""
-                token_ids, logprobs = c.request.output_token_ids, c.logprobs  # a fresh list already
+            if kind != RequestOutputKind.DELTA:
+                completions.append(_whole_completion(c))
+                continue
+            # Only the new tokens are sliced out (a fresh list); copying every output token
+            # each step made this O(output length) per request per step.
+            token_ids = c.request.all_token_ids[c.request.num_prompt_tokens + c.delta_start:]
+            logprobs = c.logprobs[c.delta_start:] if c.logprobs is not None else None
             completions.append(CompletionOutput(
-                index=c.index, text=text, token_ids=token_ids, finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason, logprobs=list(logprobs) if logprobs is not None else None,
+                index=c.index, text=c.delta_text, token_ids=token_ids, finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason, logprobs=logprobs,
                 cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None))
+            c.delta_text, c.delta_start = "", c.request.num_output_tokens
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=completions,
                              finished=group.finished, metrics=group.metrics,

@@ -40,7 +40,7 @@ TRANSFER_BATCHES = (1, 8, 64)
 MAX_PENDING_BYTES = 1 << 30
 
 
-def _gather_pages(kv_cache, pages_b):
+def gather_pages(kv_cache, pages_b):
     """[B, 2, K, L, page_size, H]: pages pages_b of the k and v pools [K, L, P, page_size, H]."""
     k, v = kv_cache
     return jnp.stack([k[:, :, pages_b], v[:, :, pages_b]]).transpose(3, 0, 1, 2, 4, 5)
@@ -93,7 +93,7 @@ class HostKVPool:
             self._rows_placement = NamedSharding(kv_sharding.mesh, PartitionSpec(None, None, kv_sharding.spec[0]))
             gather_out = dict(out_shardings=self._rows_placement)
             scatter_out = dict(out_shardings=kv_sharding)
-        self._gather = jax.jit(_gather_pages, **gather_out)
+        self._gather = jax.jit(gather_pages, **gather_out)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), **scatter_out)
         self.num_offloaded = self.num_reloaded = 0
 
@@ -114,20 +114,18 @@ class HostKVPool:
         """Applies one step's copies (see the module docstring); returns the new pools."""
         pending = {slot for slots, _ in self._landing for slot in slots}
         self.land(only_ready=not any(slot in pending for slot, _ in reloads))
-        for start, b in _spans(len(offloads)):
+        for start, b in transfer_spans(len(offloads)):
             chunk = offloads[start:start + b]
-            pages = np.zeros(b, np.int32)  # padding reads the scratch page
-            pages[:len(chunk)] = [page for page, _ in chunk]
-            gathered = self._gather(kv_cache, pages)
+            # Padding reads the scratch page.
+            gathered = self._gather(kv_cache, padded_pages([page for page, _ in chunk], 0, b))
             gathered.copy_to_host_async()
             self._landing.append(([slot for _, slot in chunk], gathered))
             self.num_offloaded += len(chunk)
         while sum(g.nbytes for _, g in self._landing) > MAX_PENDING_BYTES:
             self._land_first()
-        for start, b in _spans(len(reloads)):
+        for start, b in transfer_spans(len(reloads)):
             chunk = reloads[start:start + b]
-            pages = np.zeros(b, np.int32)  # padding writes zeros into the scratch page
-            pages[:len(chunk)] = [page for _, page in chunk]
+            pages = padded_pages([page for _, page in chunk], 0, b)  # padding writes zeros into the scratch page
             rows = np.zeros((b, *self.pool.shape[1:]), self.pool.dtype)
             rows[:len(chunk)] = self.pool[[slot for slot, _ in chunk]]
             kv_cache = self._scatter(kv_cache, pages, jax.device_put(rows, self._rows_placement))
@@ -148,7 +146,15 @@ class HostKVPool:
             self.pool[slot] = rows[i]
 
 
-def _spans(num: int) -> list[tuple[int, int]]:
+def padded_pages(pages: Sequence[int], start: int, b: int) -> np.ndarray:
+    """Pages [start, start + b) of `pages` as one transfer batch of b, padded with the scratch page 0."""
+    chunk = np.zeros(b, np.int32)
+    part = pages[start:start + b]
+    chunk[:len(part)] = part
+    return chunk
+
+
+def transfer_spans(num: int) -> list[tuple[int, int]]:
     """(start, batch size) of each transfer for `num` pages."""
     out, start = [], 0
     for b in batches(num):

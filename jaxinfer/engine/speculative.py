@@ -177,46 +177,53 @@ class SpeculationGovernor:
     def bucket(num_running: int) -> int:
         return 1 << max(0, num_running - 1).bit_length()
 
-    def _state(self, num_running: int) -> dict:
-        b = self.bucket(num_running)
-        if b not in self._buckets:
-            self._buckets[b] = {"rate": {True: None, False: None}, "mode": True, "steps_in_mode": 0,
-                                "counted": {True: 0, False: 0}, "last_mode": None}
-        return self._buckets[b]
+    def _state(self, num_running: int) -> "_BucketState":
+        return self._buckets.setdefault(self.bucket(num_running), _BucketState())
 
     def rates(self, num_running: int) -> dict[bool, float | None]:
         """Tokens per second with (True) and without (False) proposals in this bucket."""
-        return dict(self._state(num_running)["rate"])
+        return dict(self._state(num_running).rate)
 
     def speculate(self, num_running: int) -> bool:
         """Whether the next step should carry proposals."""
         s = self._state(num_running)
-        with_rate, plain_rate = s["rate"][True], s["rate"][False]
-        mode = s["mode"]
-        if s["counted"][mode] < self.probe_steps:
+        mode = s.mode
+        if s.counted[mode] < self.probe_steps:
             return mode  # still measuring this mode
-        if with_rate is None or plain_rate is None or s["counted"][not mode] < self.probe_steps:
-            s["mode"], s["steps_in_mode"] = not mode, 0  # measure the other mode next
-            return s["mode"]
-        best = with_rate >= plain_rate
-        if s["steps_in_mode"] >= self.reprobe_every and mode == best:
-            s["mode"], s["steps_in_mode"] = not best, 0  # look at the other mode again
-            s["counted"][not best] = 0
-            return s["mode"]
-        if mode != best and s["counted"][mode] >= self.probe_steps:
-            s["mode"], s["steps_in_mode"] = best, 0
-        return s["mode"]
+        if s.counted[not mode] < self.probe_steps:
+            s.switch_to(not mode)  # measure the other mode next
+            return s.mode
+        best = s.rate[True] >= s.rate[False]
+        if mode == best and s.steps_in_mode >= self.reprobe_every:
+            s.switch_to(not best)  # look at the other mode again, measured afresh
+            s.counted[not best] = 0
+        elif mode != best:
+            s.switch_to(best)
+        return s.mode
 
     def record(self, num_running: int, speculated: bool, seconds: float, tokens: int) -> None:
         """One step's wall time and output tokens, in the mode it ran in."""
         s = self._state(num_running)
-        switched = s["last_mode"] is not None and s["last_mode"] != speculated
-        s["last_mode"] = speculated
-        s["steps_in_mode"] += 1
+        switched = s.last_mode is not None and s.last_mode != speculated
+        s.last_mode = speculated
+        s.steps_in_mode += 1
         if switched or seconds <= 0:
             return
-        rate = tokens / seconds
-        old = s["rate"][speculated]
-        s["rate"][speculated] = rate if old is None or s["counted"][speculated] == 0 else (
-            old + self.smoothing * (rate - old))
-        s["counted"][speculated] += 1
+        rate, old = tokens / seconds, s.rate[speculated]
+        s.rate[speculated] = rate if s.counted[speculated] == 0 else old + self.smoothing * (rate - old)
+        s.counted[speculated] += 1
+
+
+@dataclasses.dataclass
+class _BucketState:
+    """One batch-size bucket of SpeculationGovernor: each mode's rate and how many steps it
+    was measured over, the mode in use and for how long, the mode of the last recorded step."""
+
+    rate: dict = dataclasses.field(default_factory=lambda: {True: None, False: None})
+    counted: dict = dataclasses.field(default_factory=lambda: {True: 0, False: 0})
+    mode: bool = True
+    steps_in_mode: int = 0
+    last_mode: bool | None = None
+
+    def switch_to(self, mode: bool) -> None:
+        self.mode, self.steps_in_mode = mode, 0
