@@ -158,6 +158,48 @@ class GpuMatmulTests:
         assert_close(two_layers(x, w), ref, dtype)
 
 
+    @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+    @pytest.mark.parametrize("dtype, block_sizes", [
+        (jnp.bfloat16, GpuMatmulBlockSizes(32, 32)),
+        (jnp.float32, GpuMatmulBlockSizes(16, 32, swap_ab=False)),
+    ], ids=["bf16", "f32-noswap"])
+    def test_gated_product_matches_reference(self, activation, dtype, block_sizes):
+        """act(x @ gate) * (x @ up) from one weight of columns gate | up, layer traced; the
+        reference is jax.nn's activation on the separately rounded halves."""
+        rng = np.random.default_rng(3)
+        w = poisoned_stack(rng, 3, [2], 64, 128, dtype)
+        for t in (1, 17):
+            x = random(rng, (t, 64), dtype)
+            out = jax.jit(lambda x, w, layer: gpu.skinny_matmul(x, w, layer, block_sizes=block_sizes,
+                                                                 interpret=self.INTERPRET, activation=activation))(
+                x, w, jnp.int32(2))
+            assert out.shape == (t, 64) and out.dtype == dtype
+            assert_close(out, skinny_matmul_reference(x, w[2], activation=activation), dtype)
+
+    def test_gated_product_refuses_a_split_of_k(self):
+        x, w = jnp.zeros((1, 64), jnp.bfloat16), jnp.zeros((64, 64), jnp.bfloat16)
+        with pytest.raises(ValueError, match="split_k == 1"):
+            gpu.skinny_matmul(x, w, block_sizes=GpuMatmulBlockSizes(16, 16, split_k=2), interpret=True,
+                              activation="silu")
+        with pytest.raises(ValueError, match="activation must be"):
+            gpu.skinny_matmul(x, w, block_sizes=GpuMatmulBlockSizes(16, 16), interpret=True, activation="relu")
+
+    def test_unsummed_partials_add_up_to_the_product(self):
+        rng = np.random.default_rng(4)
+        x, w = random(rng, (5, 192), jnp.float32), random(rng, (192, 48), jnp.float32)
+        bs = GpuMatmulBlockSizes(16, 16, split_k=3)
+        parts = self.matmul_partials(x, w, bs)
+        assert parts.shape == (3, 5, 48) and parts.dtype == jnp.float32
+        assert_close(jnp.sum(parts, axis=0), skinny_matmul_reference(x, w), jnp.float32)
+        # Each partial is the product over its third of K.
+        assert_close(parts[1], skinny_matmul_reference(x[:, 64:128], w[64:128]), jnp.float32)
+        whole = self.matmul_partials(x, w, GpuMatmulBlockSizes(16, 16))  # no split: the product itself
+        assert whole.shape == (5, 48)
+
+    def matmul_partials(self, x, w, block_sizes):
+        return gpu.skinny_matmul(x, w, block_sizes=block_sizes, interpret=self.INTERPRET, sum_partials=False)
+
+
 class TestGpuMatmulInterpret(GpuMatmulTests):
     INTERPRET = True
 

@@ -7,8 +7,10 @@
 #   attn_sweep  the paged decode and ragged kernels' benchmark with a sweep of tilings (H200 tables)
 #   serve_clients  N concurrent streaming clients against `jaxinfer serve` (demo model; the
 #             same engine offline at the same batch as the peer; first the client's ceiling
-#             against a stand-in server); CLIENTS, CLIENT_PROCESSES, SERVE_MODES, SERVE_FLAGS
+#             against a stand-in server); CLIENTS, CLIENT_PROCESSES, SERVE_MODES, SERVE_FLAGS, PACED
 #   prefill   one 4096-token prompt through the 8B engine (HF peer): prefill against the matmul peak
+#   fused     GPU tests of the fused norm and gated-matmul kernels and the engine's model paths
+#   rms_norm  the fused residual-add RMSNorm kernel against XLA, over warps and chunks
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
 #   quant_engine  batch 1 and 64 decode of the 8B shape in bf16 (HF peer) and each quantization
@@ -118,11 +120,13 @@ PY
         done
       }
       # The client's ceiling: a stand-in server streaming one chunk per request every 15 ms.
-      python3 benchmarks/device/paced_sse_server.py $port 0.015 & pid=$!; wait_ready $pid
-      for cp in 1 "$procs"; do
-        CP=$cp MODEL_NAME=paced clients "$OUT/serve_clients_paced_cp$cp.json"
-      done
-      kill $pid; wait $pid 2>/dev/null
+      if [ "${PACED:-1}" = 1 ]; then  # PACED=0 skips it (measured once per host is enough)
+        python3 benchmarks/device/paced_sse_server.py $port 0.015 & pid=$!; wait_ready $pid
+        for cp in 1 "$procs"; do
+          CP=$cp MODEL_NAME=paced clients "$OUT/serve_clients_paced_cp$cp.json"
+        done
+        kill $pid; wait $pid 2>/dev/null
+      fi
       for mode in ${SERVE_MODES:-process}; do
         flags=""; [ "$mode" = process ] && flags="--engine-process"
         python3 -m jaxinfer.cli serve --model /tmp/smol.gguf --port $port --max-num-seqs "$n" \
@@ -138,6 +142,12 @@ PY
       timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 4096 --output-len 2 \
         --batch-size 1 --max-num-batched-tokens 8192 --hf-peer --output-dir "$OUT/engine" \
         --tag "prefill4096${TAG:-}" 2>&1 | grep -v "compiling" | tail -3 | cut -c1-2000 ;;
+    fused)
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_rms_norm_kernel.py tests/test_skinny_matmul.py \
+        -k "Gpu and not Interpret" 2>&1 | tail -4
+      timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_flax_model.py -k "layer_loops" 2>&1 | tail -4 ;;
+    rms_norm)
+      timeout 240 python3 benchmarks/rms_norm.py --out "$OUT/rms_norm" --iters 100 --repeats 3 2>&1 | tail -12 ;;
     p1)
       timeout 170 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
         --batch-size 1 --hf-peer --profile --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 | grep -v "compiling" \

@@ -22,13 +22,13 @@ Parameters beyond llama.py's (no biases):
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import GEMMA_TYPES, ModelConfig
 from jaxinfer.models.linear import XLA_LINEAR, Linear
-from jaxinfer.models.llama import EMBED, LAYER_PARAMS, LAYERS, DecoderLayers, LlamaForCausalLM, _Init, project
+from jaxinfer.models.llama import EMBED, LAYER_PARAMS, LAYERS, DecoderLayers, LlamaForCausalLM, _Init
+from pallas_kernels.rms_norm import rms_norm_ordered
 
 GEMMA_LAYER_PARAMS = ("post_attn_norm", "post_mlp_norm")
 
@@ -48,6 +48,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
     as LlamaForCausalLM."""
 
     layer_params = LAYER_PARAMS + GEMMA_LAYER_PARAMS
+    norm_kind = "gemma"
+    mlp_activation = "gelu_tanh"  # GeGLU: down(gelu_tanh(gate) * up)
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         if config.model_type not in GEMMA_TYPES:
@@ -64,13 +66,6 @@ class GemmaForCausalLM(LlamaForCausalLM):
     def norm(self, x, weight):
         return gemma_rms_norm(x, weight, self.config.rms_norm_eps)
 
-    def mlp(self, w, i, h_td, linear: Linear):
-        """GeGLU: down(gelu_tanh(gate) * up)."""
-        c = self.config
-        gate_up = project(w, i, h_td, "w_gate_up", c.hidden_size, linear).reshape(h_td.shape[0], 2, -1)
-        return project(w, i, jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1], "w_down",
-                       c.intermediate_size, linear)
-
     def compute_logits(self, hidden_td, linear: Linear = XLA_LINEAR):
         return softcap(super().compute_logits(hidden_td, linear), self.config.final_logit_softcap)
 
@@ -78,9 +73,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
 def gemma_rms_norm(x, weight, eps: float):
     # Gemma scales by (1 + weight) in float32 and casts once at the end (Llama casts before
     # scaling): the order matters in bfloat16.
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    return rms_norm_ordered(x, weight, eps, "gemma")
 
 
 def softcap(logits, cap: float | None):

@@ -9,6 +9,12 @@ the quantized types register themselves in `WEIGHT_HANDLERS`.
 For dense weights the hook picks the kernel: XLA's dot, or at few tokens on a GPU the Pallas
 skinny-matmul kernel (pallas_kernels/matmul), which reads the stacked weight in place, where
 XLA's dot on `w[layer]` is free to copy the slice first.
+
+Beside the plain product it offers the two fusions a decoder layer wants around its matmuls
+(at decode sizes every extra kernel is launch latency over a few kilobytes): `gated` (the
+MLP's act(gate) * up computed in the gate|up kernel's epilogue) and `partials` with `add_norm`
+(a projection's split-K partials summed inside the residual-add RMSNorm kernel). Without the
+Pallas kernels both are the plain jnp computations in the same order.
 """
 
 from __future__ import annotations
@@ -81,6 +87,48 @@ class Linear:
             return skinny_matmul(x_tk, w, layer, interpret=self.interpret)
         return dense_dot(x_tk, select_layer(w, layer), transpose=transpose, out_dtype=out_dtype)
 
+    def partials(self, x_tk: jax.Array, w: Any, layer=None) -> jax.Array:
+        """x @ w[layer], left as the skinny kernel's float32 split-K partials [S, T, N] where it
+        runs with a split of K (`add_norm` sums them inside its kernel: one launch fewer), else
+        the finished product [T, N]."""
+        if type(w) in WEIGHT_HANDLERS or not self._use_kernel(x_tk, w, False, None):
+            return self(x_tk, w, layer)
+        from pallas_kernels.matmul import skinny_matmul
+
+        return skinny_matmul(x_tk, w, layer, interpret=self.interpret, sum_partials=False)
+
+    def gated(self, x_tk: jax.Array, w: Any, layer=None, *, activation: str) -> jax.Array:
+        """act(x @ gate) * (x @ up) for a weight whose column halves are gate | up: [T, N / 2].
+        The skinny kernel computes it in its epilogue where its tiling does not split K (the
+        two halves never reach memory); otherwise the product is finished and split here."""
+        if type(w) not in WEIGHT_HANDLERS and self._use_kernel(x_tk, w, False, None):
+            from pallas_kernels.matmul import gpu
+
+            k, n = w.shape[-2:]
+            if gpu.gated_block_sizes(num_tokens=x_tk.shape[0], k=k, n=n, dtype=x_tk.dtype,
+                                     interpret=self.interpret) is not None:
+                return gpu.skinny_matmul(x_tk, w, layer, interpret=self.interpret, activation=activation)
+        y = self(x_tk, w, layer)
+        gate, up = y[:, : y.shape[1] // 2], y[:, y.shape[1] // 2:]
+        return GATED_ACTIVATIONS[activation](gate) * up
+
+    def add_norm(self, y: jax.Array, residual: jax.Array, weight, layer=None, *, eps: float,
+                 kind: str = "llama") -> tuple[jax.Array, jax.Array]:
+        """(x, RMSNorm(x) scaled by weight[layer]) with x = residual + y, where y is a
+        projection's output or its split-K partials (`partials`). With the Pallas kernels one
+        fused kernel (pallas_kernels/rms_norm) does what XLA runs as three: the partials' sum
+        with the add, the slice of the stacked norm weight, the norm."""
+        from pallas_kernels.rms_norm import add_rms_norm, finish_partials, fusable_width, rms_norm_ordered
+
+        if isinstance(weight, (tuple, list)):  # per-layer arrays (unrolled layers)
+            weight, layer = weight[layer], None
+        elif weight.ndim == 1:
+            layer = None
+        if self.kernel == "pallas" and fusable_width(residual.shape[-1]):
+            return add_rms_norm(y, residual, weight, layer, eps=eps, kind=kind, interpret=self.interpret)
+        x = residual + finish_partials(y, residual.dtype)
+        return x, rms_norm_ordered(x, select_layer(weight, layer), eps, kind)
+
     def _use_kernel(self, x_tk, w, transpose: bool, out_dtype) -> bool:
         if self.kernel != "pallas" or transpose or x_tk.ndim != 2 or x_tk.shape[0] > self.max_kernel_tokens:
             return False
@@ -89,5 +137,10 @@ class Linear:
         k, n = w.shape[-2:]
         return k % 16 == 0 and n % 16 == 0 and x_tk.dtype == w.dtype
 
+
+GATED_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda g: jax.nn.gelu(g, approximate=True),
+}
 
 XLA_LINEAR = Linear()

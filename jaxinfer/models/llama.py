@@ -42,6 +42,7 @@ from jax import lax
 from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.models.attention import AttentionBackend, LayerSpec
 from jaxinfer.models.linear import XLA_LINEAR, Linear, select_layer
+from pallas_kernels.rms_norm import finish_partials, rms_norm_ordered
 
 # Logical axis names; sharding/rules.py maps them to mesh axes.
 LAYERS, VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP = "layers", "vocab", "embed", "heads", "kv_heads", \
@@ -154,34 +155,40 @@ class LlamaForCausalLM(nnx.Module):
         c = self.config
         x = self.embed_tokens(token_ids_t)
         weights = {name: param_value(getattr(self.layers, name)) for name in self.layer_params}
-        # Sliding-window layers may rotate with their own base (Gemma 3): one table per kind.
-        inv_freqs = {local: jnp.asarray(np.asarray(rope_inv_freq(c, local), np.float32)) for local in (False, True)}
+        runs = layer_runs(c)
+        # Rotary tables once per step (not once per layer): sliding-window layers may rotate
+        # with their own base (Gemma 3), so one table per kind in use.
+        kinds = {spec.sliding_window is not None for _, _, pattern in runs for spec in pattern}
+        ropes = {local: rope_tables(positions_t, jnp.asarray(np.asarray(rope_inv_freq(c, local), np.float32)))
+                 for local in kinds}
+        # Each layer ends with the norm of its output under the next layer's input norm (the
+        # final norm after the last), fused with the residual add: `next_norm[i]`.
+        weights["next_norm"] = _next_norms(weights["attn_norm"], param_value(self.final_norm))
+        h = self.norm(x, select_layer(weights["attn_norm"], 0))
 
         def layer_fn(carry, i, spec):
-            x, kv = carry
-            inv_freq = inv_freqs[spec.sliding_window is not None]
-            x, kv = _decoder_layer(weights, c, i, spec, x, positions_t, kv, metadata, attention, linear, inv_freq,
-                                   self.mlp, self.norm)
-            return x, kv
+            x, h, kv = carry
+            return _decoder_layer(self, weights, i, spec, x, h, ropes[spec.sliding_window is not None], kv,
+                                  metadata, attention, linear)
 
         def period_fn(carry, first, pattern):
             for j, spec in enumerate(pattern):
                 carry = layer_fn(carry, first + j, spec)
             return carry, None
 
-        carry = (x, attention.open_step(kv_cache, x.shape[0]))
+        carry = (x, h, attention.open_step(kv_cache, x.shape[0]))
         # (attn_norm: always an array or a tuple of them; a projection may be a quantized weight)
         stacked = not isinstance(weights["attn_norm"], (tuple, list))
-        for start, stop, pattern in layer_runs(c):
+        for start, stop, pattern in runs:
             if stacked and stop - start > len(pattern) and not unroll:
                 carry, _ = lax.scan(lambda cr, i, pattern=pattern: period_fn(cr, i, pattern), carry,
                                     jnp.arange(start, stop, len(pattern), dtype=jnp.int32))
             else:
                 for first in range(start, stop, len(pattern)):
                     carry, _ = period_fn(carry, first, pattern)
-        x, kv_cache = carry
+        _, h, kv_cache = carry
         kv_cache = attention.close_step(kv_cache, metadata)
-        return self.norm(x, param_value(self.final_norm)), kv_cache
+        return h, kv_cache
 
     def embed_tokens(self, token_ids_t):
         """Embeddings [T, D] of token ids [T] (Gemma scales them)."""
@@ -194,12 +201,18 @@ class LlamaForCausalLM(nnx.Module):
     def _make_layers(self, config: ModelConfig, init: _Init) -> nnx.Module:
         return DecoderLayers(config, init)
 
+    # How `norm` orders its float32 and dtype steps (pallas_kernels/rms_norm's `kind`), and
+    # the gated MLP's activation (`Linear.gated`).
+    norm_kind = "llama"
+    mlp_activation = "silu"
+
     def mlp(self, w, i, h_td, linear: Linear):
-        """The MLP of layer i on normed hidden states h_td [T, D] (SwiGLU; overridden by the
-        mixture-of-experts models)."""
-        gate_up = project(w, i, h_td, "w_gate_up", self.config.hidden_size, linear).reshape(h_td.shape[0], 2, -1)
-        return project(w, i, jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], "w_down", self.config.intermediate_size,
-                       linear)
+        """The MLP of layer i on normed hidden states h_td [T, D] (SwiGLU, or Gemma's GeGLU by
+        `mlp_activation`; overridden by the mixture-of-experts models). Returns [T, D], or the down projection's float32 split-K
+        partials [S, T, D] (`Linear.partials`), which the residual add sums."""
+        c = self.config
+        act = project(w, i, h_td, "w_gate_up", c.hidden_size, linear, activation=self.mlp_activation)
+        return project(w, i, act, "w_down", c.intermediate_size, linear, partials=True)
 
     def compute_logits(self, hidden_td, linear: Linear = XLA_LINEAR):
         """Float32 logits [T, V] from final hidden states [T, D]."""
@@ -235,63 +248,84 @@ def _equal_runs(specs: list[LayerSpec], offset: int) -> list[tuple[int, int, tup
     return runs
 
 
-def project(w, i, x, name: str, rows: int, linear: Linear):
-    """x @ layer i's weight `name` of the layer weights `w`, viewed as a matrix of `rows` rows."""
+def project(w, i, x, name: str, rows: int, linear: Linear, *, partials: bool = False, activation: str | None = None):
+    """x @ layer i's weight `name` of the layer weights `w`, viewed as a matrix of `rows` rows;
+    with `activation`, the gated act(x @ gate) * (x @ up) of its column halves (`Linear.gated`);
+    with `partials`, possibly the unsummed split-K partials (`Linear.partials`)."""
     weight = w[name]
     if isinstance(weight, (tuple, list)):
-        return linear(x, weight[i].reshape(rows, -1))
-    return linear(x, weight.reshape(weight.shape[0], rows, -1), i)
+        weight, layer = weight[i].reshape(rows, -1), None
+    else:
+        weight, layer = weight.reshape(weight.shape[0], rows, -1), i
+    if activation is not None:
+        return linear.gated(x, weight, layer, activation=activation)
+    if partials:
+        return linear.partials(x, weight, layer)
+    return linear(x, weight, layer)
 
 
-def _decoder_layer(w, c: ModelConfig, i, spec: LayerSpec, x_td, positions_t, kv_cache, metadata,
-                   attention: AttentionBackend, linear: Linear, inv_freq, mlp, norm):
-    """One pre-norm decoder layer (attention then `mlp(w, i, h_td, linear)`, each normed by
-    `norm(x, weight)`, and their outputs too where the layers have post norms), layer i of
-    the stacked weights (or of the per-layer ones)."""
+def _next_norms(attn_norm, final_norm):
+    """The norm weights each layer's output is normed with: layer i + 1's input norm, and the
+    final norm after the last layer (stacked [L, D], or a tuple for per-layer weights)."""
+    if isinstance(attn_norm, (tuple, list)):
+        return tuple(attn_norm[1:]) + (final_norm,)
+    return jnp.concatenate([attn_norm[1:], final_norm[None].astype(attn_norm.dtype)])
+
+
+def _decoder_layer(model, w, i, spec: LayerSpec, x_td, h_td, rope_cs, kv_cache, metadata,
+                   attention: AttentionBackend, linear: Linear):
+    """One pre-norm decoder layer, layer i of the stacked weights (or of the per-layer ones).
+
+    Takes the residual stream x_td and its norm h_td under this layer's input norm; returns
+    (x, its norm under the next layer's input norm, kv_cache). Attention then `model.mlp`, each
+    output added to the residual by `Linear.add_norm` together with the norm that follows (and
+    normed first where the layers have post norms, as Gemma's do)."""
+    c = model.config
     t = x_td.shape[0]
     K, G, H, D = c.num_kv_heads, c.q_per_kv, c.head_dim, c.hidden_size
+    eps, kind = c.rms_norm_eps, model.norm_kind
 
-    def project_(x, name, rows):
-        return project(w, i, x, name, rows, linear)
+    def finished(y):  # a projection's output as one [T, D] array (partials summed)
+        return finish_partials(y, x_td.dtype)
 
-    h = norm(x_td, select_layer(w["attn_norm"], i))
-    qkv = project_(h, "w_qkv", D).reshape(t, K, G + 2, H)
+    qkv = project(w, i, h_td, "w_qkv", D, linear).reshape(t, K, G + 2, H)
     if w["b_qkv"] is not None:
         qkv = qkv + select_layer(w["b_qkv"], i)
     q = qkv[:, :, :G].reshape(t, K * G, H)
     k, v = qkv[:, :, G], qkv[:, :, G + 1]
     if w["q_norm"] is not None:
-        q = norm(q, select_layer(w["q_norm"], i))
-        k = norm(k, select_layer(w["k_norm"], i))
-    q = rope(q, positions_t, inv_freq)
-    k = rope(k, positions_t, inv_freq)
+        q = model.norm(q, select_layer(w["q_norm"], i))
+        k = model.norm(k, select_layer(w["k_norm"], i))
+    q = rope(q, *rope_cs)
+    k = rope(k, *rope_cs)
     o_tnh, kv_cache = attention(q, k, v, kv_cache, metadata, spec, i)
-    attn_out = project_(o_tnh.reshape(t, -1), "w_o", c.num_heads * H)
+    attn_out = project(w, i, o_tnh.reshape(t, -1), "w_o", c.num_heads * H, linear, partials=True)
     if w["b_o"] is not None:
-        attn_out = attn_out + select_layer(w["b_o"], i)
+        attn_out = finished(attn_out) + select_layer(w["b_o"], i)
     if w.get("post_attn_norm") is not None:
-        attn_out = norm(attn_out, select_layer(w["post_attn_norm"], i))
-    x_td = x_td + attn_out
+        attn_out = model.norm(finished(attn_out), select_layer(w["post_attn_norm"], i))
+    x_td, h_td = linear.add_norm(attn_out, x_td, w["mlp_norm"], i, eps=eps, kind=kind)
 
-    h = norm(x_td, select_layer(w["mlp_norm"], i))
-    mlp_out = mlp(w, i, h, linear)
+    mlp_out = model.mlp(w, i, h_td, linear)
     if w.get("post_mlp_norm") is not None:
-        mlp_out = norm(mlp_out, select_layer(w["post_mlp_norm"], i))
-    return x_td + mlp_out, kv_cache
+        mlp_out = model.norm(finished(mlp_out), select_layer(w["post_mlp_norm"], i))
+    x_td, h_td = linear.add_norm(mlp_out, x_td, w["next_norm"], i, eps=eps, kind=kind)
+    return x_td, h_td, kv_cache
 
 
 def rms_norm(x, weight, eps: float):
     # Normalize in float32, cast back, then scale: the order HF uses, which matters in bf16.
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * x32.astype(x.dtype)
+    return rms_norm_ordered(x, weight, eps, "llama")
 
 
-def rope(x_thh, positions_t, inv_freq):
-    """Rotary embedding in the HF (rotate-half) layout: x [T, heads, H], positions [T]."""
+def rope_tables(positions_t, inv_freq):
+    """cos and sin [T, 1, H/2] of the rotary angles of positions [T] (shared by every layer)."""
     angles = positions_t.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+
+
+def rope(x_thh, cos, sin):
+    """Rotary embedding in the HF (rotate-half) layout: x [T, heads, H] with `rope_tables`."""
     half = x_thh.shape[-1] // 2
     x1 = x_thh[..., :half].astype(jnp.float32)
     x2 = x_thh[..., half:].astype(jnp.float32)

@@ -1,6 +1,7 @@
 """Skinny (decode) matmul y[T, N] = x[T, K] @ w[K, N] for few tokens: a GPU kernel (Pallas,
 Triton lowering) that reads the weight once at memory speed, also from a stacked [L, K, N]
-weight with a traced layer index, and a pure-jnp reference."""
+weight with a traced layer index (optionally the MLP's gated product in its epilogue, or
+split-K partials left unsummed), and a pure-jnp reference."""
 
 from __future__ import annotations
 

@@ -13,7 +13,10 @@ block_n] weight tile and an [R, block_k] x tile, and accumulate their product in
 w_tile^T @ x_tile^T -> [block_n, R], so the dot's M side is block_n and Hopper can use wgmma;
 it is transposed once at the end. With split_k == 1 the program writes its [R, block_n] tile
 of y; with more, each program writes float32 partials [split_k, T, N] that are summed outside
-the kernel (XLA fuses that sum into the consumer).
+the kernel (XLA fuses that sum into the consumer), or handed on unsummed to a consumer that
+sums them itself (pallas_kernels/rms_norm). A gated product (the MLP's act(gate) * up, w's
+columns gate | up) loads the gate and up tiles of the same columns side by side and applies
+the activation in the epilogue, so neither half reaches memory.
 
 A stacked weight [L, K, N] is passed whole, with the layer index as an int32 [1] operand read
 in the kernel and used to offset the weight pointer, so selecting a layer inside jit,
@@ -45,7 +48,8 @@ def _dot(a, b, contract):
                            preferred_element_type=jnp.float32)
 
 
-def _skinny_matmul_kernel(*refs, num_tokens, rows, block_n, block_k, steps, split_k, swap_ab, stacked):
+def _skinny_matmul_kernel(*refs, num_tokens, rows, block_n, block_k, steps, split_k, swap_ab, stacked,
+                          activation=None, gate_offset=0):
     if stacked:
         layer_ref, x_ref, w_ref, o_ref = refs
         # Clamped like lax.dynamic_index_in_dim, so a bad index is never an address.
@@ -60,17 +64,25 @@ def _skinny_matmul_kernel(*refs, num_tokens, rows, block_n, block_k, steps, spli
     masked = num_tokens % rows != 0  # pad rows in the last token block
     row_ok = (t0 + lax.broadcasted_iota(jnp.int32, (rows, block_k), 0)) < num_tokens
 
-    def body(i, acc):
+    def product(x, w):
+        return _dot(w, x, ((0,), (1,))) if swap_ab else _dot(x, w, ((1,), (0,)))  # [block_n, rows] / [rows, block_n]
+
+    def body(i, accs):
         k0 = pl.multiple_of(k_base + i * block_k, block_k)
-        w = w_ref[(*lead, pl.ds(k0, block_k), pl.ds(n0, block_n))]  # [block_k, block_n]
         x_tile = x_ref.at[pl.ds(t0, rows), pl.ds(k0, block_k)]
         x = plgpu.load(x_tile, mask=row_ok, other=0) if masked else x_tile[...]  # [rows, block_k]
-        if swap_ab:
-            return acc + _dot(w, x, ((0,), (1,)))  # [block_n, rows]
-        return acc + _dot(x, w, ((1,), (0,)))  # [rows, block_n]
+        w = w_ref[(*lead, pl.ds(k0, block_k), pl.ds(n0, block_n))]  # [block_k, block_n]
+        if activation is None:
+            return accs + product(x, w)
+        # Gated: the same columns of the up half, gate_offset columns on (w is gate | up).
+        w_up = w_ref[(*lead, pl.ds(k0, block_k), pl.ds(n0 + gate_offset, block_n))]
+        return accs[0] + product(x, w), accs[1] + product(x, w_up)
 
     acc_shape = (block_n, rows) if swap_ab else (rows, block_n)
-    acc = lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, jnp.float32))
+    zeros = jnp.zeros(acc_shape, jnp.float32)
+    acc = lax.fori_loop(0, steps, body, zeros if activation is None else (zeros, zeros))
+    if activation is not None:
+        acc = gated_activation(*acc, activation, o_ref.dtype)
 
     if split_k == 1:
         tile = o_ref.at[pl.ds(t0, rows), pl.ds(n0, block_n)]
@@ -85,6 +97,23 @@ def _skinny_matmul_kernel(*refs, num_tokens, rows, block_n, block_k, steps, spli
         tile[...] = y
 
 
+GATED_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def gated_activation(gate, up, activation: str, dtype):
+    """act(gate) * up from float32 products, each product rounded to `dtype` first as when the
+    two halves are stored and read back (the unfused path's numbers, up to the last rounding)."""
+    g = gate.astype(dtype).astype(jnp.float32)
+    u = up.astype(dtype).astype(jnp.float32)
+    if activation == "silu":
+        a = g * (1.0 / (1.0 + jnp.exp(-g)))
+    elif activation == "gelu_tanh":
+        a = 0.5 * g * (1.0 + jnp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    else:
+        raise ValueError(f"activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
+    return a * u
+
+
 def validate_block_sizes(block_sizes, k: int, n: int) -> None:
     check_block_sizes(block_sizes, GpuMatmulBlockSizes)
     if n % block_sizes.block_n:
@@ -96,9 +125,9 @@ def validate_block_sizes(block_sizes, k: int, n: int) -> None:
                          f"{block_sizes.split_k} = {span} (the kernel does not mask row edges)")
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "activation", "sum_partials"))
 def skinny_matmul(x, w, layer=None, *, block_sizes: GpuMatmulBlockSizes | None = None,
-                  interpret: bool = False):
+                  interpret: bool = False, activation: str | None = None, sum_partials: bool = True):
     """y = x @ w, or x @ w[layer] for a stacked weight, reading each weight byte once (GPU kernel).
 
     Args:
@@ -111,6 +140,12 @@ def skinny_matmul(x, w, layer=None, *, block_sizes: GpuMatmulBlockSizes | None =
       block_sizes: tiling; defaults from tuned_block_sizes for this device. N must be a
         multiple of block_n and K of block_k * split_k (edges are not masked).
       interpret: run the kernel in Pallas interpret mode (any backend, e.g. CPU tests).
+      activation: "silu" or "gelu_tanh" for a gated product: w's columns are gate | up (N
+        even) and the result is act(x @ gate) * (x @ up), [T, N / 2], computed in the kernel's
+        epilogue (the tiling must not split K; it is looked up for the whole [K, N]).
+      sum_partials: False returns a split-K tiling's float32 partials [split_k, T, N] unsummed,
+        for a consumer that sums them itself (pallas_kernels/rms_norm); without a split the
+        result is [T, N] either way.
     Returns:
       [T, N] in x.dtype, accumulated in float32 (exact float32 products for float32 inputs).
     """
@@ -120,23 +155,42 @@ def skinny_matmul(x, w, layer=None, *, block_sizes: GpuMatmulBlockSizes | None =
                                              device_kind="interpret" if interpret else None)
     validate_block_sizes(block_sizes, k, n)
     bs = block_sizes
+    out_n = n
+    if activation is not None:
+        if activation not in GATED_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
+        out_n = n // 2
+        if n % 2 or out_n % bs.block_n or bs.split_k != 1:
+            raise ValueError(f"a gated product needs an even n whose half is a multiple of block_n and "
+                             f"split_k == 1; got n = {n}, {bs}")
     rows = rows_per_program(num_tokens)
-    grid = (pl.cdiv(num_tokens, rows), n // bs.block_n, bs.split_k)
+    grid = (pl.cdiv(num_tokens, rows), out_n // bs.block_n, bs.split_k)
     kernel = functools.partial(
         _skinny_matmul_kernel, num_tokens=num_tokens, rows=rows, block_n=bs.block_n,
         block_k=bs.block_k, steps=k // (bs.block_k * bs.split_k), split_k=bs.split_k,
-        swap_ab=bs.swap_ab, stacked=layer is not None)
+        swap_ab=bs.swap_ab, stacked=layer is not None, activation=activation, gate_offset=out_n)
 
     operands = (x, w) if layer is None else (layer, x, w)
-    return weight_stream_call(kernel, operands, grid=grid, num_tokens=num_tokens, n=n, dtype=x.dtype,
-                              block_sizes=bs, interpret=interpret, name="skinny_matmul")
+    return weight_stream_call(kernel, operands, grid=grid, num_tokens=num_tokens, n=out_n, dtype=x.dtype,
+                              block_sizes=bs, interpret=interpret, name="skinny_matmul",
+                              sum_partials=sum_partials)
+
+
+def gated_block_sizes(*, num_tokens: int, k: int, n: int, dtype, interpret: bool = False):
+    """The tiling of x [T, k] @ w [k, n] if it also serves the gated product (no split of K,
+    block_n dividing n / 2), else None (the caller multiplies the halves itself)."""
+    if n % 2 or k % 16 or n % 32:
+        return None
+    bs = gpu_matmul_block_sizes(num_tokens=num_tokens, k=k, n=n, dtype=dtype,
+                                device_kind="interpret" if interpret else None)
+    return bs if bs.split_k == 1 and (n // 2) % bs.block_n == 0 else None
 
 
 def weight_stream_call(kernel, operands, *, grid, num_tokens: int, n: int, dtype, block_sizes, interpret: bool,
-                       name: str):
+                       name: str, sum_partials: bool = True):
     """The pallas_call of a skinny-matmul kernel (this one or the quantized one): every operand
     passed whole, the output [T, N] in `dtype` or, with split-K, float32 partials [split_k, T,
-    N] summed here (XLA fuses the sum into the consumer)."""
+    N] summed here (XLA fuses the sum into the consumer) unless `sum_partials` is False."""
     bs = block_sizes
 
     def whole(a):
@@ -156,6 +210,6 @@ def weight_stream_call(kernel, operands, *, grid, num_tokens: int, n: int, dtype
         interpret=interpret,
         name=name,
     )(*operands)
-    if bs.split_k == 1:
+    if bs.split_k == 1 or not sum_partials:
         return out
     return jnp.sum(out, axis=0).astype(dtype)

@@ -7,6 +7,8 @@ layers. A stacked weight w_lkn [L, K, N] comes with an int32 `layer` selecting w
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -46,8 +48,8 @@ def check_matmul_inputs(x, w, layer):
     return num_tokens, k, w.shape[-1], layer.astype(jnp.int32).reshape(1)
 
 
-@jax.jit
-def skinny_matmul_reference(x, w, layer=None):
+@functools.partial(jax.jit, static_argnames=("activation",))
+def skinny_matmul_reference(x, w, layer=None, *, activation: str | None = None):
     """x @ w (or x @ w[layer]) in float32 with exact float32 products, cast to x.dtype.
 
     Args:
@@ -55,10 +57,16 @@ def skinny_matmul_reference(x, w, layer=None):
       w: [K, N], or [L, K, N] stacked layers.
       layer: int32 scalar (may be traced), required iff w is stacked; out-of-range values are
         clamped into [0, L - 1] (lax.dynamic_index_in_dim), as the kernel does.
+      activation: None, or "silu" / "gelu_tanh" for the gated product act(x @ gate) * (x @ up)
+        of w's column halves gate | up (jax.nn's functions, in float32).
     Returns:
-      [T, N] in x.dtype.
+      [T, N] (gated: [T, N / 2]) in x.dtype.
     """
     _, _, _, layer = check_matmul_inputs(x, w, layer)
     w_kn = w if layer is None else lax.dynamic_index_in_dim(w, layer[0], axis=0, keepdims=False)
     y = jnp.dot(x.astype(jnp.float32), w_kn.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
+    if activation is None:
+        return y.astype(x.dtype)
+    gate, up = (h.astype(x.dtype).astype(jnp.float32) for h in jnp.split(y, 2, axis=-1))
+    act = {"silu": jax.nn.silu, "gelu_tanh": lambda g: jax.nn.gelu(g, approximate=True)}[activation]
+    return (act(gate) * up).astype(x.dtype)
