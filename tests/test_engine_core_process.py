@@ -137,3 +137,20 @@ def test_a_reply_that_cannot_be_pickled_is_an_error_not_a_hang(core):
     with pytest.raises(TypeError, match="cannot be pickled"):
         asyncio.run(core.call(_unpicklable))
     assert asyncio.run(core.call(_num_unfinished)) == 0
+
+
+def test_a_reply_this_side_cannot_take_fails_the_streams_instead_of_hanging():
+    """Outputs that do not decode (here: of a request never announced) end every stream and
+    command with an error; the reader thread does not die silently."""
+    import pickle as pickle_
+
+    front = AsyncEngineCore(_tiny_engine)
+    try:
+        bad = (("ghost", None, [(0, "", [1], None, None, None, None)], False, None, None, None),)
+        front._replies.put(pickle_.dumps(("outputs", None, bad, None)))
+        front._thread.join(10)
+        assert not front._thread.is_alive()
+        with pytest.raises(EngineDeadError, match="replies failed"):
+            asyncio.run(_collect(front, "after", [5, 6], SamplingParams(max_tokens=2)))
+    finally:
+        front.shutdown()

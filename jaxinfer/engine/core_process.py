@@ -9,8 +9,9 @@ stream items. The engine is built in the child by a picklable factory, so the de
 touched only there; the parent keeps only the model's facts (`EngineInfo`) and its own
 tokenizer for the HTTP layer.
 
-Everything that crosses is pickled: request outputs, `SamplingParams`, and the functions given
-to `call` (module-level functions only). The child pickles each message itself before queueing
+Everything that crosses is pickled: request outputs (in the compact form of
+engine/output_wire.py: each prompt once, token times as they are added), `SamplingParams`,
+and the functions given to `call` (module-level functions only). The child pickles each message itself before queueing
 it, so a result that cannot be pickled comes back as that error instead of being dropped by
 the queue's feeder thread (which would leave the caller waiting forever).
 """
@@ -30,6 +31,7 @@ import traceback
 from typing import Any, Callable
 
 from jaxinfer.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from jaxinfer.engine.output_wire import OutputDecoder, OutputEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ def _core_main(make_engine: Callable[[], Any], commands, replies) -> None:
     except BaseException:
         _put(replies, "failed", None, traceback.format_exc(), None)
         return
+    encoder = OutputEncoder()
     _put(replies, "ready", None, EngineInfo(engine.model_config, engine.max_model_len, tuple(engine.eos_token_ids),
                                             _ModelPath(str(getattr(engine.model, "path", "")))), None)
     try:
@@ -101,6 +104,8 @@ def _core_main(make_engine: Callable[[], Any], commands, replies) -> None:
                         result = engine.add_request(request_id, prompt, params, priority=priority)
                     elif op == "abort":
                         result = engine.abort_request(payload)
+                        for rid in [payload] if isinstance(payload, str) else payload:
+                            encoder.forget(rid)
                     else:  # "call"
                         fn, args = payload
                         result = fn(engine, *args)
@@ -110,7 +115,7 @@ def _core_main(make_engine: Callable[[], Any], commands, replies) -> None:
             if engine.has_unfinished_requests():
                 outputs = engine.step()
                 if outputs:
-                    _put(replies, "outputs", None, outputs, None)
+                    _put(replies, "outputs", None, encoder.encode(outputs), None)
     except BaseException:
         _put(replies, "dead", None, traceback.format_exc(), None)
 
@@ -149,6 +154,8 @@ class AsyncEngineCore(AsyncLLMEngine):
         self.max_waiting_requests = max_waiting_requests
         self._streams = {}
         self._futures: dict[int, concurrent.futures.Future] = {}
+        self._decoder = OutputDecoder()  # read and written by the reader thread only
+        self._aborts: dict[int, object] = {}  # command id -> the request ids it aborts
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -166,6 +173,8 @@ class AsyncEngineCore(AsyncLLMEngine):
         with self._lock:
             cid = next(self._ids)
             self._futures[cid] = fut
+            if op == "abort":  # the reader forgets the request once the engine has aborted it
+                self._aborts[cid] = payload
         self._commands.put((op, cid, payload))
         return fut
 
@@ -189,6 +198,13 @@ class AsyncEngineCore(AsyncLLMEngine):
 
     # -- replies --------------------------------------------------------------------------------
     def _read_replies(self):
+        try:
+            self._read_replies_until_done()
+        except BaseException as e:  # a message this side cannot take: fail all, never hang
+            logger.exception("reading the engine process's replies failed")
+            self._fail(RuntimeError(f"reading the engine process's replies failed: {e!r}"))
+
+    def _read_replies_until_done(self):
         while True:
             try:
                 kind, cid, result, error = pickle.loads(self._replies.get(timeout=0.5))
@@ -204,10 +220,15 @@ class AsyncEngineCore(AsyncLLMEngine):
                     self._fail(RuntimeError("the engine process's queue closed"))
                 return
             if kind == "outputs":
-                self._dispatch(result)
+                self._dispatch(self._decoder.decode(result))
             elif kind == "reply":
                 with self._lock:
                     fut = self._futures.pop(cid, None)
+                    aborted = self._aborts.pop(cid, None)
+                # Replies come in order after every output sent before them: nothing more will
+                # come for an aborted request.
+                for rid in [aborted] if isinstance(aborted, str) else aborted or ():
+                    self._decoder.forget(rid)
                 if fut is not None and fut.set_running_or_notify_cancel():
                     if error is not None:
                         fut.set_exception(error)
