@@ -126,6 +126,10 @@ class LlamaForCausalLM(nnx.Module):
 
     # The stacked layer parameters `__call__` hands to each layer (subclasses add their own).
     layer_params = LAYER_PARAMS
+    # How `norm` orders its float32 and dtype steps (pallas_kernels/rms_norm's `kind`), and
+    # the gated MLP's activation (`Linear.gated`).
+    norm_kind = "llama"
+    mlp_activation = "silu"
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -201,15 +205,11 @@ class LlamaForCausalLM(nnx.Module):
     def _make_layers(self, config: ModelConfig, init: _Init) -> nnx.Module:
         return DecoderLayers(config, init)
 
-    # How `norm` orders its float32 and dtype steps (pallas_kernels/rms_norm's `kind`), and
-    # the gated MLP's activation (`Linear.gated`).
-    norm_kind = "llama"
-    mlp_activation = "silu"
-
     def mlp(self, w, i, h_td, linear: Linear):
         """The MLP of layer i on normed hidden states h_td [T, D] (SwiGLU, or Gemma's GeGLU by
-        `mlp_activation`; overridden by the mixture-of-experts models). Returns [T, D], or the down projection's float32 split-K
-        partials [S, T, D] (`Linear.partials`), which the residual add sums."""
+        `mlp_activation`; overridden by the mixture-of-experts models). Returns [T, D], or the
+        down projection's float32 split-K partials [S, T, D] (`Linear.partials`), which the
+        residual add sums."""
         c = self.config
         act = project(w, i, h_td, "w_gate_up", c.hidden_size, linear, activation=self.mlp_activation)
         return project(w, i, act, "w_down", c.intermediate_size, linear, partials=True)
