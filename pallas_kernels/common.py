@@ -53,6 +53,22 @@ def check_paged_kv(q, k_pages, v_pages, fp8_cache: bool = False) -> tuple[int, i
     return num_kv_heads, num_pages, page_size
 
 
+def layer_operand(layer, stacked: bool, what: str):
+    """The layer index of a stacked operand as int32 [1] (the kernels read it in place), or None
+    for an unstacked one. `layer` may be a Python int or an integer scalar array, traced or not;
+    `what` names the operand and its stacked shape in the errors."""
+    if not stacked:
+        if layer is not None:
+            raise ValueError(f"layer is only for a stacked {what}")
+        return None
+    if layer is None:
+        raise ValueError(f"the {what} is stacked: pass the layer index")
+    layer = jnp.asarray(layer)
+    if not jnp.issubdtype(layer.dtype, jnp.integer) or layer.size != 1 or layer.ndim > 1:
+        raise ValueError(f"layer must be one integer (a scalar), got {layer.dtype} of shape {layer.shape}")
+    return layer.astype(jnp.int32).reshape(1)
+
+
 def check_int32(name: str, x, shape: tuple[int, ...]) -> None:
     if x.dtype != jnp.int32:
         raise ValueError(f"{name} must be int32, got {x.dtype}")

@@ -117,6 +117,20 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
                         "chunks a second)")
 
 
+def _client_header() -> dict:
+    """Where and when the client ran, and its command line. The server's device is not known to
+    the client (and JAX is not imported here: on a GPU host it would take the device)."""
+    import datetime
+    import platform
+    import sys
+
+    from jaxinfer import __version__
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["jaxinfer"] + sys.argv[1:]), "client_host": platform.node(),
+            "python": platform.python_version(), "jaxinfer": __version__}
+
+
 def bench_serve(args: argparse.Namespace) -> int:
     from jaxinfer.server.bench import BenchConfig, format_summary, parse_goodput, run_benchmark
 
@@ -134,5 +148,5 @@ def bench_serve(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     if args.result_file:
         with open(args.result_file, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+            json.dump({**_client_header(), **summary}, f, indent=2)
     return 0 if summary["completed"] else 1

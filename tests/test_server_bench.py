@@ -88,6 +88,7 @@ def test_bench_cli_writes_json(stack, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["completed"] == 4 and result["config"]["endpoint"] == "chat"
     assert result["config"]["request_rate"] == "inf" and "goodput" in result
+    assert result["command"].startswith("jaxinfer") and result["date"].startswith("20")
     assert "TTFT (ms)" in capsys.readouterr().out
     bad = jaxinfer_main(["bench", "serve", "--base-url", stack.url, "--model", "nope", "--num-prompts", "2"])
     assert bad == 1  # every request failed (unknown model)

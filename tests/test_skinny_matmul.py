@@ -226,6 +226,14 @@ class TestLowering:
         assert "stablehlo.dynamic_slice" not in text and "stablehlo.slice" not in text
         assert "tensor<32x4096x28672xbf16>" in text.split("__gpu$xla.gpu.triton")[1].split("\n")[0]
 
+    @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+    def test_gated_product_lowers_to_triton(self, activation):
+        s = jax.ShapeDtypeStruct
+        text = lower_for("cuda", lambda x, w, layer: gpu.skinny_matmul(
+            x, w, layer, block_sizes=GpuMatmulBlockSizes(128, 64, num_stages=4), activation=activation),
+            s((16, 4096), jnp.bfloat16), s((32, 4096, 28672), jnp.bfloat16), s((), jnp.int32))
+        assert "__gpu$xla.gpu.triton" in text and "stablehlo.dynamic_slice" not in text
+
 
 class TestValidation:
     @staticmethod

@@ -11,9 +11,10 @@ tokenizer for the HTTP layer.
 
 Everything that crosses is pickled: request outputs (in the compact form of
 engine/output_wire.py: each prompt once, token times as they are added), `SamplingParams`,
-and the functions given to `call` (module-level functions only). The child pickles each message itself before queueing
-it, so a result that cannot be pickled comes back as that error instead of being dropped by
-the queue's feeder thread (which would leave the caller waiting forever).
+and the functions given to `call` (module-level functions only). The child pickles each
+message itself before queueing it, so a result that cannot be pickled comes back as that error
+instead of being dropped by the queue's feeder thread (which would leave the caller waiting
+forever).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def _put(replies, kind, cid, result, error) -> None:
     replies.put(data)
 
 
+def _request_ids(ids) -> list[str]:
+    """An abort's request ids (one id, a sequence of them, or None for none) as a list."""
+    return [ids] if isinstance(ids, str) else list(ids or ())
+
+
 def _core_main(make_engine: Callable[[], Any], commands, replies) -> None:
     """The child: builds the engine, then serves commands and steps while there is work.
 
@@ -104,7 +110,7 @@ def _core_main(make_engine: Callable[[], Any], commands, replies) -> None:
                         result = engine.add_request(request_id, prompt, params, priority=priority)
                     elif op == "abort":
                         result = engine.abort_request(payload)
-                        for rid in [payload] if isinstance(payload, str) else payload:
+                        for rid in _request_ids(payload):
                             encoder.forget(rid)
                     else:  # "call"
                         fn, args = payload
@@ -227,7 +233,7 @@ class AsyncEngineCore(AsyncLLMEngine):
                     aborted = self._aborts.pop(cid, None)
                 # Replies come in order after every output sent before them: nothing more will
                 # come for an aborted request.
-                for rid in [aborted] if isinstance(aborted, str) else aborted or ():
+                for rid in _request_ids(aborted):
                     self._decoder.forget(rid)
                 if fut is not None and fut.set_running_or_notify_cancel():
                     if error is not None:

@@ -13,7 +13,12 @@ aborted on either side.
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+# Every RequestMetrics field but the growing token_times, which goes as what was added.
+METRIC_SCALARS = tuple(f.name for f in dataclasses.fields(RequestMetrics) if f.name != "token_times")
 
 
 class OutputEncoder:
@@ -31,21 +36,16 @@ class OutputEncoder:
 
     def _encode(self, out: RequestOutput) -> tuple:
         rid = out.request_id
-        first = rid not in self._times_sent
-        prompt = (out.prompt, out.prompt_token_ids) if first else None
+        sent = self._times_sent.get(rid)
+        prompt = (out.prompt, out.prompt_token_ids) if sent is None else None
         m = out.metrics
         metrics = None
         if m is not None:
-            sent = self._times_sent.get(rid, 0)
-            metrics = (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time,
-                       m.finished_time, m.num_preemptions, m.token_times[sent:])
-            sent = len(m.token_times)
-        else:
-            sent = 0
+            metrics = (*(getattr(m, f) for f in METRIC_SCALARS), m.token_times[sent or 0:])
         if out.finished:
             self._times_sent.pop(rid, None)
         else:
-            self._times_sent[rid] = sent
+            self._times_sent[rid] = 0 if m is None else len(m.token_times)
         completions = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs,
                         c.cumulative_logprob) for c in out.outputs]
         return rid, prompt, completions, out.finished, out.prompt_logprobs, metrics, out.extra or None
@@ -78,10 +78,10 @@ class OutputDecoder:
         if metrics is not None:
             *scalars, new_times = metrics
             if m is None:
-                m = RequestMetrics(*scalars, token_times=list(new_times))
+                m = RequestMetrics(**dict(zip(METRIC_SCALARS, scalars)), token_times=list(new_times))
             else:
-                (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time, m.finished_time,
-                 m.num_preemptions) = scalars
+                for field, value in zip(METRIC_SCALARS, scalars):
+                    setattr(m, field, value)
                 m.token_times.extend(new_times)
         if finished:
             self._requests.pop(rid, None)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.matmul.reference import GATED_ACTIVATIONS
+
 # weight type -> handler(linear, x_tk, w, layer, transpose, out_dtype) -> y_tn; filled by quantization modules.
 WEIGHT_HANDLERS: dict[type, Callable[..., jax.Array]] = {}
 
@@ -105,9 +107,10 @@ class Linear:
             from pallas_kernels.matmul import gpu
 
             k, n = w.shape[-2:]
-            if gpu.gated_block_sizes(num_tokens=x_tk.shape[0], k=k, n=n, dtype=x_tk.dtype,
-                                     interpret=self.interpret) is not None:
-                return gpu.skinny_matmul(x_tk, w, layer, interpret=self.interpret, activation=activation)
+            bs = gpu.gated_block_sizes(num_tokens=x_tk.shape[0], k=k, n=n, dtype=x_tk.dtype, interpret=self.interpret)
+            if bs is not None:
+                return gpu.skinny_matmul(x_tk, w, layer, block_sizes=bs, interpret=self.interpret,
+                                         activation=activation)
         y = self(x_tk, w, layer)
         gate, up = y[:, : y.shape[1] // 2], y[:, y.shape[1] // 2:]
         return GATED_ACTIVATIONS[activation](gate) * up
@@ -137,10 +140,5 @@ class Linear:
         k, n = w.shape[-2:]
         return k % 16 == 0 and n % 16 == 0 and x_tk.dtype == w.dtype
 
-
-GATED_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "gelu_tanh": lambda g: jax.nn.gelu(g, approximate=True),
-}
 
 XLA_LINEAR = Linear()

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import check_block_sizes
-from pallas_kernels.matmul.reference import check_matmul_inputs
+from pallas_kernels.matmul.reference import GATED_ACTIVATIONS, check_matmul_inputs, gated_product
 from pallas_kernels.matmul.tuned_block_sizes import (GpuMatmulBlockSizes, gpu_matmul_block_sizes,
                                                      rows_per_program)
 
@@ -82,7 +82,7 @@ def _skinny_matmul_kernel(*refs, num_tokens, rows, block_n, block_k, steps, spli
     zeros = jnp.zeros(acc_shape, jnp.float32)
     acc = lax.fori_loop(0, steps, body, zeros if activation is None else (zeros, zeros))
     if activation is not None:
-        acc = gated_activation(*acc, activation, o_ref.dtype)
+        acc = gated_product(*acc, activation, o_ref.dtype)
 
     if split_k == 1:
         tile = o_ref.at[pl.ds(t0, rows), pl.ds(n0, block_n)]
@@ -95,23 +95,6 @@ def _skinny_matmul_kernel(*refs, num_tokens, rows, block_n, block_k, steps, spli
         plgpu.store(tile, y, mask=out_rows)
     else:
         tile[...] = y
-
-
-GATED_ACTIVATIONS = ("silu", "gelu_tanh")
-
-
-def gated_activation(gate, up, activation: str, dtype):
-    """act(gate) * up from float32 products, each product rounded to `dtype` first as when the
-    two halves are stored and read back (the unfused path's numbers, up to the last rounding)."""
-    g = gate.astype(dtype).astype(jnp.float32)
-    u = up.astype(dtype).astype(jnp.float32)
-    if activation == "silu":
-        a = g * (1.0 / (1.0 + jnp.exp(-g)))
-    elif activation == "gelu_tanh":
-        a = 0.5 * g * (1.0 + jnp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-    else:
-        raise ValueError(f"activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
-    return a * u
 
 
 def validate_block_sizes(block_sizes, k: int, n: int) -> None:
@@ -158,7 +141,7 @@ def skinny_matmul(x, w, layer=None, *, block_sizes: GpuMatmulBlockSizes | None =
     out_n = n
     if activation is not None:
         if activation not in GATED_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
+            raise ValueError(f"activation must be one of {tuple(GATED_ACTIVATIONS)}, got {activation!r}")
         out_n = n // 2
         if n % 2 or out_n % bs.block_n or bs.split_k != 1:
             raise ValueError(f"a gated product needs an even n whose half is a multiple of block_n and "

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import check_dtypes
+from pallas_kernels.common import check_dtypes, layer_operand
 
 
 def check_matmul_inputs(x, w, layer):
@@ -34,18 +34,27 @@ def check_matmul_inputs(x, w, layer):
         raise ValueError(f"x has k = {k} features but w has {w.shape[-2]} rows (shape {w.shape})")
     if num_tokens < 1 or k < 1 or w.shape[-1] < 1:
         raise ValueError(f"empty matmul: x {x.shape}, w {w.shape}")
-    if w.ndim == 2:
-        if layer is not None:
-            raise ValueError("layer is only for a stacked weight [num_layers, k, n]; w is 2-D")
-        return num_tokens, k, w.shape[-1], None
-    if w.shape[0] < 1:
+    if w.ndim == 3 and w.shape[0] < 1:
         raise ValueError(f"stacked weight has no layers: shape {w.shape}")
-    if layer is None:
-        raise ValueError(f"w is stacked [num_layers, k, n] (shape {w.shape}): pass the layer index")
-    layer = jnp.asarray(layer)
-    if not jnp.issubdtype(layer.dtype, jnp.integer) or layer.size != 1 or layer.ndim > 1:
-        raise ValueError(f"layer must be one integer (a scalar), got {layer.dtype} of shape {layer.shape}")
-    return num_tokens, k, w.shape[-1], layer.astype(jnp.int32).reshape(1)
+    return num_tokens, k, w.shape[-1], layer_operand(layer, w.ndim == 3, f"weight [num_layers, k, n] {w.shape}")
+
+
+# The gated MLP's activations by name (the kernel's epilogue, this reference and the models'
+# unfused path all take them from here).
+GATED_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda g: jax.nn.gelu(g, approximate=True),
+}
+
+
+def gated_product(gate, up, activation: str, dtype):
+    """act(gate) * up in float32 from float32 products, each product rounded to `dtype` first as
+    when the two halves are stored and read back (the unfused path's numbers, up to the last
+    rounding)."""
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(GATED_ACTIVATIONS)}, got {activation!r}")
+    g = gate.astype(dtype).astype(jnp.float32)
+    return GATED_ACTIVATIONS[activation](g) * up.astype(dtype).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("activation",))
@@ -67,6 +76,4 @@ def skinny_matmul_reference(x, w, layer=None, *, activation: str | None = None):
     y = jnp.dot(x.astype(jnp.float32), w_kn.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     if activation is None:
         return y.astype(x.dtype)
-    gate, up = (h.astype(x.dtype).astype(jnp.float32) for h in jnp.split(y, 2, axis=-1))
-    act = {"silu": jax.nn.silu, "gelu_tanh": lambda g: jax.nn.gelu(g, approximate=True)}[activation]
-    return (act(gate) * up).astype(x.dtype)
+    return gated_product(*jnp.split(y, 2, axis=-1), activation, x.dtype).astype(x.dtype)

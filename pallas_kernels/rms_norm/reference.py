@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import check_dtypes
+from pallas_kernels.common import check_dtypes, layer_operand
 
 NORM_KINDS = ("llama", "gemma")
 
@@ -40,16 +40,7 @@ def check_add_norm_inputs(y, residual, weight, layer, kind: str):
     check_dtypes(y=y)
     if weight.shape[-1] != d or weight.ndim not in (1, 2):
         raise ValueError(f"weight must be [{d}] or stacked [num_layers, {d}], got shape {weight.shape}")
-    if weight.ndim == 1:
-        if layer is not None:
-            raise ValueError("layer is only for a stacked weight [num_layers, width]")
-        return t, d, None
-    if layer is None:
-        raise ValueError(f"weight is stacked (shape {weight.shape}): pass the layer index")
-    layer = jnp.asarray(layer)
-    if not jnp.issubdtype(layer.dtype, jnp.integer) or layer.size != 1 or layer.ndim > 1:
-        raise ValueError(f"layer must be one integer (a scalar), got {layer.dtype} of shape {layer.shape}")
-    return t, d, layer.astype(jnp.int32).reshape(1)
+    return t, d, layer_operand(layer, weight.ndim == 2, f"weight [num_layers, width] {weight.shape}")
 
 
 def finish_partials(y, dtype):
