@@ -9,7 +9,9 @@
 3. P4 decode (batch 64, context 2048, 32 q / 8 kv heads, head_dim 128, bf16): ours (a sweep of
    tilings with --sweep), the stock jax.experimental.pallas.ops.gpu.paged_attention and the
    pure-XLA reference, as TB/s of KV read and fraction of the datasheet floor; other page sizes.
-4. A mixed ragged batch (8 prefill chunks of 512 + 56 decodes at context 2048).
+4. The ragged kernel on decodes only (56 at context 2048; with --ragged-batches also the 8B
+   engine's batch-64 decode at its mean context, 64 at 384), prefill chunks only, and a mixed
+   batch (8 prefill chunks of 512 + 56 decodes at context 2048).
 
 Timing: warm-up, then repeats of back-to-back calls over rotated input sets (the KV of one
 set is larger than L2), median over repeats, block_until_ready at the end of each repeat.
@@ -299,7 +301,7 @@ def ragged_sweep_grids(page_size):
     long one, so each is swept alone (the other tile at the default); the mixed batch then takes
     the two winners together, under either winner's warps and stages (one launch has one of each).
     Returns (short grid, long grid), each of (rows, tokens per step, warps, stages)."""
-    short = [(rows, tok, w, st) for rows in (16, 32) for tok in (64, 128, 256) for w in (4, 8)
+    short = [(rows, tok, w, st) for rows in (16, 32) for tok in (32, 64, 128, 256) for w in (4, 8)
              for st in (2, 3, 4) if not (tok == 256 and st == 4) and not (rows == 32 and w == 4)]
     long_ = [(rows, tok, w, st) for rows, tok in ((64, 32), (64, 64), (128, 32), (128, 64), (128, 128))
              for w, st in ((4, 2), (4, 3), (8, 2), (8, 3))]
@@ -313,6 +315,10 @@ def bench_ragged(rng, args, sweep):
     batches = {"decodes only": ([1] * 56, [2048] * 56),
                "prefill chunks only": ([512] * 8, [1024] * 8),
                "mixed": ([512] * 8 + [1] * 56, [1024] * 8 + [2048] * 56)}
+    # the engine's batch-64 decode (128 in / 512 out) at its mean context
+    batches = {"decodes at context 384": ([1] * 64, [384] * 64), **batches}
+    batches = {name: b for name, b in batches.items()
+               if name.split(" ")[0] in args.ragged_batches.split(",") or name in args.ragged_batches.split(",")}
     if args.quick:
         heads = dict(num_heads=8, num_kv_heads=2, head_dim=32, page_size=8, dtype=jnp.float32)
         batches = {"mixed": ([16, 1, 1], [32, 64, 40])}
@@ -340,11 +346,11 @@ def bench_ragged(rng, args, sweep):
         kv_bytes = (sum(kv_lens) * heads["num_kv_heads"] * heads["head_dim"] * 2
                     * jnp.dtype(heads["dtype"]).itemsize)
         configs = [None]
-        if sweep and batch_name == "decodes only":
+        if sweep and batch_name.startswith("decodes"):
             configs += [sizes(*d_long, *tile) for tile in short_grid]
         elif sweep and batch_name == "prefill chunks only":
             configs += [sizes(rows, tok, *d_short, w, st) for rows, tok, w, st in long_grid]
-        elif sweep and batch_name == "mixed" and len(best) == 2:
+        elif sweep and batch_name == "mixed" and {"decodes only", "prefill chunks only"} <= best.keys():
             s, l = best["decodes only"][1], best["prefill chunks only"][1]
             for launch in (s, l):
                 configs.append(dataclasses.replace(
@@ -386,27 +392,28 @@ def markdown(report):
              "## Correctness on the device (relative L2 error vs the float32 reference)", "",
              "| kernel | case | rel err | ok |", "|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['case']} | {r['rel_err']:.2e} | {r['ok']} |" for r in report["correctness"]]
-    d = report["decode"]
-    lines += ["", f"## Paged decode, {d['shape']}", "",
-              f"KV bytes per call: {d['kv_bytes'] / 1e6:.1f} MB; floor at {DATASHEET_TBS} TB/s: "
-              f"{d['kv_bytes'] / DATASHEET_TBS / 1e6:.1f} us", "",
-              "Kernel µs: kernel time per call from a profiler trace (CUPTI) of back-to-back calls; "
-              "wall µs: the calls dispatched back to back from Python, timed by the host clock.", "",
-              "| kernel | page size | kernel µs | kernel TB/s | of floor | wall µs | wall TB/s |",
-              "|---|---|---|---|---|---|---|"]
-    ok_rows = sorted((r for r in d["rows"] if "us" in r),
-                     key=lambda r: (r["page_size"], r.get("kernel_us") or r["us"]))
+    d = report.get("decode", dict(rows=[]))
+    if "shape" in d:
+        lines += ["", f"## Paged decode, {d['shape']}", "",
+                  f"KV bytes per call: {d['kv_bytes'] / 1e6:.1f} MB; floor at {DATASHEET_TBS} TB/s: "
+                  f"{d['kv_bytes'] / DATASHEET_TBS / 1e6:.1f} us", "",
+                  "Kernel µs: kernel time per call from a profiler trace (CUPTI) of back-to-back calls; "
+                  "wall µs: the calls dispatched back to back from Python, timed by the host clock.", "",
+                  "| kernel | page size | kernel µs | kernel TB/s | of floor | wall µs | wall TB/s |",
+                  "|---|---|---|---|---|---|---|"]
+        ok_rows = sorted((r for r in d["rows"] if "us" in r),
+                         key=lambda r: (r["page_size"], r.get("kernel_us") or r["us"]))
 
-    def kernel_cols(r):
-        if not r.get("kernel_us"):
-            return " | | "
-        return f"{r['kernel_us']:.1f} | {r['kv_tbs_kernel']:.2f} | {r['kv_tbs_kernel'] / DATASHEET_TBS:.0%}"
+        def kernel_cols(r):
+            if not r.get("kernel_us"):
+                return " | | "
+            return f"{r['kernel_us']:.1f} | {r['kv_tbs_kernel']:.2f} | {r['kv_tbs_kernel'] / DATASHEET_TBS:.0%}"
 
-    lines += [f"| {r['name']} | {r['page_size']} | {kernel_cols(r)} | {r['us']:.1f} | {r['kv_tbs']:.2f} |"
-              for r in ok_rows]
+        lines += [f"| {r['name']} | {r['page_size']} | {kernel_cols(r)} | {r['us']:.1f} | {r['kv_tbs']:.2f} |"
+                  for r in ok_rows]
     g = report["ragged"]
     lines += ["", "## Ragged batches (32 q / 8 kv heads, head_dim 128, bf16, page 16; prefill chunks "
-              "of 512 at context 1024, decodes at context 2048)", "",
+              "of 512 at context 1024, decodes at context 2048 unless the batch says otherwise)", "",
               "| batch | kernel | kernel µs | wall µs | KV MB (once) | TB/s KV (wall) | of floor |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['name'].split(': ', 1)[1]} | {r.get('kernel_us') or 0:.1f} | {r['us']:.1f} | "
@@ -421,6 +428,10 @@ def markdown(report):
 def main():
     parser = kernel_bench_parser(__doc__.split("\n")[0], iters=100)
     parser.add_argument("--page-sizes", default="16,32,64")
+    parser.add_argument("--ragged-batches", default="decodes only,prefill,mixed",
+                        help="ragged batches to time, by name or first word: 'decodes only' (56 at "
+                             "context 2048), 'decodes at context 384' (64), prefill, mixed")
+    parser.add_argument("--ragged-only", action="store_true", help="skip the paged decode kernel (P4)")
     args = parser.parse_args()
     if args.quick:
         args.iters, args.repeats, args.sets = 2, 2, 1
@@ -438,8 +449,9 @@ def main():
     save()
     print("decode", flush=True)
     page_sizes = [int(p) for p in args.page_sizes.split(",")]
-    report["decode"] = bench_decode(rng, args, page_sizes if not args.quick else [8], args.sweep)
-    save()
+    if not args.ragged_only:
+        report["decode"] = bench_decode(rng, args, page_sizes if not args.quick else [8], args.sweep)
+        save()
     print("ragged", flush=True)
     report["ragged"] = bench_ragged(rng, args, args.sweep)
     save()

@@ -189,8 +189,10 @@ def tiling(bs):
                 num_stages=bs.num_stages, swap_ab=bs.swap_ab)
 
 
-def sweep_tilings(k, n, default):
-    """~10 tilings around the default: tile shapes, warps, stages, operand order, split-K."""
+def sweep_tilings(k, n, default, tokens: int = 1):
+    """~10 tilings around the default: tile shapes, warps, stages, operand order, split-K; at
+    32 tokens and more also deeper pipelines and smaller splits (the dot's work per weight byte
+    grows with T, so fewer, longer programs may keep more loads in flight)."""
     def split_for(block_n, block_k, programs=264):
         blocks = k // block_k
         divisors = [s for s in range(1, min(blocks, 32) + 1) if blocks % s == 0]
@@ -203,6 +205,19 @@ def sweep_tilings(k, n, default):
         if n % bn or k % bk:
             continue
         out.append(GpuMatmulBlockSizes(bn, bk, split_for(bn, bk), warps, stages, swap))
+    if tokens >= 32:
+        for bn, bk, warps, stages in [(64, 64, 4, 5), (64, 128, 4, 4), (64, 128, 8, 4), (128, 64, 8, 5),
+                                      (128, 128, 8, 3), (64, 64, 4, 8)]:
+            for split in (1, 2, 4):
+                if n % bn == 0 and (k // bk) % split == 0:
+                    out.append(GpuMatmulBlockSizes(bn, bk, split, warps, stages, True))
+    else:  # deeper pipelines at the splits that fill the chip once or twice
+        for bn, bk, warps, stages in [(64, 64, 4, 8), (128, 64, 4, 6), (128, 64, 4, 8), (64, 128, 4, 6),
+                                      (128, 32, 4, 8)]:
+            if n % bn or k % bk:
+                continue
+            for split in dict.fromkeys((split_for(bn, bk, 132), split_for(bn, bk))):
+                out.append(GpuMatmulBlockSizes(bn, bk, split, warps, stages, True))
     blocks = k // default.block_k
     for split in (default.split_k * 2, default.split_k // 2):
         if split >= 1 and blocks % split == 0:
@@ -231,8 +246,8 @@ def bench_shapes(args, bench, shapes, tokens, sweep, peer_us, interpret):
             default = gpu_matmul_block_sizes(num_tokens=t, k=k, n=n, dtype=DTYPE,
                                              device_kind="interpret" if interpret else None)
             configs = [default]
-            if sweep and t in (SWEEP_TOKENS if not interpret else tokens[:1]):
-                configs = sweep_tilings(k, n, default)[: 3 if interpret else None]
+            if sweep and t in (args.sweep_tokens if not interpret else tokens[:1]):
+                configs = sweep_tilings(k, n, default, t)[: 3 if interpret else None]
             for i, bs in enumerate(configs):
                 key = (t, "pallas" if i == 0 else "pallas_sweep", bs)
                 jobs[key] = (lambda x, w, bs=bs: skinny_matmul(x, w, block_sizes=bs, interpret=interpret),
@@ -439,11 +454,14 @@ def main():
     parser = kernel_bench_parser(__doc__.split("\n")[0], iters=20)
     parser.set_defaults(repeats=5, sets=3)
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts to time")
+    parser.add_argument("--sweep-tokens", default=",".join(map(str, SWEEP_TOKENS)),
+                        help="token counts at which --sweep tries tilings")
     parser.add_argument("--no-peer", action="store_true", help="skip the cuBLAS (torch) peer")
     parser.add_argument("--no-scan", action="store_true", help="skip the stacked-weight loop")
     parser.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokens = tuple(int(t) for t in args.tokens.split(","))
+    args.sweep_tokens = tuple(int(t) for t in args.sweep_tokens.split(","))
     shapes = SHAPES
     args.sets = max(3, args.sets)  # weights rotated so that none is served from L2
     if args.quick:

@@ -213,3 +213,15 @@ def pad_head_dims(q, k, v, head_dim_padded: int):
         return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, head_dim_padded - x.shape[-1])])
 
     return pad(q), pad(k), pad(v), head_dim
+
+
+def load_partials_sum(y_ref, t, cols, splits: int | None):
+    """Inside a kernel: row t, columns `cols` of a projection's output, either as stored
+    ([T, N] ref, splits None) or summed over its float32 split-K partials ([S, T, N] ref), in
+    the order the references sum them."""
+    if splits is None:
+        return y_ref[t, cols]
+    y = y_ref[0, t, cols]
+    for s in range(1, splits):
+        y = y + y_ref[s, t, cols]
+    return y

@@ -104,9 +104,17 @@ def test_no_compiles_after_warmup(model, async_scheduling):
 
 
 @pytest.mark.parametrize("head_dim", [None, 40])
-def test_pallas_backend_matches_xla(model, head_dim):
+def test_pallas_backend_matches_xla(model, head_dim, monkeypatch):
     """The ragged Pallas kernel (interpret mode here) inside the engine gives the XLA path's
-    tokens, also for a head size the kernel tiles only zero-padded (40 lanes in a 64-lane cache)."""
+    tokens, also for a head size the kernel tiles only zero-padded (40 lanes in a 64-lane cache).
+    The model's own head size takes the fused q|k|v finish (RoPE and the k/v writes in one
+    kernel); the padded one the unfused path."""
+    from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
+
+    fused_layers = []
+    attend_qkv = PagedAttentionPallas.attend_qkv
+    monkeypatch.setattr(PagedAttentionPallas, "attend_qkv",
+                        lambda self, *a, **kw: fused_layers.append(1) or attend_qkv(self, *a, **kw))
     if head_dim is not None:
         model = tiny_model(seed=3, head_dim=head_dim)
     rng = np.random.default_rng(4)
@@ -126,6 +134,7 @@ def test_pallas_backend_matches_xla(model, head_dim):
         if head_dim is not None:
             assert engine.kv_spec.head_dim == (64 if backend == "pallas" else head_dim)
     assert outs["pallas"] == outs["xla"]
+    assert bool(fused_layers) == (head_dim is None)
 
 
 def test_warm_engine_runs_the_ahead_of_time_executables(model, monkeypatch):

@@ -9,8 +9,10 @@
 #             same engine offline at the same batch as the peer; first the client's ceiling
 #             against a stand-in server); CLIENTS, CLIENT_PROCESSES, SERVE_MODES, SERVE_FLAGS, PACED
 #   prefill   one 4096-token prompt through the 8B engine (HF peer): prefill against the matmul peak
-#   fused     GPU tests of the fused norm and gated-matmul kernels and the engine's model paths
+#   fused     GPU tests of the fused norm, gated-matmul and rope/KV-write kernels and the engine's model paths
 #   rms_norm  the fused residual-add RMSNorm kernel against XLA, over warps and chunks
+#   short_decode_sweep  the ragged kernel's decode tilings on 64 decodes at context 384
+#   matmul64  the skinny matmul's tilings at 64 tokens (the batch-64 decode's projections)
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
 #   quant_engine  batch 1 and 64 decode of the 8B shape in bf16 (HF peer) and each quantization
@@ -144,8 +146,16 @@ PY
         --tag "prefill4096${TAG:-}" 2>&1 | grep -v "compiling" | tail -3 | cut -c1-2000 ;;
     fused)
       timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_rms_norm_kernel.py tests/test_skinny_matmul.py \
-        -k "Gpu and not Interpret" 2>&1 | tail -4
-      timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_flax_model.py -k "layer_loops" 2>&1 | tail -4 ;;
+        tests/test_rope_kv_write.py -k "Gpu and not Interpret" 2>&1 | tail -4
+      timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_flax_model.py tests/test_engine.py \
+        -k "layer_loops or pallas_backend" 2>&1 | tail -4 ;;
+    short_decode_sweep)
+      timeout 420 python3 benchmarks/kernels.py --out "$OUT/kernels" --sweep --ragged-only \
+        --ragged-batches "decodes at context 384" --repeats 5 2>&1 | tee "$OUT/kernels.log" \
+        | grep -E "FAIL|ceiling|context 384" | sort -t' ' -k1,1 | cut -c1-200 ;;
+    matmul64)
+      timeout 500 python3 benchmarks/matmul.py --out "$OUT/matmul" --sweep --tokens ${SWEEP_TOKENS:-64} --sweep-tokens ${SWEEP_TOKENS:-64} \
+        --no-peer --no-scan 2>&1 | tee "$OUT/matmul.log" | tail -40 ;;
     rms_norm)
       timeout 240 python3 benchmarks/rms_norm.py --out "$OUT/rms_norm" --iters 100 --repeats 3 2>&1 | tail -12 ;;
     p1)

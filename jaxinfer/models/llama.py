@@ -43,6 +43,7 @@ from jaxinfer.config import ModelConfig, rope_inv_freq
 from jaxinfer.models.attention import AttentionBackend, LayerSpec
 from jaxinfer.models.linear import XLA_LINEAR, Linear, select_layer
 from pallas_kernels.rms_norm import finish_partials, rms_norm_ordered
+from pallas_kernels.rope_kv_write import rotate_half_rope
 
 # Logical axis names; sharding/rules.py maps them to mesh axes.
 LAYERS, VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP = "layers", "vocab", "embed", "heads", "kv_heads", \
@@ -282,23 +283,20 @@ def _decoder_layer(model, w, i, spec: LayerSpec, x_td, h_td, rope_cs, kv_cache, 
     normed first where the layers have post norms, as Gemma's do)."""
     c = model.config
     t = x_td.shape[0]
-    K, G, H, D = c.num_kv_heads, c.q_per_kv, c.head_dim, c.hidden_size
+    K, H, D = c.num_kv_heads, c.head_dim, c.hidden_size
     eps, kind = c.rms_norm_eps, model.norm_kind
 
     def finished(y):  # a projection's output as one [T, D] array (partials summed)
         return finish_partials(y, x_td.dtype)
 
-    qkv = project(w, i, h_td, "w_qkv", D, linear).reshape(t, K, G + 2, H)
-    if w["b_qkv"] is not None:
-        qkv = qkv + select_layer(w["b_qkv"], i)
-    q = qkv[:, :, :G].reshape(t, K * G, H)
-    k, v = qkv[:, :, G], qkv[:, :, G + 1]
-    if w["q_norm"] is not None:
-        q = model.norm(q, select_layer(w["q_norm"], i))
-        k = model.norm(k, select_layer(w["k_norm"], i))
-    q = rope(q, *rope_cs)
-    k = rope(k, *rope_cs)
-    o_tnh, kv_cache = attention(q, k, v, kv_cache, metadata, spec, i)
+    fused = (w["b_qkv"] is None and w["q_norm"] is None and hasattr(attention, "attend_qkv")
+             and attention.fuses_qkv(kv_cache, H, x_td.dtype))
+    if fused:  # the split-K sum, RoPE and the k/v writes in one kernel (see `attend_qkv`)
+        qkv = project(w, i, h_td, "w_qkv", D, linear, partials=True)
+        o_tnh, kv_cache = attention.attend_qkv(qkv, rope_cs[0][:, 0], rope_cs[1][:, 0], kv_cache, metadata, spec, i,
+                                               num_kv_heads=K, dtype=x_td.dtype)
+    else:
+        o_tnh, kv_cache = _attend_unfused(model, w, i, spec, h_td, rope_cs, kv_cache, metadata, attention, linear)
     attn_out = project(w, i, o_tnh.reshape(t, -1), "w_o", c.num_heads * H, linear, partials=True)
     if w["b_o"] is not None:
         attn_out = finished(attn_out) + select_layer(w["b_o"], i)
@@ -313,6 +311,26 @@ def _decoder_layer(model, w, i, spec: LayerSpec, x_td, h_td, rope_cs, kv_cache, 
     return x_td, h_td, kv_cache
 
 
+def _attend_unfused(model, w, i, spec: LayerSpec, h_td, rope_cs, kv_cache, metadata, attention: AttentionBackend,
+                    linear: Linear):
+    """Attention of layer i from the normed hidden states: the q|k|v projection, its bias and
+    q/k norms where the family has them, RoPE, then the backend (which writes k and v)."""
+    c = model.config
+    t = h_td.shape[0]
+    K, G, H, D = c.num_kv_heads, c.q_per_kv, c.head_dim, c.hidden_size
+    qkv = project(w, i, h_td, "w_qkv", D, linear).reshape(t, K, G + 2, H)
+    if w["b_qkv"] is not None:
+        qkv = qkv + select_layer(w["b_qkv"], i)
+    q = qkv[:, :, :G].reshape(t, K * G, H)
+    k, v = qkv[:, :, G], qkv[:, :, G + 1]
+    if w["q_norm"] is not None:
+        q = model.norm(q, select_layer(w["q_norm"], i))
+        k = model.norm(k, select_layer(w["k_norm"], i))
+    q = rope(q, *rope_cs)
+    k = rope(k, *rope_cs)
+    return attention(q, k, v, kv_cache, metadata, spec, i)
+
+
 def rms_norm(x, weight, eps: float):
     # Normalize in float32, cast back, then scale: the order HF uses, which matters in bf16.
     return rms_norm_ordered(x, weight, eps, "llama")
@@ -325,9 +343,6 @@ def rope_tables(positions_t, inv_freq):
 
 
 def rope(x_thh, cos, sin):
-    """Rotary embedding in the HF (rotate-half) layout: x [T, heads, H] with `rope_tables`."""
-    half = x_thh.shape[-1] // 2
-    x1 = x_thh[..., :half].astype(jnp.float32)
-    x2 = x_thh[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_thh.dtype)
+    """Rotary embedding in the HF (rotate-half) layout: x [T, heads, H] with `rope_tables` (the
+    definition the fused kernel's reference shares)."""
+    return rotate_half_rope(x_thh, cos, sin)

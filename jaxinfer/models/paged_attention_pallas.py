@@ -71,19 +71,46 @@ class PagedAttentionPallas(WritesInPlace):
                              out_specs=(heads, pools), check_vma=False)(q_tnh, k_tkh, v_tkh, kv_cache, metadata,
                                                                         layer_idx)
 
+    def fuses_qkv(self, kv_cache, head_dim: int, dtype) -> bool:
+        """Whether `attend_qkv` serves this cache: the GPU kernel on one device, pages of the
+        model's own head size and dtype (not zero-padded, not float8)."""
+        from pallas_kernels.rope_kv_write import fusable_head_size
+
+        k_pages = kv_cache[0]
+        return (self.platform == "gpu" and (self.mesh is None or self.mesh.shape[self.axis] == 1)
+                and k_pages.shape[-1] == head_dim and fusable_head_size(head_dim)
+                and jnp.dtype(k_pages.dtype) == jnp.dtype(dtype))
+
+    def attend_qkv(self, qkv, cos_th, sin_th, kv_cache, metadata: PagedMetadata, layer: LayerSpec, layer_idx, *,
+                   num_kv_heads: int, dtype):
+        """Attention from the fused q|k|v projection itself (its [T, N] product or float32 split-K
+        partials, columns [K, G + 2, H] per kv head) and the step's rotary tables [T, H/2]: one
+        kernel sums the partials, rotates q and k and writes k, v into the pages in place (where
+        the unfused path runs four or five), then the attention kernel reads them. Only where
+        `fuses_qkv`. Returns (o_tnh, kv_cache)."""
+        from pallas_kernels.rope_kv_write import rope_kv_write
+
+        layer_idx = jnp.asarray(layer_idx, jnp.int32)
+        q, k_pages, v_pages = rope_kv_write(qkv, cos_th, sin_th, *kv_cache, metadata.slot_mapping_t, layer_idx,
+                                            num_kv_heads=num_kv_heads, dtype=dtype, interpret=self.interpret)
+        return self._read(q, k_pages, v_pages, metadata, layer_idx, layer), (k_pages, v_pages)
+
     def _attend(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: PagedMetadata, layer_idx, layer: LayerSpec):
-        if self.platform == "gpu":
-            from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention
-        else:
-            from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention
         pad = kv_cache[0].shape[-1] - k_tkh.shape[-1]
         if pad:  # the cache is kept at the kernel's head size; the extra lanes stay zero
             k_tkh, v_tkh = (jnp.pad(x, ((0, 0), (0, 0), (0, pad))) for x in (k_tkh, v_tkh))
         k_pages, v_pages = write_kv(*kv_cache, k_tkh, v_tkh, metadata.slot_mapping_t, layer_idx)
+        return self._read(q_tnh, k_pages, v_pages, metadata, layer_idx, layer), (k_pages, v_pages)
+
+    def _read(self, q_tnh, k_pages, v_pages, metadata: PagedMetadata, layer_idx, layer: LayerSpec):
+        """The attention kernel over layer `layer_idx` of the written pools."""
+        if self.platform == "gpu":
+            from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention
+        else:
+            from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention
         kh, num_layers, num_pages = k_pages.shape[:3]
         flat = (kh, num_layers * num_pages, *k_pages.shape[3:])
-        o = ragged_paged_attention(q_tnh, k_pages.reshape(flat), v_pages.reshape(flat), metadata.kv_lens_s,
-                                   metadata.block_tables_sw + layer_idx * num_pages, metadata.cu_q_lens_s1,
-                                   metadata.num_seqs, scale=layer.scale, sliding_window=layer.sliding_window,
-                                   logit_softcap=layer.logit_softcap, interpret=self.interpret)
-        return o, (k_pages, v_pages)
+        return ragged_paged_attention(q_tnh, k_pages.reshape(flat), v_pages.reshape(flat), metadata.kv_lens_s,
+                                      metadata.block_tables_sw + layer_idx * num_pages, metadata.cu_q_lens_s1,
+                                      metadata.num_seqs, scale=layer.scale, sliding_window=layer.sliding_window,
+                                      logit_softcap=layer.logit_softcap, interpret=self.interpret)

@@ -68,14 +68,15 @@ def rows_per_program(num_tokens: int) -> int:
 
 # (device family, token bucket, k, n, dtype) -> measured tiling. Fill from
 # `benchmarks/matmul.py --sweep` on the device; anything missing falls back to the heuristic.
-# H200 entries: the Llama-3-8B projections, best of the sweep at T = 1 and 16 (bucket 16) and
-# T = 64 (buckets 32 and 64), benchmarks/results/matmul_h200_2026-12-01_run1_sweep.*.
+# H200 entries: the Llama-3-8B projections, best of the sweep at T = 1 and 16 (bucket 16,
+# benchmarks/results/matmul_h200_2026-12-01_run1_sweep.*) and at T = 64 (buckets 32 and 64: deeper
+# pipelines and smaller splits, benchmarks/results/matmul_h200_2026-12-02_t64_sweep.*).
 _B = GpuMatmulBlockSizes
 _H200_8B = {  # (k, n) -> (bucket 16, bucket 64)
-    (4096, 6144): (_B(128, 64, 4, 4, 4), _B(64, 128, 2, 4, 3)),     # q|k|v: 3.41 / 2.80 TB/s
-    (4096, 4096): (_B(128, 64, 4, 4, 4), _B(64, 128, 2, 4, 3)),     # o: 3.21 / 2.44
-    (4096, 28672): (_B(128, 64, 1, 4, 4), _B(128, 64, 1, 4, 4)),    # gate|up: 4.30 / 3.99
-    (14336, 4096): (_B(128, 64, 7, 4, 4), _B(128, 64, 4, 4, 4)),    # down: 3.95 / 3.58
+    (4096, 6144): (_B(128, 64, 4, 4, 4), _B(64, 64, 1, 4, 8)),      # q|k|v: 3.41 / 3.37 TB/s
+    (4096, 4096): (_B(128, 64, 4, 4, 4), _B(64, 64, 2, 4, 8)),      # o: 3.21 / 2.76
+    (4096, 28672): (_B(128, 64, 1, 4, 4), _B(128, 64, 1, 8, 5)),    # gate|up: 4.30 / 3.98
+    (14336, 4096): (_B(128, 64, 7, 4, 4), _B(64, 128, 2, 4, 4)),    # down: 3.95 / 3.70
 }
 _GPU_TABLE: dict[tuple[str, int, int, int, str], GpuMatmulBlockSizes] = {
     ("H200", bucket, k, n, "bfloat16"): tiles[0 if bucket == 16 else 1]

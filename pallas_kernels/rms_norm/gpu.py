@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common import load_partials_sum
 from pallas_kernels.rms_norm.reference import check_add_norm_inputs
 from pallas_kernels.rms_norm.tuned_block_sizes import RmsNormBlockSizes, rms_norm_block_sizes
 
@@ -41,13 +42,7 @@ def _add_rms_norm_kernel(*refs, splits, chunk, num_chunks, width, eps, kind, sta
 
     def residual_sum(c):  # x for columns of chunk c, in the residual's dtype
         cols = pl.ds(c * chunk, chunk)
-        if splits is None:
-            y = y_ref[t, cols]
-        else:
-            y = y_ref[0, t, cols]
-            for s in range(1, splits):
-                y = y + y_ref[s, t, cols]
-        y = y.astype(dtype).astype(jnp.float32)
+        y = load_partials_sum(y_ref, t, cols, splits).astype(dtype).astype(jnp.float32)
         return (r_ref[t, cols].astype(jnp.float32) + y).astype(dtype)
 
     def write_norm(c, x, inv_rms):
