@@ -72,10 +72,11 @@ def test_latency_and_throughput_commands_write_records(tmp_path, capsys):
         assert 0 < host["host_ms_per_step"] <= host["wall_ms_per_step"] + 1e-6
         assert any("step" in f["function"] for f in host["top_functions_profiled"])
     assert path.with_suffix(".md").read_text().count("\n| ") >= 3
-    assert main(["bench", "throughput", *common, "--num-prompts", "6"]) == 0
+    assert main(["bench", "throughput", *common, "--num-prompts", "6", "--profile"]) == 0
     [path] = tmp_path.glob("bench_throughput_tiny_*.json")
     result = json.loads(path.read_text())["result"]
     assert result["runs"][0]["generated_tokens"] == 6 * 5 and result["output_tokens_per_s"] > 0
+    assert result["profile_of_one_run"]["steps"] == 1 and result["profile_of_one_run"]["wall_s_per_step"] > 0
 
 
 def test_profile_counts_steps():

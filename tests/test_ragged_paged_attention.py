@@ -149,6 +149,22 @@ class GpuRaggedTests:
     def test_matches_reference(self, case):
         check_ragged_kernel(gpu.ragged_paged_attention, case, self.INTERPRET)
 
+    def test_stacked_pools_read_the_layer_in_place(self):
+        """Every layer's pools stacked, the layer a traced index: the tables address that
+        layer's pages (the other layers are NaN), as the unstacked call on its pages."""
+        case = RaggedCase(jnp.float32, 4, 2, page_size=4, block_sizes=GpuRaggedBlockSizes(8, 4, 8, 4))
+        rng = np.random.default_rng(5)
+        q_lens, kv_lens = case.batches(rng)[-1]
+        q, k, v, *rest = case.inputs(rng, q_lens, kv_lens)
+        opts = dict(scale=16 ** -0.5, block_sizes=case.block_sizes, interpret=self.INTERPRET)
+        want = gpu.ragged_paged_attention(q, k, v, *rest, **opts)
+        stack = [jnp.stack([jnp.full_like(x, jnp.nan), jnp.full_like(x, jnp.nan), x], axis=1) for x in (k, v)]
+        got = jax.jit(lambda i: gpu.ragged_paged_attention(q, *stack, *rest, i, **opts))(jnp.int32(2))
+        real = sum(q_lens)
+        np.testing.assert_array_equal(np.asarray(got[:real]), np.asarray(want[:real]))
+        with pytest.raises(ValueError, match="pass the layer index"):
+            gpu.ragged_paged_attention(q, *stack, *rest, **opts)
+
 
 class TestGpuRaggedPagedAttentionInterpret(GpuRaggedTests):
     INTERPRET = True

@@ -13,7 +13,8 @@
 #   rms_norm  the fused residual-add RMSNorm kernel against XLA, over warps and chunks
 #   short_decode_sweep  the ragged kernel's decode tilings on 64 decodes at context 384
 #   matmul64  the skinny matmul's tilings at 64 tokens (the batch-64 decode's projections)
-#   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG)
+#   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG; PROFILE=1
+#             traces one more whole throughput run)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
 #   quant_engine  batch 1 and 64 decode of the 8B shape in bf16 (HF peer) and each quantization
 #   spec_cost     the 8B shape's step cost verifying k proposals per request (ACCEPTED="--accepted K:L ...")
@@ -168,8 +169,8 @@ PY
         | grep -v "compiling" | tail -4 | cut -c1-3000 ;;
     throughput)
       timeout 200 python3 -m jaxinfer.cli bench throughput --preset llama3-8b --input-len 512 --output-len 128 \
-        --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 | grep -v "compiling" \
-        | tail -4 ;;
+        --num-prompts 256 --num-iters 1 ${PROFILE:+--profile} --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 \
+        | grep -v "compiling" | tail -4 | cut -c1-3000 ;;
     startup)
       timeout 220 python3 -m jaxinfer.cli bench startup --preset llama3-8b --input-len 128 --output-len 8 \
         --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 | grep -v "compiling" | tail -4 ;;

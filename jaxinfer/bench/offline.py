@@ -49,7 +49,8 @@ def add_args(sub) -> None:
         p.add_argument("--output-dir", default="benchmarks/results")
         p.add_argument("--tag", default="", help="appended to the result files' names")
         p.add_argument("--profile", action="store_true",
-                       help="trace decode steps: device busy/idle share and the top kernels")
+                       help="trace decode steps (throughput: one whole extra run): device busy/idle share "
+                            "and the top kernels")
         if name == "throughput":
             p.add_argument("--num-prompts", type=int, default=256)
         else:
@@ -362,6 +363,12 @@ def cmd_throughput(args) -> int:
                                                                 args.input_len, args.seed + i),
                        args.output_len, f"t{i}") for i in range(args.num_iters)]
     median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    profile = None
+    if args.profile:  # one more whole run in a trace: where its kernel time goes, and its idle share
+        from jaxinfer.bench.profile import profile_steps
+
+        fresh = _prompts(model.config.vocab_size, args.num_prompts, args.input_len, args.seed + 7_777)
+        profile = profile_steps(lambda: _run_batch(engine, fresh, args.output_len, "profile"), 1)
     seqs = engine.config.max_num_seqs
     waves = -(-args.num_prompts // seqs)
     floors = {basis: {"total_s": waves * f["total_s"]} for basis, f in
@@ -371,6 +378,8 @@ def cmd_throughput(args) -> int:
               "output_tokens_per_s": median["generated_tokens"] / median["seconds"],
               "total_tokens_per_s": args.num_prompts * (args.input_len + args.output_len) / median["seconds"],
               "floor": floors, **{f"fraction_of_{b}_floor": f["total_s"] / median["seconds"] for b, f in floors.items()}}
+    if profile is not None:
+        result["profile_of_one_run"] = profile
     if peer is not None:
         result["peer"] = peer
         if "seconds" in peer:

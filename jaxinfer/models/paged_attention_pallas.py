@@ -2,9 +2,10 @@
 
 One kernel launch per layer serves the whole mixed step (prefill chunks and decodes); the
 cache write stays a scatter in XLA, fused by the compiler into the step. The kernel sees the
-stacked pools [K, L, P, page_size, H] as [K, L * P, page_size, H] (a free reshape: a kv head's
-layers are contiguous) with the layer's block tables offset by layer * P, so it reads the
-layer's pages in place, whatever the layer index is at run time. The GPU variant uses
+stacked pools [K, L, P, page_size, H] whole with the layer index (the GPU kernel adds the
+layer's page offset as it reads the tables; the TPU kernel gets the pools as [K, L * P,
+page_size, H], a free reshape, and tables offset by layer * P), so it reads the layer's pages
+in place, whatever the layer index is at run time. The GPU variant uses
 the Triton lowering, the TPU variant Mosaic TPU; on the CPU either runs in interpret mode
 (tests only: it is slow).
 
@@ -104,13 +105,18 @@ class PagedAttentionPallas(WritesInPlace):
 
     def _read(self, q_tnh, k_pages, v_pages, metadata: PagedMetadata, layer_idx, layer: LayerSpec):
         """The attention kernel over layer `layer_idx` of the written pools."""
-        if self.platform == "gpu":
+        opts = dict(scale=layer.scale, sliding_window=layer.sliding_window, logit_softcap=layer.logit_softcap,
+                    interpret=self.interpret)
+        md = metadata
+        if self.platform == "gpu":  # the stacked pools and the layer index, read in place
             from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention
-        else:
-            from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention
+
+            return ragged_paged_attention(q_tnh, k_pages, v_pages, md.kv_lens_s, md.block_tables_sw,
+                                          md.cu_q_lens_s1, md.num_seqs, layer_idx, **opts)
+        from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention
+
         kh, num_layers, num_pages = k_pages.shape[:3]
         flat = (kh, num_layers * num_pages, *k_pages.shape[3:])
-        return ragged_paged_attention(q_tnh, k_pages.reshape(flat), v_pages.reshape(flat), metadata.kv_lens_s,
-                                      metadata.block_tables_sw + layer_idx * num_pages, metadata.cu_q_lens_s1,
-                                      metadata.num_seqs, scale=layer.scale, sliding_window=layer.sliding_window,
-                                      logit_softcap=layer.logit_softcap, interpret=self.interpret)
+        return ragged_paged_attention(q_tnh, k_pages.reshape(flat), v_pages.reshape(flat), md.kv_lens_s,
+                                      md.block_tables_sw + layer_idx * num_pages, md.cu_q_lens_s1, md.num_seqs,
+                                      **opts)

@@ -67,17 +67,18 @@ def online_softmax_step(acc, m, l, s, v):
     return acc, m_next, l
 
 
-def load_block_pages(tables_ref, row, first_slot, num_slots, end_slot, num_pages):
-    """Page ids of slots [first_slot, first_slot + num_slots) of table row `row`; slots at or
-    past end_slot read as page 0 and ids are clamped into the cache, so a poisoned slot is
-    never an address."""
+def load_block_pages(tables_ref, row, first_slot, num_slots, end_slot, num_pages, page_offset=0):
+    """Page ids of slots [first_slot, first_slot + num_slots) of table row `row`, plus
+    page_offset; slots at or past end_slot read as page 0 and ids are clamped into the
+    num_pages pages the table addresses, so a poisoned slot is never an address."""
     slots = first_slot + lax.broadcasted_iota(jnp.int32, (num_slots,), 0)
     ids = plgpu.load(tables_ref.at[row, pl.ds(first_slot, num_slots)], mask=slots < end_slot, other=0)
-    return jnp.clip(ids, 0, num_pages - 1)
+    return jnp.clip(ids, 0, num_pages - 1) + page_offset
 
 
 def flash_over_pages(q, k_ref, v_ref, tables_ref, table_row, *, page_size, kv_lo, kv_hi,
-                     pages_per_block, block_lo, block_hi, visible_fn, scale, logit_softcap):
+                     pages_per_block, block_lo, block_hi, visible_fn, scale, logit_softcap,
+                     layer_pages=None, page_offset=0):
     """Online softmax of the q tile [M, H] over blocks [block_lo, block_hi) of the cache range
     [kv_lo, kv_hi) of one table row; block j starts at slot kv_lo // page_size + j * pages_per_block.
 
@@ -92,21 +93,25 @@ def flash_over_pages(q, k_ref, v_ref, tables_ref, table_row, *, page_size, kv_lo
     (benchmarks/results/kernels_h200_2026-12-01_run*).
 
     visible_fn(k_pos [BK]) -> [M, BK] says which logits count, inside the range.
+    layer_pages, page_offset: with stacked layers' pools, the table's ids address the
+    layer_pages pages of one layer, which start at page page_offset of the refs (traced);
+    by default the ids address the whole refs.
     Returns (acc [M, H] unnormalised, m [M] running max in base 2, l [M] softmax sum).
     """
     num_pages, head_dim = k_ref.shape[0] // page_size, k_ref.shape[1]
+    num_pages = layer_pages or num_pages
     block_k = pages_per_block * page_size
     first_slot, end_slot, _ = page_blocks(kv_lo, kv_hi, page_size, pages_per_block)
     # Used only when the range is not empty (else the loop runs no block); clamped anyway.
     lo_slot = jnp.minimum(kv_lo // page_size, tables_ref.shape[1] - 1)
-    lo_page = jnp.clip(plgpu.load(tables_ref.at[table_row, lo_slot]), 0, num_pages - 1)
+    lo_page = jnp.clip(plgpu.load(tables_ref.at[table_row, lo_slot]), 0, num_pages - 1) + page_offset
     stand_in_row = lo_page * page_size + kv_lo % page_size
     page_offsets = lax.broadcasted_iota(jnp.int32, (pages_per_block, page_size), 1)
 
     def body(j, carry):
         acc, m, l = carry
         slot0 = first_slot + j * pages_per_block
-        ids = load_block_pages(tables_ref, table_row, slot0, pages_per_block, end_slot, num_pages)
+        ids = load_block_pages(tables_ref, table_row, slot0, pages_per_block, end_slot, num_pages, page_offset)
         k_pos = slot0 * page_size + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         in_range = (k_pos >= kv_lo) & (k_pos < kv_hi)
         rows = jnp.where(in_range, (ids[:, None] * page_size + page_offsets).reshape(block_k),

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (check_block_sizes, check_options, check_ragged_inputs,
+from pallas_kernels.common import (check_block_sizes, check_options, check_ragged_inputs, layer_operand,
                                    next_power_of_2, pad_head_dims, page_blocks)
 from pallas_kernels.paged_attention.gpu import (MIN_DOT_DIM, cache_operands, flash_over_pages, gpu_head_dim,
                                                normalise)
@@ -52,7 +52,8 @@ def find_sequence(cu_ref, query_block, num_seqs, queries_per_block, search_steps
 
 
 def attend_tile(q_ref, k_ref, v_ref, o_ref, tables_ref, *, h, table_row, q0, q_end, kv_len, bq,
-                page_size, pages_per_block, group, group_pad, scale, sliding_window, logit_softcap):
+                page_size, pages_per_block, group, group_pad, scale, sliding_window, logit_softcap,
+                layer_pages, page_offset):
     """Attention for query rows [q0, min(q0 + bq, q_end)) of one sequence and kv head h."""
     num_tokens = q_ref.shape[0]
     head_dim = k_ref.shape[-1]
@@ -80,14 +81,16 @@ def attend_tile(q_ref, k_ref, v_ref, o_ref, tables_ref, *, h, table_row, q0, q_e
         q, k_ref, v_ref, tables_ref, table_row, kv_lo=kv_lo, kv_hi=kv_hi,
         pages_per_block=pages_per_block, page_size=page_size, block_lo=0,
         block_hi=page_blocks(kv_lo, kv_hi, page_size, pages_per_block)[2], visible_fn=visible,
-        scale=scale, logit_softcap=logit_softcap)
+        scale=scale, logit_softcap=logit_softcap, layer_pages=layer_pages, page_offset=page_offset)
     out = normalise(acc, l).astype(o_ref.dtype).reshape(bq, group_pad, head_dim)
     plgpu.store(o_ref.at[tile], out, mask=tile_mask)
 
 
-def _ragged_kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, q_ref, k_ref, v_ref, o_ref, *,
-                   block_sizes: GpuRaggedBlockSizes, num_long_rows, search_steps, **tile_kw):
+def _ragged_kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *,
+                   block_sizes: GpuRaggedBlockSizes, num_long_rows, search_steps, num_layers, **tile_kw):
     row, h = pl.program_id(0), pl.program_id(1)
+    # The layer's pages within the stacked pools (one layer: offset 0); clamped, never a bad address.
+    tile_kw["page_offset"] = jnp.clip(layer_ref[0], 0, num_layers - 1) * tile_kw["layer_pages"]
     max_seqs, table_slots = tables_ref.shape
     num_tokens = q_ref.shape[0]
     max_kv = table_slots * tile_kw["page_size"]
@@ -124,7 +127,7 @@ def _ragged_kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, q_ref, k_ref, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "logit_softcap",
                                              "block_sizes", "interpret"))
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
+def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, layer=None, *,
                            scale, sliding_window=None, logit_softcap=None,
                            block_sizes: GpuRaggedBlockSizes | None = None, interpret: bool = False):
     """Ragged paged attention (GPU kernel): prefill chunks and decodes in one launch.
@@ -134,7 +137,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         common.pad_head_dims); sequence s owns rows cu_q_lens[s]:cu_q_lens[s + 1], the last q_len of its
         kv_lens[s] cached tokens (this step's k, v already written), causal inside the chunk.
       k_pages, v_pages: [K, num_pages, page_size, H or gpu_head_dim(H)] paged cache (already
-        padded: no copy).
+        padded: no copy), or every layer's pools stacked [K, L, num_pages, page_size, H] with
+        `layer`: the tables then address that layer's pages, read in place (no per-layer
+        offset of the tables, no slice of the pools).
+      layer: int32 scalar (may be traced), required iff the pools are stacked; clamped into range.
       kv_lens: [S] int32. block_tables: [S, P] int32 (slots past a sequence's last page may
         hold anything). cu_q_lens: [S + 1] int32, non-decreasing, cu_q_lens[0] = 0.
       num_seqs: int32 scalar or [1] (dynamic): sequences in use.
@@ -144,6 +150,13 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     Returns:
       [T, N, H] in q.dtype; rows past cu_q_lens[num_seqs] are zeros.
     """
+    stacked = k_pages.ndim == 5
+    layer = layer_operand(layer, stacked, f"pools {k_pages.shape}")
+    num_layers, layer_pages = k_pages.shape[1:3] if stacked else (1, k_pages.shape[1])
+    if stacked:  # a free reshape: a kv head's layers are contiguous
+        k_pages, v_pages = (x.reshape(x.shape[0], -1, *x.shape[3:]) for x in (k_pages, v_pages))
+    else:
+        layer = jnp.zeros((1,), jnp.int32)
     q, k_pages, v_pages, true_head_dim = pad_head_dims(q, k_pages, v_pages, gpu_head_dim(q.shape[-1]))
     num_kv_heads, page_size, num_seqs = check_ragged_inputs(
         q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, fp8_cache=True)
@@ -178,7 +191,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         search_steps=max(1, max_seqs.bit_length()), scale=float(scale),
         sliding_window=sliding_window,
         logit_softcap=None if logit_softcap is None else float(logit_softcap), group=group,
-        group_pad=group_pad, page_size=page_size)
+        group_pad=group_pad, page_size=page_size, num_layers=num_layers, layer_pages=layer_pages)
 
     def whole(x):
         return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
@@ -187,7 +200,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     out = pl.pallas_call(
         kernel,
         grid=(num_long_rows + max_seqs, num_kv_heads),
-        in_specs=[whole(kv_lens), whole(block_tables), whole(cu_q_lens), whole(num_seqs), whole(q),
+        in_specs=[whole(kv_lens), whole(block_tables), whole(cu_q_lens), whole(num_seqs), whole(layer), whole(q),
                   pages_spec, pages_spec],
         out_specs=whole(q),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -195,5 +208,5 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
                                              num_stages=block_sizes.num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
-    )(kv_lens, block_tables, cu_q_lens, num_seqs, q, k_cache, v_cache)
+    )(kv_lens, block_tables, cu_q_lens, num_seqs, layer, q, k_cache, v_cache)
     return out[..., :true_head_dim]
