@@ -40,6 +40,8 @@ def _add_engine_args(p: argparse.ArgumentParser):
                    help="projections: the Pallas skinny matmul for decode-sized steps (auto: on one GPU) or XLA")
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="layers in lax.scan over stacked weights (default: on accelerators) or unrolled")
+    p.add_argument("--scan-unroll", type=int, default=1,
+                   help="layers per iteration of the scanned layer loop (default 1)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="plan step N+1 while step N runs (default: on accelerators)")
     p.add_argument("--compilation-cache-dir", default=None,
@@ -109,7 +111,7 @@ def engine_config_kwargs(args) -> dict:
                   num_pages=args.num_pages, kv_cache_memory_fraction=args.gpu_memory_utilization,
                   enable_prefix_caching=args.enable_prefix_caching, kv_offloading_size=args.kv_offloading_size,
                   attention_backend=args.attention_backend,
-                  linear_kernel=args.linear_kernel, scan_layers=args.scan_layers,
+                  linear_kernel=args.linear_kernel, scan_layers=args.scan_layers, scan_unroll=args.scan_unroll,
                   async_scheduling=args.async_scheduling, seed=args.seed,
                   tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                   quantization=args.quantization, quantization_group_size=args.quantization_group_size,

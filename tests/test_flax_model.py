@@ -128,13 +128,16 @@ def _greedy_tokens(engine):
     return [done[str(i)] for i in range(len(LOOP_PROMPTS))]
 
 
-@pytest.mark.parametrize("scan_layers,linear_kernel", [(True, "xla"), (False, "xla"), (None, "xla"),
-                                                       (True, "pallas"), (None, "pallas")])
-def test_layer_loops_and_linear_kernels_match_reference(scan_layers, linear_kernel):
+@pytest.mark.parametrize("scan_layers,linear_kernel,scan_unroll", [
+    (True, "xla", 1), (False, "xla", 1), (None, "xla", 1), (True, "pallas", 1), (None, "pallas", 1),
+    (True, "xla", 3)])
+def test_layer_loops_and_linear_kernels_match_reference(scan_layers, linear_kernel, scan_unroll):
     """Scanned, unrolled and the CPU hybrid (one-token steps unrolled over views of the stacked
-    weights), with XLA dots or the Pallas skinny matmul (interpret mode): the reference's tokens."""
+    weights), with XLA dots or the Pallas skinny matmul (interpret mode), and a scan running
+    three layers an iteration (which does not divide the layers): the reference's tokens."""
     model = tiny_model(seed=2)
-    engine = _loop_engine(model, scan_layers=scan_layers, linear_kernel=linear_kernel)
+    assert model.config.num_layers % 3
+    engine = _loop_engine(model, scan_layers=scan_layers, linear_kernel=linear_kernel, scan_unroll=scan_unroll)
     assert _greedy_tokens(engine) == generate(model, LOOP_PROMPTS, 6)
 
 
@@ -154,3 +157,9 @@ def test_small_steps_unrolled_over_stacked_weights_match_reference(linear_kernel
     engine.runner._step = recording_step
     assert _greedy_tokens(engine) == generate(model, LOOP_PROMPTS, 6)
     assert loops == {True, False}  # unrolled small steps, scanned prefill chunks
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_scan_unroll_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="scan_unroll"):
+        EngineConfig(scan_unroll=bad)

@@ -13,6 +13,7 @@
 #   rms_norm  the fused residual-add RMSNorm kernel against XLA, over warps and chunks
 #   short_decode_sweep  the ragged kernel's decode tilings on 64 decodes at context 384
 #   matmul64  the skinny matmul's tilings at 64 tokens (the batch-64 decode's projections)
+#   scan_unroll  batch 1 and 64 decode with the layer scan running UNROLLS="2 4 8" layers an iteration
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG; PROFILE=1
 #             traces one more whole throughput run)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
@@ -147,7 +148,7 @@ PY
         --tag "prefill4096${TAG:-}" 2>&1 | grep -v "compiling" | tail -3 | cut -c1-2000 ;;
     fused)
       timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_rms_norm_kernel.py tests/test_skinny_matmul.py \
-        tests/test_rope_kv_write.py -k "Gpu and not Interpret" 2>&1 | tail -4
+        tests/test_rope_kv_write.py tests/test_ragged_paged_attention.py -k "Gpu and not Interpret" 2>&1 | tail -4
       timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_flax_model.py tests/test_engine.py \
         -k "layer_loops or pallas_backend" 2>&1 | tail -4 ;;
     short_decode_sweep)
@@ -157,6 +158,12 @@ PY
     matmul64)
       timeout 500 python3 benchmarks/matmul.py --out "$OUT/matmul" --sweep --tokens ${SWEEP_TOKENS:-64} --sweep-tokens ${SWEEP_TOKENS:-64} \
         --no-peer --no-scan 2>&1 | tee "$OUT/matmul.log" | tail -40 ;;
+    scan_unroll)
+      for k in ${UNROLLS:-2 4 8}; do
+        timeout 170 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 512 \
+          --batch-size 1,64 --num-iters 1 --profile --scan-unroll "$k" --output-dir "$OUT/engine" \
+          --tag "${TAG:-}unroll$k" 2>&1 | grep -v "compiling" | tail -3 | cut -c1-400
+      done ;;
     rms_norm)
       timeout 240 python3 benchmarks/rms_norm.py --out "$OUT/rms_norm" --iters 100 --repeats 3 2>&1 | tail -12 ;;
     p1)

@@ -52,6 +52,9 @@ class EngineConfig:
         per-layer arrays (False; compiles 6x slower, but XLA's CPU backend copies each layer's
         weights out of a stack before a dot); None: on the CPU, one-token steps unrolled over
         views of the stacked weights and larger steps scanned; elsewhere scanned.
+      scan_unroll: layers run per iteration of the scanned loop (lax.scan's unroll): fewer
+        iterations, each with its loop-counter update and carry copies (kernels of their own on
+        a GPU), against a program with that many layer bodies to compile.
       async_scheduling: plan and queue step N+1 while step N runs on the device, feeding step
         N's sampled ids to N+1 on the device; the host reads tokens one step late and drops
         a token sampled after its request's stop (vLLM's --async-scheduling). Off: every
@@ -102,6 +105,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     linear_kernel: str = "auto"
     scan_layers: bool | None = None
+    scan_unroll: int = 1
     async_scheduling: bool | None = None
     seed: int = 0
     compilation_cache_dir: str = dataclasses.field(default_factory=default_compilation_cache_dir)
@@ -117,7 +121,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "tensor_parallel_size",
-                     "data_parallel_size"):
+                     "data_parallel_size", "scan_unroll"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -286,7 +286,7 @@ class LLMEngine:
                          max_num_spec_tokens=max_num_spec_tokens),
             attention,
             linear=linear, eos_token_ids=self.eos_token_ids, kv_fill=kv_fill, kv_sharding=kv_sharding,
-            unroll_max_tokens=unroll_max_tokens, unrolled_params=unrolled_params,
+            unroll_max_tokens=unroll_max_tokens, unrolled_params=unrolled_params, scan_unroll=config.scan_unroll,
             num_host_pages=self.num_host_pages)
         self.mesh = mesh
         self.metrics = EngineMetrics()

@@ -93,7 +93,7 @@ def _fed_token_ids(token_ids_t, feed_t, prev_tokens_s):
 
 
 def _model_step(state, packed, kv_cache, prev_tokens_s, *, spec: PackSpec, graphdef, attention, linear,
-                unroll: bool = False):
+                unroll: bool | int = False):
     """One forward over the step's tokens: logits of the rows that sample, and every token's
     final hidden state (for prompt logprobs, scored only when asked by `_score_prompt`). A pure
     function of the model state: the module is rebuilt from its graph definition at trace time.
@@ -143,7 +143,7 @@ class ModelRunner:
 
     def __init__(self, config: ModelConfig, graphdef, params, kv_spec: KVCacheSpec, runner_config: RunnerConfig,
                  attention: AttentionBackend, *, linear: Linear = XLA_LINEAR, eos_token_ids: Sequence[int] = (),
-                 kv_fill: float = 0.0, kv_sharding=None, unroll_max_tokens: int = 0, unrolled_params=None,
+                 kv_fill: float = 0.0, kv_sharding=None, unroll_max_tokens: int = 0, unrolled_params=None, scan_unroll: int = 1,
                  num_host_pages: int = 0):
         if kv_spec.page_size != runner_config.page_size:
             raise ValueError("KV cache and runner disagree on page_size")
@@ -155,6 +155,7 @@ class ModelRunner:
         # views of `params`) or the stacked `params`; larger steps scan.
         self.unroll_max_tokens = unroll_max_tokens
         self.unrolled_params = unrolled_params
+        self.scan_unroll = scan_unroll
         self.linear = linear
         self.kv_spec = kv_spec
         self.rc = runner_config
@@ -257,8 +258,7 @@ class ModelRunner:
             args = (self._params_for(t), sds(packed.shape, packed.dtype), self.kv_cache, self._prev_tokens)
             _, hidden, staged = self._step.eval_shape(*args, spec=spec, unroll=False)
             jobs.append((("step", t), functools.partial(
-                lambda a, sp, u: self._step.lower(*a, spec=sp, unroll=u).compile(), args, spec,
-                t <= self.unroll_max_tokens)))
+                lambda a, sp, u: self._step.lower(*a, spec=sp, unroll=u).compile(), args, spec, self._unroll(t))))
             # Keyed by the hidden states' rows, which is what a step looks the scorer up by.
             jobs.append((("score", hidden.shape[0]), functools.partial(
                 lambda h: self._score.lower(_lm_head(self.params), h, sds((h.shape[0],), np.int32),
@@ -338,8 +338,7 @@ class ModelRunner:
         t = token_bucket or bucket_for(len(token_ids), self.rc.token_buckets)
         packed, spec = self._pack_step(t, request_ids, starts, num_tokens, token_ids, logits_indices, feed)
         packed = jax.device_put(packed, self._placement)
-        step = self._executables.get(("step", t)) or functools.partial(self._step, spec=spec,
-                                                                       unroll=t <= self.unroll_max_tokens)
+        step = self._executables.get(("step", t)) or functools.partial(self._step, spec=spec, unroll=self._unroll(t))
         logits, hidden, kv_out = step(self._params_for(t), packed, self.kv_cache, self._prev_tokens)
         if self._stages_writes:
             commit = self._executables.get(("commit", t)) or functools.partial(self._commit, spec=spec)
@@ -373,6 +372,13 @@ class ModelRunner:
         for index, row in (feed or {}).items():
             feed_t[index] = row
         return pack((inputs.token_ids_t, inputs.positions_t, inputs.metadata, inputs.logits_indices_s, feed_t))
+
+    def _unroll(self, t: int) -> bool | int:
+        """The model's `unroll` for a step of bucket t: True (a Python loop) for small steps
+        when `unroll_max_tokens` says so, else the scan's layers per iteration (False: one)."""
+        if t <= self.unroll_max_tokens:
+            return True
+        return self.scan_unroll if self.scan_unroll > 1 else False
 
     def _params_for(self, t: int):
         """The weights a step of bucket t runs on: the per-layer views for unrolled steps."""

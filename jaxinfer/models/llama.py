@@ -142,7 +142,7 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else init.normal((config.vocab_size, D), (VOCAB, EMBED))
 
     def __call__(self, token_ids_t, positions_t, kv_cache, metadata, attention: AttentionBackend,
-                 linear: Linear = XLA_LINEAR, unroll: bool = False):
+                 linear: Linear = XLA_LINEAR, unroll: bool | int = False):
         """Runs the decoder over a flat batch of tokens.
 
         Args:
@@ -152,8 +152,10 @@ class LlamaForCausalLM(nnx.Module):
           metadata: the attention backend's step metadata.
           attention: the attention backend (static).
           linear: the projection hook (static).
-          unroll: run stacked layers in a Python loop (each layer's index a constant) instead of
-            `lax.scan`: no loop counter, no dynamic slices, fewer kernels; slower to compile.
+          unroll: True: run stacked layers in a Python loop (each layer's index a constant)
+            instead of `lax.scan`: no loop counter, no dynamic slices, fewer kernels; slower to
+            compile. An int k > 1: the scan runs k layers (patterns) per iteration (lax.scan's
+            unroll): 1/k of the loop's counter updates and carry copies, k bodies to compile.
         Returns:
           (hidden_td [T, D] after the final norm, updated kv_cache)
         """
@@ -185,9 +187,10 @@ class LlamaForCausalLM(nnx.Module):
         # (attn_norm: always an array or a tuple of them; a projection may be a quantized weight)
         stacked = not isinstance(weights["attn_norm"], (tuple, list))
         for start, stop, pattern in runs:
-            if stacked and stop - start > len(pattern) and not unroll:
+            if stacked and stop - start > len(pattern) and unroll is not True:
                 carry, _ = lax.scan(lambda cr, i, pattern=pattern: period_fn(cr, i, pattern), carry,
-                                    jnp.arange(start, stop, len(pattern), dtype=jnp.int32))
+                                    jnp.arange(start, stop, len(pattern), dtype=jnp.int32),
+                                    unroll=max(1, int(unroll)))
             else:
                 for first in range(start, stop, len(pattern)):
                     carry, _ = period_fn(carry, first, pattern)
