@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 from typing import Any, Iterable, Mapping, Sequence
@@ -273,6 +274,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @functools.cached_property
+    def sampler_row(self) -> tuple:
+        """What the batched sampler reads of these parameters, computed once per request (the
+        host packs every running request's row every step): (temperature, 0 when greedy;
+        top_p; min_p; presence, frequency and repetition penalties; top_k; seed, 0 when None;
+        the cheapest sampler variant's rank that serves them, before min_tokens: 0 greedy,
+        1 random, 2 filtered, 3 full)."""
+        if self.logit_bias or self.has_penalties or self.logprobs is not None:
+            rank = 3
+        elif self.greedy:
+            rank = 0
+        else:
+            rank = 2 if self.min_p > 0.0 or self.top_k > 0 or self.top_p < 1.0 else 1
+        return (0.0 if self.greedy else self.temperature, self.top_p, self.min_p, self.presence_penalty,
+                self.frequency_penalty, self.repetition_penalty, self.top_k, self.seed or 0, rank)
 
     @property
     def has_penalties(self) -> bool:

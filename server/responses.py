@@ -25,7 +25,7 @@ from jaxinfer.server.errors import OpenAIError, bad_request
 from jaxinfer.server.protocol import JsonSchemaFormat, ResponseFormat
 from jaxinfer.server.responses_protocol import ResponsesRequest, ResponseStore
 from jaxinfer.server.serving import Serving, stream_error_event
-from jaxinfer.server.streaming import EventStreamResponse, prepend, unless_disconnected
+from jaxinfer.server.streaming import EventStreamResponse, compact_json, prepend, unless_disconnected
 from jaxinfer.server.structured import structured_outputs
 from jaxinfer.server.tools import ToolPlan, plan_tools
 
@@ -168,7 +168,7 @@ async def retrieve_response(response_id: str, request: Request):
 
 
 def _event(kind: str, sequence: int, **fields) -> str:
-    data = json.dumps({"type": kind, "sequence_number": sequence, **fields}, separators=(",", ":"))
+    data = compact_json({"type": kind, "sequence_number": sequence, **fields})
     return f"event: {kind}\ndata: {data}\n\n"
 
 

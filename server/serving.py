@@ -236,7 +236,7 @@ class StreamedChoices:
         (one choice, or a list of them: none, or several chunks), the usage chunk if asked for,
         and [DONE]. An error after the stream started becomes an error event."""
         # Every chunk is the header, one choice and the usage field: the header's JSON is
-        # written once, so a token costs one small json.dumps (what sse() gives, key for key).
+        # written once, so a token costs one small encode (what sse() gives, key for key).
         opening = sse({**header, "choices": []})[:-len("]}\n\n")]
 
         def chunk(choice) -> str:

@@ -643,3 +643,19 @@ def test_simulation_through_the_host_tier_matches_each_request_run_alone(seed):
     scheduler, runner = simulate(seed, "fcfs", True, num_host_pages=6)
     assert runner.num_offloads > 0 and runner.num_reloads > 0
     assert scheduler.block_manager.num_external_hit_tokens == runner.num_reloads * 4
+
+
+def test_output_view_reads_as_the_output_list_without_copying():
+    from jaxinfer.engine.request import TokenTail
+
+    tokens = [7, 8, 9, 1, 2]
+    view = TokenTail(tokens, 3)
+    assert len(view) == 2 and list(view) == [1, 2] and view[0] == 1 and view[-1] == 2
+    assert view[0:5] == [1, 2] and view[-1:] == [2]
+    tokens.append(3)  # live: later tokens show
+    assert len(view) == 3 and view[-1] == 3 and list(view) == tokens[3:]
+    for bad in (3, -4):
+        with pytest.raises(IndexError):
+            view[bad]
+    empty = TokenTail([4, 5], 2)
+    assert len(empty) == 0 and list(empty) == [] and empty[:] == []

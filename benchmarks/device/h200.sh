@@ -7,7 +7,8 @@
 #   attn_sweep  the paged decode and ragged kernels' benchmark with a sweep of tilings (H200 tables)
 #   serve_clients  N concurrent streaming clients against `jaxinfer serve` (demo model; the
 #             same engine offline at the same batch as the peer; first the client's ceiling
-#             against a stand-in server); CLIENTS, CLIENT_PROCESSES, SERVE_MODES, SERVE_FLAGS, PACED
+#             against a stand-in server; each server process's share of a core over the runs);
+#             CLIENTS, CLIENT_PROCESSES, SERVE_MODES, SERVE_FLAGS, PACED
 #   prefill   one 4096-token prompt through the 8B engine (HF peer): prefill against the matmul peak
 #   fused     GPU tests of the fused norm, gated-matmul and rope/KV-write kernels and the engine's model paths
 #   rms_norm  the fused residual-add RMSNorm kernel against XLA, over warps and chunks
@@ -136,7 +137,11 @@ PY
         python3 -m jaxinfer.cli serve --model /tmp/smol.gguf --port $port --max-num-seqs "$n" \
           --max-model-len 1024 $flags ${SERVE_FLAGS:-} > "$OUT/serve_$mode.log" 2>&1 &
         pid=$!; wait_ready $pid
+        python3 benchmarks/device/proc_cpu.py $pid > /tmp/cpu_before.json; t0=$(date +%s)
         clients "$OUT/serve_clients_$mode.json"
+        # Each server process's share of a core over both runs: is the event loop or the engine the bound?
+        python3 benchmarks/device/proc_cpu.py $pid --since /tmp/cpu_before.json \
+          --wall "$(( $(date +%s) - t0 ))" | tee "$OUT/serve_cpu_$mode.json"
         kill -INT $pid; wait $pid
       done
       timeout 200 python3 -m jaxinfer.cli bench throughput --model /tmp/smol.gguf --input-len "$len" \

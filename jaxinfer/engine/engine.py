@@ -674,7 +674,7 @@ class LLMEngine:
             needs_mask |= c.grammar is not None
             # Tokens of earlier steps still in flight (this step's own placeholder excluded).
             pending = max(0, req.num_output_placeholders - 1)
-            outputs = req.output_token_ids
+            outputs = req.output_view  # no copy: only its length is read, and at a penalty slot's first use
             # With proposals, row j samples the step's j-th token and verifies proposal j (the
             # last row has none): k + 1 rows, each counting the outputs before its token.
             drafts = out.spec_token_ids.get(rid, ())

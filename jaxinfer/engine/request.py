@@ -41,6 +41,28 @@ def _token_tuple(name: str, ids: Iterable[int]) -> tuple[int, ...]:
     return ids
 
 
+class TokenTail(Sequence):
+    """A read-only view of a token list from `start` on, made in O(1): the host hands a
+    request's outputs to the sampler's bookkeeping every step, and copying them there would
+    cost in proportion to the output's length."""
+
+    __slots__ = ("_tokens", "_start")
+
+    def __init__(self, tokens: list[int], start: int):
+        self._tokens, self._start = tokens, start
+
+    def __len__(self) -> int:
+        return len(self._tokens) - self._start
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._tokens[self._start:][index]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError("token index out of range")
+        return self._tokens[self._start + (index if index >= 0 else n + index)]
+
+
 class Request:
     """One generation request: its tokens, how many have KV in the cache, and when it stops.
 
@@ -142,6 +164,12 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self._token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def output_view(self) -> TokenTail:
+        """The output tokens as a live O(1) view (no copy): do not keep it across steps when a
+        copy is meant."""
+        return TokenTail(self._token_ids, len(self.prompt_token_ids))
 
     @property
     def all_token_ids(self) -> Sequence[int]:

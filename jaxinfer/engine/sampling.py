@@ -91,16 +91,11 @@ def sampler_variant(rows: Sequence[SamplingRow | None], eos_token_ids: Sequence[
     logprobs at fixed widths. Each feature is a no-op for rows that do not use it, so four
     graphs per batch size serve every combination of parameters.
     """
-    live = [r for r in rows if r is not None]
-    if any(r.params.logit_bias or r.params.has_penalties or r.params.logprobs is not None
-           or (r.num_outputs < r.params.min_tokens and r.params.stop_ids(eos_token_ids)) for r in live):
-        return "full"
-    random_rows = [r.params for r in live if not r.params.greedy]
-    if not random_rows:
-        return "greedy"
-    if any(p.min_p > 0.0 or p.top_k > 0 or p.top_p < 1.0 for p in random_rows):
-        return "filtered"
-    return "random"
+    rank = max((r.params.sampler_row[-1] for r in rows if r is not None), default=0)
+    if rank < 3 and any(r is not None and r.params.min_tokens and r.num_outputs < r.params.min_tokens
+                        and r.params.stop_ids(eos_token_ids) for r in rows):
+        rank = 3
+    return VARIANTS[rank]
 
 
 @jax.tree_util.register_dataclass
@@ -208,7 +203,7 @@ class SamplingMetadata:
                 raise ValueError(f"{max(map(len, lists.values()))} {name} entries exceed the sampler's "
                                  f"width ({width})")
         slots = np.full((batch_size,), NO_SLOT, np.int32)
-        for i, r in live:
+        for i, r in live if full else ():  # only the full variant has rows with penalties
             if r.params.has_penalties:
                 if penalty_slots is None or penalty_slots[i] == NO_SLOT:
                     raise ValueError(f"row {i} has penalties but no slot in the penalty state")
@@ -228,12 +223,14 @@ class SamplingMetadata:
         seeds = np.zeros(batch_size, np.uint64)
         if live:
             index = np.fromiter((i for i, _ in live), np.int64, len(live))
-            params = [r.params for _, r in live]
-            floats[index] = [(0.0 if p.greedy else p.temperature, p.top_p, p.min_p, p.presence_penalty,
-                              p.frequency_penalty, 0.0, p.repetition_penalty) for p in params]
-            ints[index] = [(p.top_k if p.top_k < vocab_size else 0, r.num_outputs) for _, r in live
-                           for p in (r.params,)]
-            seeds[index] = [(p.seed or 0) % 2**64 for p in params]
+            values = np.array([r.params.sampler_row[:8] for _, r in live], np.float64)  # one row each
+            floats[index, :5] = values[:, :5]
+            floats[index, 6] = values[:, 5]
+            top_k = values[:, 6].astype(np.int64)
+            ints[index, 0] = np.where(top_k < vocab_size, top_k, 0)
+            ints[index, 1] = np.fromiter((r.num_outputs for _, r in live), np.int64, len(live))
+            # Seeds are int64 (exact only as Python ints; a float64 column would round them).
+            seeds[index] = [r.params.sampler_row[7] % 2**64 for _, r in live]
         return cls(
             temperature=floats[:, 0].copy(),
             top_k=ints[:, 0].astype(np.int32),
