@@ -145,3 +145,9 @@ def test_host_pool_copies_move_exactly_the_named_pages():
     np.testing.assert_array_equal(np.asarray(kv[0])[:, :, 1:], want_k[:, :, 1:])
     np.testing.assert_array_equal(np.asarray(kv[1])[:, :, 1:], want_v[:, :, 1:])
     assert (pool.num_offloaded, pool.num_reloaded) == (11, 2)
+    # The background fault-in (zeros into slots nothing has landed in) never clobbers a landing.
+    pool.faulting_in.join(timeout=60)
+    assert not pool.faulting_in.is_alive()
+    for page, slot in offloads:
+        np.testing.assert_array_equal(pool.pool[slot, 0], k[:, :, page])
+    np.testing.assert_array_equal(pool.pool[11, 1], v[:, :, 11])

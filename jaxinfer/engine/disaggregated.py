@@ -215,5 +215,5 @@ class DisaggregatedEngine:
         for digest, row in zip(hashes, rows):
             slot = self.decode.block_manager.import_host_page(digest)
             if slot is not None:
-                pool.pool[slot] = row
+                pool.write(slot, row)
                 self.num_transferred_pages += 1
