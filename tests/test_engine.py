@@ -103,20 +103,21 @@ def test_no_compiles_after_warmup(model, async_scheduling):
     assert counter.count == 0, f"{counter.count} compilations after warm-up"
 
 
-@pytest.mark.parametrize("head_dim", [None, 40])
-def test_pallas_backend_matches_xla(model, head_dim, monkeypatch):
+@pytest.mark.parametrize("head_dim, qk_norm", [(None, False), (40, False), (None, True)])
+def test_pallas_backend_matches_xla(model, head_dim, qk_norm, monkeypatch):
     """The ragged Pallas kernel (interpret mode here) inside the engine gives the XLA path's
     tokens, also for a head size the kernel tiles only zero-padded (40 lanes in a 64-lane cache).
     The model's own head size takes the fused q|k|v finish (RoPE and the k/v writes in one
-    kernel); the padded one the unfused path."""
+    kernel, with Qwen3's per-head q/k norms where the model has them); the padded one the
+    unfused path."""
     from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
 
     fused_layers = []
     attend_qkv = PagedAttentionPallas.attend_qkv
     monkeypatch.setattr(PagedAttentionPallas, "attend_qkv",
                         lambda self, *a, **kw: fused_layers.append(1) or attend_qkv(self, *a, **kw))
-    if head_dim is not None:
-        model = tiny_model(seed=3, head_dim=head_dim)
+    if head_dim is not None or qk_norm:
+        model = tiny_model(seed=3, **({"head_dim": head_dim} if head_dim else {"qk_norm": True}))
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (1, 5, 13, 30)]
     outs = {}

@@ -81,6 +81,25 @@ class RopeKVTests:
         for a, b in zip(out, ref):
             close(a, b, dtype)
 
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    @pytest.mark.parametrize("kind, stacked", [("llama", True), ("gemma", True), ("llama", False)])
+    def test_head_norms_match_reference(self, dtype, kind, stacked):
+        """Per-head RMSNorm of the query and key heads before RoPE (Qwen3, Gemma 3): stacked
+        weights NaN in every layer but the one written, or one [H] weight."""
+        rng = np.random.default_rng(11)
+        qkv, cos, sin, kp, vp, slots = inputs(rng, t=3, kv_heads=2, group=2, head=32, splits=2, dtype=dtype)
+        norms = []
+        for _ in range(2):
+            w = np.full((3, 32), np.nan, np.float32)
+            w[2] = rng.standard_normal(32)
+            norms.append(jnp.asarray(w if stacked else w[2], dtype))
+        opts = dict(num_kv_heads=2, dtype=dtype, q_norm=norms[0], k_norm=norms[1], norm_eps=1e-6, norm_kind=kind)
+        ref = rope_kv_write_reference(qkv, cos, sin, kp, vp, slots, 2, **opts)
+        out = rope_kv_write(qkv, cos, sin, jnp.copy(kp), jnp.copy(vp), slots, jnp.int32(2), interpret=self.INTERPRET,
+                            **opts)
+        for a, b in zip(out, ref):
+            close(a, b, dtype)
+
     def test_layers_in_a_loop_write_in_place(self):
         """Layers chosen by a loop counter, the pools carried through the loop (as the model's
         scan carries them): each iteration writes its own layer."""
@@ -123,6 +142,25 @@ def test_lowers_to_triton_with_the_pools_aliased():
     assert "stablehlo.scatter" not in text and "stablehlo.dynamic_update_slice" not in text
 
 
+def test_reference_head_norms_match_float64():
+    rng = np.random.default_rng(1)
+    qkv, cos, sin, kp, vp, slots = inputs(rng, t=2, kv_heads=1, group=2, head=16, splits=None, dtype=jnp.float32)
+    qw, kw = (jnp.asarray(rng.standard_normal((3, 16)), jnp.float32) for _ in range(2))
+    q, k_pages, _ = rope_kv_write_reference(qkv, cos, sin, kp, vp, slots, 1, num_kv_heads=1, q_norm=qw, k_norm=kw,
+                                            norm_eps=1e-6, norm_kind="gemma")
+    y = np.asarray(qkv, np.float64).reshape(2, 1, 4, 16)
+
+    def norm(x, w):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * (1 + np.asarray(w[1], np.float64))
+
+    y[:, :, :2] = norm(y[:, :, :2], qw)
+    y[:, :, 2] = norm(y[:, :, 2], kw)
+    q64, k64, _ = numpy_rope_kv(y.reshape(2, -1), cos, sin, 1, 16)
+    np.testing.assert_allclose(np.asarray(q), q64, rtol=1e-5, atol=1e-5)
+    page, offset = np.asarray(slots) // 4, np.asarray(slots) % 4
+    np.testing.assert_allclose(np.asarray(k_pages)[:, 1, page, offset], np.swapaxes(k64, 0, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_fusable_head_sizes():
     assert fusable_head_size(128) and fusable_head_size(64) and fusable_head_size(256) and fusable_head_size(16)
     assert not fusable_head_size(96) and not fusable_head_size(80) and not fusable_head_size(8)
@@ -135,15 +173,19 @@ def test_fusable_head_sizes():
     (dict(kp=lambda a: a.astype(jnp.bfloat16), vp=lambda a: a.astype(jnp.bfloat16)), "dtype"),
     (dict(vp=lambda a: a[:, :2]), "equal stacked pools"),
     (dict(slots=lambda a: a[:1]), "slot_mapping"),
+    (dict(q_norm=lambda _: jnp.ones(16, jnp.float32)), "go together"),
+    (dict(q_norm=lambda _: jnp.ones(8, jnp.float32), k_norm=lambda _: jnp.ones(8, jnp.float32)), "q_norm must be"),
 ])
 @pytest.mark.parametrize("fn", [rope_kv_write, rope_kv_write_reference])
 def test_rejects_bad_inputs(fn, change, message):
     names = ("qkv", "cos", "sin", "kp", "vp", "slots")
     args = dict(zip(names, inputs(np.random.default_rng(0), t=3, kv_heads=2, group=2, head=16, splits=2,
                                   dtype=jnp.float32)))
+    args.update(q_norm=None, k_norm=None)
     args.update((k, f(args[k])) for k, f in change.items())
+    norms = dict(q_norm=args.pop("q_norm"), k_norm=args.pop("k_norm"))
     with pytest.raises(ValueError, match=message):
-        fn(*args.values(), 0, num_kv_heads=2, dtype=jnp.float32)
+        fn(*args.values(), 0, num_kv_heads=2, dtype=jnp.float32, **norms)
 
 
 def test_rejects_head_sizes_the_kernel_does_not_tile():

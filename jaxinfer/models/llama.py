@@ -292,12 +292,17 @@ def _decoder_layer(model, w, i, spec: LayerSpec, x_td, h_td, rope_cs, kv_cache, 
     def finished(y):  # a projection's output as one [T, D] array (partials summed)
         return finish_partials(y, x_td.dtype)
 
-    fused = (w["b_qkv"] is None and w["q_norm"] is None and hasattr(attention, "attend_qkv")
-             and attention.fuses_qkv(kv_cache, H, x_td.dtype))
-    if fused:  # the split-K sum, RoPE and the k/v writes in one kernel (see `attend_qkv`)
+    head_norms = {}
+    if w["q_norm"] is not None:  # per-head q/k norms go into the fused kernel too, in the model's order
+        head_norms = dict(q_norm=w["q_norm"][i] if isinstance(w["q_norm"], (tuple, list)) else w["q_norm"],
+                          k_norm=w["k_norm"][i] if isinstance(w["k_norm"], (tuple, list)) else w["k_norm"],
+                          norm_eps=eps, norm_kind=kind)
+    fused = (w["b_qkv"] is None and hasattr(attention, "attend_qkv") and attention.fuses_qkv(kv_cache, H, x_td.dtype)
+             and all(head_norms[n].dtype == x_td.dtype for n in ("q_norm", "k_norm") if head_norms))
+    if fused:  # the split-K sum, head norms, RoPE and the k/v writes in one kernel (see `attend_qkv`)
         qkv = project(w, i, h_td, "w_qkv", D, linear, partials=True)
         o_tnh, kv_cache = attention.attend_qkv(qkv, rope_cs[0][:, 0], rope_cs[1][:, 0], kv_cache, metadata, spec, i,
-                                               num_kv_heads=K, dtype=x_td.dtype)
+                                               num_kv_heads=K, dtype=x_td.dtype, **head_norms)
     else:
         o_tnh, kv_cache = _attend_unfused(model, w, i, spec, h_td, rope_cs, kv_cache, metadata, attention, linear)
     attn_out = project(w, i, o_tnh.reshape(t, -1), "w_o", c.num_heads * H, linear, partials=True)

@@ -83,17 +83,20 @@ class PagedAttentionPallas(WritesInPlace):
                 and jnp.dtype(k_pages.dtype) == jnp.dtype(dtype))
 
     def attend_qkv(self, qkv, cos_th, sin_th, kv_cache, metadata: PagedMetadata, layer: LayerSpec, layer_idx, *,
-                   num_kv_heads: int, dtype):
+                   num_kv_heads: int, dtype, **head_norms):
         """Attention from the fused q|k|v projection itself (its [T, N] product or float32 split-K
         partials, columns [K, G + 2, H] per kv head) and the step's rotary tables [T, H/2]: one
         kernel sums the partials, rotates q and k and writes k, v into the pages in place (where
         the unfused path runs four or five), then the attention kernel reads them. Only where
-        `fuses_qkv`. Returns (o_tnh, kv_cache)."""
+        `fuses_qkv`. head_norms: the family's per-head q/k norms (q_norm, k_norm: [H] or
+        stacked [L, H] at layer_idx; norm_eps, norm_kind), applied before RoPE. Returns
+        (o_tnh, kv_cache)."""
         from pallas_kernels.rope_kv_write import rope_kv_write
 
         layer_idx = jnp.asarray(layer_idx, jnp.int32)
         q, k_pages, v_pages = rope_kv_write(qkv, cos_th, sin_th, *kv_cache, metadata.slot_mapping_t, layer_idx,
-                                            num_kv_heads=num_kv_heads, dtype=dtype, interpret=self.interpret)
+                                            num_kv_heads=num_kv_heads, dtype=dtype, interpret=self.interpret,
+                                            **head_norms)
         return self._read(q, k_pages, v_pages, metadata, layer_idx, layer), (k_pages, v_pages)
 
     def _attend(self, q_tnh, k_tkh, v_tkh, kv_cache, metadata: PagedMetadata, layer_idx, layer: LayerSpec):
