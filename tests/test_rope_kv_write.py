@@ -193,3 +193,16 @@ def test_rejects_head_sizes_the_kernel_does_not_tile():
                                           dtype=jnp.float32)
     with pytest.raises(ValueError, match="head size 8"):
         rope_kv_write(qkv, cos, sin, kp, vp, slots, 0, num_kv_heads=1, interpret=True)
+
+
+def test_backend_fuses_decode_sized_steps_of_its_own_pages():
+    from jaxinfer.models.paged_attention_pallas import PagedAttentionPallas
+
+    backend = PagedAttentionPallas(platform="gpu", interpret=True)
+    pools = (jnp.zeros((2, 3, 4, 4, 64), jnp.bfloat16),) * 2
+    limit = backend.fused_qkv_max_tokens
+    assert backend.fuses_qkv(pools, 64, jnp.bfloat16, limit)
+    assert not backend.fuses_qkv(pools, 64, jnp.bfloat16, limit + 1)  # prefill chunks: XLA's scatter
+    assert not backend.fuses_qkv(pools, 64, jnp.float32, 1)  # pages in another dtype (float8 too)
+    assert not backend.fuses_qkv(pools, 40, jnp.bfloat16, 1)  # a head kept zero-padded in the cache
+    assert not PagedAttentionPallas(platform="tpu").fuses_qkv(pools, 64, jnp.bfloat16, 1)

@@ -297,7 +297,8 @@ def _decoder_layer(model, w, i, spec: LayerSpec, x_td, h_td, rope_cs, kv_cache, 
         head_norms = dict(q_norm=w["q_norm"][i] if isinstance(w["q_norm"], (tuple, list)) else w["q_norm"],
                           k_norm=w["k_norm"][i] if isinstance(w["k_norm"], (tuple, list)) else w["k_norm"],
                           norm_eps=eps, norm_kind=kind)
-    fused = (w["b_qkv"] is None and hasattr(attention, "attend_qkv") and attention.fuses_qkv(kv_cache, H, x_td.dtype)
+    fused = (w["b_qkv"] is None and hasattr(attention, "attend_qkv")
+             and attention.fuses_qkv(kv_cache, H, x_td.dtype, t)
              and all(head_norms[n].dtype == x_td.dtype for n in ("q_norm", "k_norm") if head_norms))
     if fused:  # the split-K sum, head norms, RoPE and the k/v writes in one kernel (see `attend_qkv`)
         qkv = project(w, i, h_td, "w_qkv", D, linear, partials=True)

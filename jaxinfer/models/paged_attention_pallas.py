@@ -72,13 +72,21 @@ class PagedAttentionPallas(WritesInPlace):
                              out_specs=(heads, pools), check_vma=False)(q_tnh, k_tkh, v_tkh, kv_cache, metadata,
                                                                         layer_idx)
 
-    def fuses_qkv(self, kv_cache, head_dim: int, dtype) -> bool:
-        """Whether `attend_qkv` serves this cache: the GPU kernel on one device, pages of the
-        model's own head size and dtype (not zero-padded, not float8)."""
+    # Steps up to this many tokens take the fused q|k|v finish. It saves kernel launches, which
+    # is what matters at decode sizes; a prefill chunk's thousands of tokens would make a tiny
+    # program per head per token, where XLA's fused scatter streams them (not measured against
+    # each other yet).
+    fused_qkv_max_tokens = 256
+
+    def fuses_qkv(self, kv_cache, head_dim: int, dtype, num_tokens: int) -> bool:
+        """Whether `attend_qkv` serves this step: the GPU kernel on one device, at most
+        `fused_qkv_max_tokens` tokens, pages of the model's own head size and dtype (not
+        zero-padded, not float8)."""
         from pallas_kernels.rope_kv_write import fusable_head_size
 
         k_pages = kv_cache[0]
         return (self.platform == "gpu" and (self.mesh is None or self.mesh.shape[self.axis] == 1)
+                and num_tokens <= self.fused_qkv_max_tokens
                 and k_pages.shape[-1] == head_dim and fusable_head_size(head_dim)
                 and jnp.dtype(k_pages.dtype) == jnp.dtype(dtype))
 
