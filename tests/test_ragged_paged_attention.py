@@ -233,6 +233,16 @@ class TestLowering:
             block_sizes=GpuRaggedBlockSizes(32, 4, 4, 8, num_warps=4, num_stages=3)), *ragged_avals())
         assert "__gpu$xla.gpu.triton" in text
 
+    def test_gpu_kernel_lowers_to_triton_over_stacked_pools(self):
+        """The engine's call: every layer's pools and a traced layer index, read in place (no
+        slice of the pools, no add on the tables outside the kernel)."""
+        q, cache, _, *rest = ragged_avals(num_pages=1024)
+        stacked = jax.ShapeDtypeStruct((cache.shape[0], 32, *cache.shape[1:]), cache.dtype)
+        text = lower_for("cuda", lambda q, k, v, *a: gpu.ragged_paged_attention(q, k, v, *a, scale=0.1),
+                         q, stacked, stacked, *rest, jax.ShapeDtypeStruct((), jnp.int32))
+        assert "__gpu$xla.gpu.triton" in text
+        assert "stablehlo.dynamic_slice" not in text and "stablehlo.add" not in text
+
     def test_tpu_kernel_lowers_to_mosaic(self):
         text = lower_for("tpu", lambda *a: tpu.ragged_paged_attention(
             *a, scale=0.1, sliding_window=100, logit_softcap=30.0, block_sizes=TpuRaggedBlockSizes(32, 8)),

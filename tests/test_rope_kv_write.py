@@ -130,13 +130,18 @@ if jax.default_backend() == "gpu":
         INTERPRET = False
 
 
-def test_lowers_to_triton_with_the_pools_aliased():
+@pytest.mark.parametrize("head_norms", [False, True])
+def test_lowers_to_triton_with_the_pools_aliased(head_norms):
     s = jax.ShapeDtypeStruct
     pools = s((8, 32, 64, 16, 128), jnp.bfloat16)
-    text = lower_for("cuda", lambda y, c, sn, k, v, m, i: rope_kv_write(y, c, sn, k, v, m, i, num_kv_heads=8,
-                                                                        dtype=jnp.bfloat16),
-                     s((4, 16, 6144), jnp.float32), s((16, 64), jnp.float32), s((16, 64), jnp.float32), pools, pools,
-                     s((16,), jnp.int32), s((), jnp.int32))
+    norms = s((32, 128), jnp.bfloat16)
+
+    def fn(y, c, sn, k, v, m, i, qn, kn):
+        extra = dict(q_norm=qn, k_norm=kn, norm_kind="gemma") if head_norms else {}
+        return rope_kv_write(y, c, sn, k, v, m, i, num_kv_heads=8, dtype=jnp.bfloat16, **extra)
+
+    text = lower_for("cuda", fn, s((4, 16, 6144), jnp.float32), s((16, 64), jnp.float32), s((16, 64), jnp.float32),
+                     pools, pools, s((16,), jnp.int32), s((), jnp.int32), norms, norms)
     assert "__gpu$xla.gpu.triton" in text
     assert "output_operand_aliases" in text or "tf.aliasing_output" in text
     assert "stablehlo.scatter" not in text and "stablehlo.dynamic_update_slice" not in text
