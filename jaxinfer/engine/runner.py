@@ -438,7 +438,7 @@ class ModelRunner:
                 self._rows.add(r.request_id, r.new_page_ids)
             elif r.replaces_block_table:
                 self._rows.set_pages(r.request_id, r.new_page_ids)
-            else:
+            elif r.new_page_ids:  # a decode needs a new page once every page_size steps
                 self._rows.append_pages(r.request_id, r.new_page_ids)
 
     def execute(self, out: SchedulerOutput, rows: Sequence[SamplingRow],
