@@ -297,9 +297,9 @@ def _decoder_layer(model, w, i, spec: LayerSpec, x_td, h_td, rope_cs, kv_cache, 
         head_norms = dict(q_norm=w["q_norm"][i] if isinstance(w["q_norm"], (tuple, list)) else w["q_norm"],
                           k_norm=w["k_norm"][i] if isinstance(w["k_norm"], (tuple, list)) else w["k_norm"],
                           norm_eps=eps, norm_kind=kind)
-    fused = (w["b_qkv"] is None and hasattr(attention, "attend_qkv")
-             and attention.fuses_qkv(kv_cache, H, x_td.dtype, t)
-             and all(head_norms[n].dtype == x_td.dtype for n in ("q_norm", "k_norm") if head_norms))
+    norms_in_dtype = not head_norms or head_norms["q_norm"].dtype == head_norms["k_norm"].dtype == x_td.dtype
+    fused = (w["b_qkv"] is None and hasattr(attention, "attend_qkv") and norms_in_dtype
+             and attention.fuses_qkv(kv_cache, H, x_td.dtype, t))
     if fused:  # the split-K sum, head norms, RoPE and the k/v writes in one kernel (see `attend_qkv`)
         qkv = project(w, i, h_td, "w_qkv", D, linear, partials=True)
         o_tnh, kv_cache = attention.attend_qkv(qkv, rope_cs[0][:, 0], rope_cs[1][:, 0], kv_cache, metadata, spec, i,
