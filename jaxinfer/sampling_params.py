@@ -13,7 +13,7 @@ import enum
 import functools
 import math
 import numbers
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
@@ -170,6 +170,25 @@ class StructuredOutputsParams:
         raise AssertionError("unreachable: validated in __post_init__")
 
 
+class SamplerRow(NamedTuple):
+    """`SamplingParams.sampler_row`: the floats first (the sampler's float columns, in order),
+    then top_k, the seed (0 when None) and the rank of the cheapest sampler variant that serves
+    them before min_tokens (0 greedy, 1 random, 2 filtered, 3 full)."""
+
+    temperature: float  # 0 when greedy
+    top_p: float
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    top_k: int
+    seed: int
+    variant_rank: int
+
+
+NUM_SAMPLER_FLOATS = 6  # SamplerRow's leading float fields
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request (vLLM-compatible names and ranges).
@@ -276,20 +295,17 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     @functools.cached_property
-    def sampler_row(self) -> tuple:
+    def sampler_row(self) -> SamplerRow:
         """What the batched sampler reads of these parameters, computed once per request (the
-        host packs every running request's row every step): (temperature, 0 when greedy;
-        top_p; min_p; presence, frequency and repetition penalties; top_k; seed, 0 when None;
-        the cheapest sampler variant's rank that serves them, before min_tokens: 0 greedy,
-        1 random, 2 filtered, 3 full)."""
+        host packs every running request's row every step)."""
         if self.logit_bias or self.has_penalties or self.logprobs is not None:
             rank = 3
         elif self.greedy:
             rank = 0
         else:
             rank = 2 if self.min_p > 0.0 or self.top_k > 0 or self.top_p < 1.0 else 1
-        return (0.0 if self.greedy else self.temperature, self.top_p, self.min_p, self.presence_penalty,
-                self.frequency_penalty, self.repetition_penalty, self.top_k, self.seed or 0, rank)
+        return SamplerRow(0.0 if self.greedy else self.temperature, self.top_p, self.min_p, self.presence_penalty,
+                          self.frequency_penalty, self.repetition_penalty, self.top_k, self.seed or 0, rank)
 
     @property
     def has_penalties(self) -> bool:

@@ -143,8 +143,8 @@ class ModelRunner:
 
     def __init__(self, config: ModelConfig, graphdef, params, kv_spec: KVCacheSpec, runner_config: RunnerConfig,
                  attention: AttentionBackend, *, linear: Linear = XLA_LINEAR, eos_token_ids: Sequence[int] = (),
-                 kv_fill: float = 0.0, kv_sharding=None, unroll_max_tokens: int = 0, unrolled_params=None, scan_unroll: int = 1,
-                 num_host_pages: int = 0):
+                 kv_fill: float = 0.0, kv_sharding=None, unroll_max_tokens: int = 0, unrolled_params=None,
+                 scan_unroll: int = 1, num_host_pages: int = 0):
         if kv_spec.page_size != runner_config.page_size:
             raise ValueError("KV cache and runner disagree on page_size")
         self.config = config
@@ -375,7 +375,8 @@ class ModelRunner:
 
     def _unroll(self, t: int) -> bool | int:
         """The model's `unroll` for a step of bucket t: True (a Python loop) for small steps
-        when `unroll_max_tokens` says so, else the scan's layers per iteration (False: one)."""
+        when `unroll_max_tokens` says so, else the scan's layers per iteration, with one layer
+        as False: `unroll` is a static argument, and 1 == True would share True's executables."""
         if t <= self.unroll_max_tokens:
             return True
         return self.scan_unroll if self.scan_unroll > 1 else False

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.engine.packing import PackSpec, unpack
-from jaxinfer.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams
+from jaxinfer.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, NUM_SAMPLER_FLOATS, SamplingParams
 
 
 # Rows without penalties point here: gathers from the penalty state fill, scatters drop.
@@ -91,7 +91,7 @@ def sampler_variant(rows: Sequence[SamplingRow | None], eos_token_ids: Sequence[
     logprobs at fixed widths. Each feature is a no-op for rows that do not use it, so four
     graphs per batch size serve every combination of parameters.
     """
-    rank = max((r.params.sampler_row[-1] for r in rows if r is not None), default=0)
+    rank = max((r.params.sampler_row.variant_rank for r in rows if r is not None), default=0)
     if rank < 3 and any(r is not None and r.params.min_tokens and r.num_outputs < r.params.min_tokens
                         and r.params.stop_ids(eos_token_ids) for r in rows):
         rank = 3
@@ -223,14 +223,15 @@ class SamplingMetadata:
         seeds = np.zeros(batch_size, np.uint64)
         if live:
             index = np.fromiter((i for i, _ in live), np.int64, len(live))
-            values = np.array([r.params.sampler_row[:8] for _, r in live], np.float64)  # one row each
+            sampler_rows = [r.params.sampler_row for _, r in live]
+            # The float fields and top_k, one row each (top_k is exact in float64).
+            values = np.array([row[:NUM_SAMPLER_FLOATS + 1] for row in sampler_rows], np.float64)
             floats[index, :5] = values[:, :5]
-            floats[index, 6] = values[:, 5]
-            top_k = values[:, 6].astype(np.int64)
+            floats[index, 6] = values[:, 5]  # repetition_penalty
+            top_k = values[:, NUM_SAMPLER_FLOATS].astype(np.int64)
             ints[index, 0] = np.where(top_k < vocab_size, top_k, 0)
             ints[index, 1] = np.fromiter((r.num_outputs for _, r in live), np.int64, len(live))
-            # Seeds are int64 (exact only as Python ints; a float64 column would round them).
-            seeds[index] = [r.params.sampler_row[7] % 2**64 for _, r in live]
+            seeds[index] = [row.seed % 2**64 for row in sampler_rows]  # int64 seeds, exact as Python ints
         return cls(
             temperature=floats[:, 0].copy(),
             top_k=ints[:, 0].astype(np.int32),

@@ -154,8 +154,9 @@ class LlamaForCausalLM(nnx.Module):
           linear: the projection hook (static).
           unroll: True: run stacked layers in a Python loop (each layer's index a constant)
             instead of `lax.scan`: no loop counter, no dynamic slices, fewer kernels; slower to
-            compile. An int k > 1: the scan runs k layers (patterns) per iteration (lax.scan's
-            unroll): 1/k of the loop's counter updates and carry copies, k bodies to compile.
+            compile. False or an int k: the scan runs k layers (patterns) per iteration
+            (lax.scan's unroll; False is 1): 1/k of the loop's counter updates and carry copies,
+            k bodies to compile.
         Returns:
           (hidden_td [T, D] after the final norm, updated kv_cache)
         """
@@ -189,8 +190,7 @@ class LlamaForCausalLM(nnx.Module):
         for start, stop, pattern in runs:
             if stacked and stop - start > len(pattern) and unroll is not True:
                 carry, _ = lax.scan(lambda cr, i, pattern=pattern: period_fn(cr, i, pattern), carry,
-                                    jnp.arange(start, stop, len(pattern), dtype=jnp.int32),
-                                    unroll=max(1, int(unroll)))
+                                    jnp.arange(start, stop, len(pattern), dtype=jnp.int32), unroll=unroll)
             else:
                 for first in range(start, stop, len(pattern)):
                     carry, _ = period_fn(carry, first, pattern)

@@ -90,7 +90,7 @@ def _ragged_kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, layer_ref, q_r
                    block_sizes: GpuRaggedBlockSizes, num_long_rows, search_steps, num_layers, **tile_kw):
     row, h = pl.program_id(0), pl.program_id(1)
     # The layer's pages within the stacked pools (one layer: offset 0); clamped, never a bad address.
-    tile_kw["page_offset"] = jnp.clip(layer_ref[0], 0, num_layers - 1) * tile_kw["layer_pages"]
+    page_offset = jnp.clip(layer_ref[0], 0, num_layers - 1) * tile_kw["layer_pages"]
     max_seqs, table_slots = tables_ref.shape
     num_tokens = q_ref.shape[0]
     max_kv = table_slots * tile_kw["page_size"]
@@ -112,7 +112,7 @@ def _ragged_kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, layer_ref, q_r
         q0 = jnp.where(is_pad | (q_end - q_begin > short_len), q0, q_end)
         attend_tile(q_ref, k_ref, v_ref, o_ref, tables_ref, h=h,
                     table_row=jnp.minimum(seq, max_seqs - 1), q0=q0, q_end=q_end, kv_len=kv_len,
-                    bq=bq, pages_per_block=block_sizes.pages_per_block, **tile_kw)
+                    bq=bq, pages_per_block=block_sizes.pages_per_block, page_offset=page_offset, **tile_kw)
 
     def short_tile():
         seq = jnp.minimum(row - num_long_rows, num_seqs)
@@ -120,7 +120,8 @@ def _ragged_kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, layer_ref, q_r
         q0 = jnp.where(~is_pad & (q_end - q_begin <= short_len), q_begin, q_end)
         attend_tile(q_ref, k_ref, v_ref, o_ref, tables_ref, h=h,
                     table_row=jnp.minimum(seq, max_seqs - 1), q0=q0, q_end=q_end, kv_len=kv_len,
-                    bq=short_len, pages_per_block=block_sizes.short_pages_per_block, **tile_kw)
+                    bq=short_len, pages_per_block=block_sizes.short_pages_per_block, page_offset=page_offset,
+                    **tile_kw)
 
     lax.cond(row < num_long_rows, long_tile, short_tile)
 
