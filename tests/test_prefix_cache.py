@@ -200,3 +200,19 @@ def test_a_cache_hit_does_not_overtake_an_earlier_request():
             assert "hog" not in out.num_scheduled_tokens  # nobody was admitted while hog ran
     # FCFS: the hit waits behind the request that came first, then is admitted in turn.
     assert [rid for rid, _ in admitted] == ["big", "hit"]
+
+
+def test_dropped_host_slots_are_forgotten_and_free_again():
+    tier = HostTier(3)
+    slots = [tier.store(d) for d in (b"a", b"b", b"c")]
+    tier.end_step()
+    tier.drop_slots([slots[1], 99])  # a slot holding nothing is ignored
+    assert tier.lookup(b"b") is None and not tier.contains(b"b")
+    assert (tier.lookup(b"a"), tier.lookup(b"c")) == (slots[0], slots[2])
+    assert tier.num_free_slots == 1 and len(tier) == 2
+    assert tier.store(b"d") == slots[1]  # the freed slot, not an eviction
+    assert tier.contains(b"a") and tier.contains(b"c")
+    # A slot the tier gave to a later page is forgotten under that page's hash.
+    tier.end_step()
+    tier.drop_slots([slots[1]])
+    assert not tier.contains(b"d") and tier.num_free_slots == 1

@@ -11,7 +11,7 @@ from jaxinfer.engine.compile_counter import CompileCounter
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import LLMEngine
 from jaxinfer.engine.kv_cache import KVCacheSpec
-from jaxinfer.engine.kv_offload import TRANSFER_BATCHES, HostKVPool, batches
+from jaxinfer.engine.kv_offload import TRANSFER_BATCHES, HostKVPool, batches, exact_spans
 from jaxinfer.sampling_params import SamplingParams
 from tests.engine_fixtures import tiny_model
 
@@ -79,6 +79,20 @@ def test_outputs_equal_with_caching_off_on_and_through_the_host_tier(model):
     assert tiered.scheduler.num_preemptions_total > 0
 
 
+@pytest.mark.parametrize("num_host_pages", [6, 1])
+def test_a_host_tier_smaller_than_a_step_serves_no_stale_page(model, num_host_pages):
+    """So small a tier that one step's offloads take the slots of pages the same step reloads,
+    and old copies pile up until whole batches are let go: outputs still equal caching off."""
+    work = _workload(model.config.vocab_size)
+    reference = _run(_engine(model, enable_prefix_caching=False, warmup=False), work)
+    tiered = _engine(model, num_pages=20, num_host_pages=num_host_pages, warmup=False)
+    assert _run(tiered, work) == reference
+    pool = tiered.runner.host_kv
+    assert pool.num_reloaded > 0 and pool.num_rows_held <= num_host_pages
+    if num_host_pages == 6:
+        assert pool.num_dropped > 0
+
+
 def test_cache_salt_keeps_prompts_apart(model):
     engine = _engine(model)
     prompt = {"prompt_token_ids": list(range(3, 23))}
@@ -117,37 +131,71 @@ def test_batches_cover_every_page_with_compiled_sizes():
     assert batches(130) == [64, 64, 8]
 
 
-def test_host_pool_copies_move_exactly_the_named_pages():
-    spec = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=4, page_size=2, num_pages=12, dtype="float32")
-    rng = np.random.default_rng(0)
+def test_exact_spans_cover_every_page_without_padding():
+    for num in range(0, 200):
+        spans = exact_spans(num)
+        covered = [page for start, b in spans for page in range(start, start + b)]
+        assert covered == list(range(num)) and {b for _, b in spans} <= set(TRANSFER_BATCHES)
+    assert exact_spans(75) == [(0, 64), (64, 8), (72, 1), (73, 1), (74, 1)]
+
+
+def _pools(spec, seed=0):
+    rng = np.random.default_rng(seed)
     k = rng.standard_normal(spec.pool_shape).astype(np.float32)
     v = rng.standard_normal(spec.pool_shape).astype(np.float32)
     device = jax.devices()[0]
-    kv = (jax.device_put(k, device), jax.device_put(v, device))
+    return k, v, (jax.device_put(k, device), jax.device_put(v, device)), device
+
+
+def test_host_pool_copies_move_exactly_the_named_pages():
+    spec = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=4, page_size=2, num_pages=12, dtype="float32")
+    k, v, kv, device = _pools(spec)
     pool = HostKVPool(spec, num_slots=12, placement=device)
     kv = pool.warmup(kv)
     k[:, :, 0] = v[:, :, 0] = 0  # the warm-up writes zeros into the scratch page only
-    offloads = [(p, s) for s, p in enumerate(range(1, 11))]  # 10 pages: batches of 8 and 8 (padded)
+    offloads = [(p, s) for s, p in enumerate(range(1, 11))]  # 10 pages: batches of 8, 1 and 1
     kv = pool.apply(kv, offloads, [])
     pool.land()
     for page, slot in offloads:
-        np.testing.assert_array_equal(pool.pool[slot, 0], k[:, :, page])
-        np.testing.assert_array_equal(pool.pool[slot, 1], v[:, :, page])
+        np.testing.assert_array_equal(pool.read(slot)[0], k[:, :, page])
+        np.testing.assert_array_equal(pool.read(slot)[1], v[:, :, page])
     # Page 11 is offloaded and, in the same step, overwritten by a reload of slot 0 (page 1's):
     # the offload reads the page first.
     kv = pool.apply(kv, [(11, 11)], [(0, 11), (3, 2)])
-    pool.land()
-    np.testing.assert_array_equal(pool.pool[11, 0], k[:, :, 11])
+    np.testing.assert_array_equal(pool.read(11)[0], k[:, :, 11])
     want_k, want_v = k.copy(), v.copy()
     want_k[:, :, 11], want_v[:, :, 11] = k[:, :, 1], v[:, :, 1]
     want_k[:, :, 2], want_v[:, :, 2] = k[:, :, 4], v[:, :, 4]
-    want_k[:, :, 0] = want_v[:, :, 0] = 0  # padding of the reload batch lands in the scratch page
+    # Rows of the reloaded batch that were not asked for land in the scratch page (page 0).
     np.testing.assert_array_equal(np.asarray(kv[0])[:, :, 1:], want_k[:, :, 1:])
     np.testing.assert_array_equal(np.asarray(kv[1])[:, :, 1:], want_v[:, :, 1:])
     assert (pool.num_offloaded, pool.num_reloaded) == (11, 2)
-    # The background fault-in (zeros into slots nothing has landed in) never clobbers a landing.
-    pool.faulting_in.join(timeout=60)
-    assert not pool.faulting_in.is_alive()
-    for page, slot in offloads:
-        np.testing.assert_array_equal(pool.pool[slot, 0], k[:, :, page])
-    np.testing.assert_array_equal(pool.pool[11, 1], v[:, :, 11])
+    # A slot given to another page in the step that reloads it reloads its old page.
+    kv = pool.apply(kv, [(5, 0)], [(0, 6)])
+    np.testing.assert_array_equal(np.asarray(kv[0])[:, :, 6], k[:, :, 1])
+    np.testing.assert_array_equal(pool.read(0)[0], k[:, :, 5])
+
+
+def test_host_pool_lets_the_emptiest_batch_go_when_old_rows_pile_up():
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=1, head_dim=4, page_size=2, num_pages=40, dtype="float32")
+    k, v, kv, device = _pools(spec, seed=1)
+    pool = HostKVPool(spec, num_slots=16, placement=device)
+    kv = pool.warmup(kv)
+    # Two batches of 8 fill the pool's 16 rows.
+    kv = pool.apply(kv, [(1 + i, i) for i in range(16)], [])
+    assert (pool.num_rows_held, pool.take_dropped()) == (16, [])
+    # Slots 0-6 are written again: the first batch keeps one live row (slot 7) and 23 rows would
+    # be held, so that batch goes.
+    kv = pool.apply(kv, [(20 + i, i) for i in range(7)], [])
+    assert pool.num_rows_held == 15
+    dropped = pool.take_dropped()
+    assert dropped == [7] and pool.num_dropped == 1  # the emptiest batch went, with its one live row
+    assert pool.num_rows_held <= pool.num_slots
+    for slot in range(7):
+        np.testing.assert_array_equal(pool.read(slot)[0], k[:, :, 20 + slot])
+    for slot in range(8, 16):
+        np.testing.assert_array_equal(pool.read(slot)[1], v[:, :, 1 + slot])
+    with pytest.raises(ValueError, match="holds no page"):
+        pool.read(7)
+    with pytest.raises(ValueError, match="holds no page"):
+        pool.apply(kv, [], [(7, 3)])

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from jaxinfer.engine.kv_offload import gather_pages, host_buffer
+from jaxinfer.engine.kv_offload import gather_pages
 
 
 def timed(fn, repeats):
@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--alloc-batches", type=int, default=0, help="batches held at once to time allocation")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = jax.devices()[0]
@@ -88,9 +89,18 @@ def main():
     except Exception as e:  # noqa: BLE001 - report what this JAX cannot do
         print(json.dumps(dict(path="pinned_host", error=repr(e)[:400])), flush=True)
 
+    if pinned is not None and args.alloc_batches:
+        # Does host memory come from a cache once freed? Two rounds of holding many batches.
+        for rnd in (1, 2):
+            t0 = time.perf_counter()
+            held = [jax.device_put(gather(kv, pages), pinned) for _ in range(args.alloc_batches)]
+            jax.block_until_ready(held)
+            report(f"{args.alloc_batches} batches held in pinned_host, round {rnd}",
+                   (time.perf_counter() - t0) / args.alloc_batches)
+            del held
     host_rows = np.asarray(rows)
     report("numpy -> device", timed(lambda: jax.block_until_ready(jax.device_put(host_rows, dev)), args.repeats))
-    pool = host_buffer((args.pages * 4, *host_rows.shape[1:]), host_rows.dtype)
+    pool = np.empty((args.pages * 4, *host_rows.shape[1:]), host_rows.dtype)
     pool[:] = 0
     slots = np.arange(args.pages) * 3 % (args.pages * 4)
 

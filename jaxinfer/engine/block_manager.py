@@ -442,6 +442,11 @@ class BlockManager:
             return None
         return self.host.insert(digest)
 
+    def drop_host_slots(self, slots) -> None:
+        """Forgets host-tier slots whose memory the runner let go (see kv_offload.py). Call
+        before planning the next step, so that no reload reads them."""
+        self.host.drop_slots(slots)
+
     def record_admission(self, num_tokens: int, hit: PrefixHit) -> None:
         """Counts one admitted request's lookup: its tokens as queries, the hit as hits."""
         self.num_prefix_query_tokens += num_tokens

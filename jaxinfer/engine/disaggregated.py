@@ -210,10 +210,12 @@ class DisaggregatedEngine:
         already holds are skipped), readable by its next step."""
         if not hashes:
             return
-        pool = self.decode.runner.host_kv
-        pool.land()  # an offload still landing must not overwrite a slot given out below
+        slots, kept = [], []
         for digest, row in zip(hashes, rows):
             slot = self.decode.block_manager.import_host_page(digest)
             if slot is not None:
-                pool.write(slot, row)
-                self.num_transferred_pages += 1
+                slots.append(slot)
+                kept.append(row)
+        if slots:
+            self.decode.runner.host_kv.write_rows(slots, np.stack(kept))
+            self.num_transferred_pages += len(slots)

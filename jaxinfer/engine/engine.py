@@ -576,6 +576,8 @@ class LLMEngine:
                 outputs += self._finish_step(self._in_flight)
                 self._in_flight = None
             self._propose()
+        if self.runner.host_kv is not None:  # host-tier pages whose memory went: before planning
+            self.block_manager.drop_host_slots(self.runner.host_kv.take_dropped())
         out = self.scheduler.schedule()
         launched = self._launch(out)
         if self._in_flight is not None:

@@ -27,6 +27,7 @@ class HostTier:
             raise ValueError(f"num_slots must be a non-negative integer, got {num_slots!r}")
         self.num_slots = num_slots
         self._slot_of_hash: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # LRU first
+        self._hash_of_slot: dict[int, bytes] = {}
         self._free_slots: collections.deque[int] = collections.deque(range(num_slots))
         self._pending: set[bytes] = set()  # stored in the step being planned: not readable yet
 
@@ -71,6 +72,7 @@ class HostTier:
             evicted, slot = self._slot_of_hash.popitem(last=False)
             self._pending.discard(evicted)
         self._slot_of_hash[digest] = slot
+        self._hash_of_slot[slot] = digest
         self._pending.add(digest)
         return slot
 
@@ -82,6 +84,18 @@ class HostTier:
         if slot is not None:
             self._pending.discard(digest)
         return slot
+
+    def drop_slots(self, slots) -> None:
+        """Forgets the entries of `slots` (the runner let their memory go, see kv_offload.py):
+        their hashes are no longer found and the slots are free again. Slots holding nothing
+        are ignored."""
+        for slot in slots:
+            digest = self._hash_of_slot.pop(slot, None)
+            if digest is None:
+                continue
+            del self._slot_of_hash[digest]
+            self._pending.discard(digest)
+            self._free_slots.append(slot)
 
     def end_step(self) -> None:
         """The step that carries this step's offloads has been handed out: they become readable."""

@@ -1,48 +1,40 @@
 """The host-memory KV tier's memory and copies: the runner's side of host_tier.py.
 
-The host pool is one numpy array [S, 2, K, L, page_size, H] (slot, k/v, kv head, layer, ...):
-a slot is contiguous, so landing or reading a batch of slots is one fancy-indexed copy. The
-device pools stay [K, L, P, page_size, H] (the kernels read that layout), so a page is K * 2
-strided pieces there: a batch of pages is gathered into one [B, 2, K, L, page_size, H] array by
-one jitted program over every layer (one device-to-host transfer per batch), and a reload
-scatters one such array back (one host-to-device transfer).
+The device pools are [K, L, P, page_size, H]: a page is K * 2 strided pieces there. A step's
+offloaded pages are gathered by one jitted program over every layer into a batch
+[B, 2, K, L, page_size, H] whose output lives in the host's pinned memory (the program's
+transfer is one DMA: 36-40 GB/s on the H200, where reading a device array into pageable numpy
+memory ran at 1 GB/s, `benchmarks/results/host_copy_*`). Batches are never written again: a
+host slot names a row of one batch, and a slot offloaded anew moves to a row of a newer batch.
+So an offload costs the engine's thread only the dispatch, nothing waits for a transfer to
+land, and a reload puts whole batches back on the device by DMA (a batch is kept whole, so a
+reload moves its other rows too, which land in the scratch page 0) and scatters the named rows
+into their pages before the step that reads them.
 
-Order within a step (see block_manager.py): this step's offloads are gathered from the pools
-as they are before the step touches them, and reloads read the host pool. Offloads are
-asynchronous and off the engine's thread: the gathered batch is copied to the host in the
-background, and one landing thread writes the batches into the host pool in order, so the
-engine thread neither waits for the device-to-host copy nor pays for the host copy (on the
-H200 these two made the tier 3x slower at 0% hits when they ran on the engine thread). Reloads
-are asynchronous too: the host rows are copied out of the pool (so a later landing cannot change
-them) and put on the device without waiting; the scatter is queued before the step that reads
-the pages. The engine waits only where it must: a reload of a slot still landing, or more
-gathered bytes held on the device than MAX_PENDING_BYTES (those sit outside the KV budget).
-
-The host pool is anonymous memory advised to use huge pages, faulted in by a background thread
-at start (slots not yet landed into only): a first write into fresh memory costs more than the
-copy itself (measured on the 2-core CPU: 1.45 s/GB into a fresh numpy array, 0.35 with huge
-pages, 0.12 into memory already faulted in).
+A batch's memory is freed when none of its rows is the current copy of a slot. Rows left behind
+by slots offloaded again can pile up (a slot kept in the tier by hits sits in an old batch); when
+the batches hold more rows than the pool's slots, the batch with the smallest share of live rows
+is let go, and its slots are reported (`take_dropped`) so the tier forgets them before the next step
+is planned: memory never exceeds the configured size, and a dropped page is a cache miss,
+never a stale read.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import mmap
+import dataclasses
 import threading
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxinfer.engine.kv_cache import KVCacheSpec
 
-# Pages per transfer, so that each size compiles once (at warm-up); a step's pages go in as few
-# batches of these sizes as cover them.
+# Pages per transfer, so that each size compiles once (at warm-up). Offloads use an exact
+# decomposition into these sizes (a batch holds no padding rows, which would waste host memory).
 TRANSFER_BATCHES = (1, 8, 64)
-# Gathered pages waiting on the device to land: bounded, since they are outside the KV budget.
-MAX_PENDING_BYTES = 1 << 30
 
 
 def gather_pages(kv_cache, pages_b):
@@ -57,23 +49,9 @@ def _scatter_pages(kv_cache, pages_b, rows_b):
     return tuple(pool.at[:, :, pages_b].set(rows[i].astype(pool.dtype)) for i, pool in enumerate(kv_cache))
 
 
-def host_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A zeroed numpy array in anonymous memory advised to use transparent huge pages (fewer,
-    cheaper first-touch faults than np.empty's 4 KB pages)."""
-    dtype = np.dtype(dtype)
-    nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without transparent huge pages: 4 KB pages then
-            pass
-    return np.frombuffer(buf, dtype, count=int(np.prod(shape))).reshape(shape)
-
-
 def batches(num: int) -> list[int]:
     """Batch sizes from TRANSFER_BATCHES covering `num` pages: the largest while it fills, then
-    the smallest that holds the rest."""
+    the smallest that holds the rest (padded: for copies that do not stay in memory)."""
     out = []
     largest = TRANSFER_BATCHES[-1]
     while num >= largest:
@@ -82,6 +60,32 @@ def batches(num: int) -> list[int]:
     if num:
         out.append(next(b for b in TRANSFER_BATCHES if b >= num))
     return out
+
+
+def exact_spans(num: int) -> list[tuple[int, int]]:
+    """(start, batch size) of transfers covering exactly `num` pages, largest sizes first."""
+    out, start = [], 0
+    for b in sorted(TRANSFER_BATCHES, reverse=True):
+        while num - start >= b:
+            out.append((start, b))
+            start += b
+    return out
+
+
+def host_memory_kind(device) -> str:
+    """The memory space host copies live in: pinned (DMA-able) where the backend has it."""
+    kinds = {m.kind for m in device.addressable_memories()}
+    for kind in ("pinned_host", "unpinned_host"):
+        if kind in kinds:
+            return kind
+    raise ValueError(f"the host KV tier needs a host memory space; {device.platform} offers {sorted(kinds)}")
+
+
+@dataclasses.dataclass
+class _Batch:
+    rows: jax.Array  # [B, 2, K, L, page_size, H] in host memory
+    slots: np.ndarray  # the slot each row was written for
+    live: int = 0  # rows that are still their slot's current copy
 
 
 class HostKVPool:
@@ -101,101 +105,153 @@ class HostKVPool:
             raise ValueError(f"a host KV pool needs at least one slot, got {num_slots}")
         self.spec = spec
         self.num_slots = num_slots
-        self.pool = host_buffer((num_slots, 2, spec.num_kv_heads, spec.num_layers, spec.page_size, spec.head_dim),
-                                jnp.dtype(spec.dtype))
-        # (slots, bytes held on the device, the landing's future), oldest first.
-        self._landing: list[tuple[list[int], int, concurrent.futures.Future]] = []
-        self._lander = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-kv-land")
-        # Slots that hold data: the fault-in thread leaves them alone (it writes zeros).
-        self._written = np.zeros(num_slots, bool)
-        self._slot_lock = threading.Lock()
-        self.faulting_in = threading.Thread(target=self._fault_in, name="jaxinfer-kv-fault-in", daemon=True)
-        self.faulting_in.start()
-        self._rows_placement = placement
-        gather_out, scatter_out = {}, {}
+        self.row_shape = (2, spec.num_kv_heads, spec.num_layers, spec.page_size, spec.head_dim)
+        self.dtype = np.dtype(jnp.dtype(spec.dtype))
+        scatter_out = {}
         if kv_sharding is not None:
-            self._rows_placement = NamedSharding(kv_sharding.mesh, PartitionSpec(None, None, kv_sharding.spec[0]))
-            gather_out = dict(out_shardings=self._rows_placement)
+            device = kv_sharding.mesh.devices.flat[0]
+            rows_spec = PartitionSpec(None, None, kv_sharding.spec[0])
+            self._device_rows = NamedSharding(kv_sharding.mesh, rows_spec, memory_kind="device")
+            self._host_rows = NamedSharding(kv_sharding.mesh, rows_spec, memory_kind=host_memory_kind(device))
             scatter_out = dict(out_shardings=kv_sharding)
-        self._gather = jax.jit(gather_pages, **gather_out)
+        else:
+            device = placement if isinstance(placement, jax.Device) else next(iter(placement.device_set))
+            self._device_rows = SingleDeviceSharding(device, memory_kind="device")
+            self._host_rows = SingleDeviceSharding(device, memory_kind=host_memory_kind(device))
+        self._gather = jax.jit(gather_pages, out_shardings=self._host_rows)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), **scatter_out)
-        self.num_offloaded = self.num_reloaded = 0
+        # Where each slot's current copy is: batch id (-1: none) and row.
+        self._slot_batch = np.full(num_slots, -1, np.int64)
+        self._slot_row = np.zeros(num_slots, np.int64)
+        self._batches: dict[int, _Batch] = {}
+        self._next_batch = 0
+        self.num_rows_held = 0  # rows of every batch in memory, live or not
+        self._dropped: list[int] = []
+        self.num_offloaded = self.num_reloaded = self.num_dropped = 0
 
     @property
     def bytes_per_page(self) -> int:
-        return self.pool[0].nbytes
+        return int(np.prod(self.row_shape)) * self.dtype.itemsize
 
     def warmup(self, kv_cache):
-        """Compiles every batch size of both copies (on page 0, the scratch page)."""
+        """Compiles every batch size of both copies (on page 0, the scratch page), and starts
+        reserving the pool's host memory in the background."""
         for b in TRANSFER_BATCHES:
             pages = np.zeros(b, np.int32)
-            jax.block_until_ready(self._gather(kv_cache, pages))
-            rows = jax.device_put(np.zeros((b, *self.pool.shape[1:]), self.pool.dtype), self._rows_placement)
+            rows = jax.device_put(jax.block_until_ready(self._gather(kv_cache, pages)), self._device_rows)
             kv_cache = self._scatter(kv_cache, pages, rows)
+        self.reserving = threading.Thread(target=self._reserve, name="jaxinfer-kv-host-reserve", daemon=True)
+        self.reserving.start()
         return kv_cache
+
+    def _reserve(self) -> None:
+        """Takes the pool's size of host memory once and gives it back: the runtime keeps freed
+        host memory for reuse, and pinning fresh memory is slow (1 GB/s on the H200's host, 30x
+        slower than the copy into it), so the first offloads would otherwise pay for it."""
+        b = TRANSFER_BATCHES[-1]
+        zeros = jnp.zeros((b, *self.row_shape), self.dtype, device=self._device_rows)
+        held = [jax.device_put(zeros, self._host_rows) for _ in range(-(-self.num_slots // b))]
+        jax.block_until_ready(held)
 
     def apply(self, kv_cache, offloads: Sequence[tuple[int, int]], reloads: Sequence[tuple[int, int]]):
-        """Applies one step's copies (see the module docstring); returns the new pools."""
-        self._reap()
-        landing = {slot for slots, _, _ in self._landing for slot in slots}
-        if any(slot in landing for slot, _ in reloads):
-            self.land()
-        for start, b in transfer_spans(len(offloads)):
+        """Applies one step's copies and returns the new pools. Offloads (device page, slot) read
+        the pools as they are before the step; reloads (slot, device page) read the slots as
+        they were before the step (a slot the tier gave to another page in this same step still
+        reloads its old page) and then write the pools."""
+        sources: dict[int, tuple[_Batch, list[tuple[int, int]]]] = {}
+        for slot, page in reloads:
+            batch_id = int(self._slot_batch[slot])
+            if batch_id < 0:
+                raise ValueError(f"host slot {slot} holds no page")
+            sources.setdefault(batch_id, (self._batches[batch_id], []))[1].append((int(self._slot_row[slot]), page))
+        new = []
+        for start, b in exact_spans(len(offloads)):
             chunk = offloads[start:start + b]
-            # Padding reads the scratch page.
-            gathered = self._gather(kv_cache, padded_pages([page for page, _ in chunk], 0, b))
-            gathered.copy_to_host_async()
-            slots = [slot for _, slot in chunk]
-            self._landing.append((slots, gathered.nbytes, self._lander.submit(self._land, slots, gathered)))
-            self.num_offloaded += len(chunk)
-        while sum(nbytes for _, nbytes, _ in self._landing) > MAX_PENDING_BYTES:
-            self._wait_first()
-        for start, b in transfer_spans(len(reloads)):
-            chunk = reloads[start:start + b]
-            pages = padded_pages([page for _, page in chunk], 0, b)  # padding writes zeros into the scratch page
-            rows = np.zeros((b, *self.pool.shape[1:]), self.pool.dtype)
-            rows[:len(chunk)] = self.pool[[slot for slot, _ in chunk]]
-            kv_cache = self._scatter(kv_cache, pages, jax.device_put(rows, self._rows_placement))
-            self.num_reloaded += len(chunk)
+            rows = self._gather(kv_cache, np.array([page for page, _ in chunk], np.int32))
+            new.append(self._add_batch(rows, [slot for _, slot in chunk]))
+        self.num_offloaded += len(offloads)
+        for batch, targets in sources.values():  # batches freed by the offloads above are still held here
+            pages = np.zeros(len(batch.slots), np.int32)  # rows not asked for go to the scratch page
+            for row, page in targets:
+                pages[row] = page
+            kv_cache = self._scatter(kv_cache, pages, jax.device_put(batch.rows, self._device_rows))
+        self.num_reloaded += len(reloads)
+        self._keep_within_budget(keep=set(new))
         return kv_cache
 
-    def land(self) -> None:
-        """Waits until every offload in flight is in the host pool."""
-        while self._landing:
-            self._wait_first()
-
-    def _wait_first(self) -> None:
-        _, _, future = self._landing.pop(0)
-        future.result()  # a failed landing raises here, on the engine's thread
-
-    def _reap(self) -> None:
-        """Forgets the landings that are done (raising a failure)."""
-        while self._landing and self._landing[0][2].done():
-            self._wait_first()
-
-    def _land(self, slots: list[int], gathered) -> None:
-        """On the landing thread: the gathered batch into its slots, in order of submission (a
-        slot offloaded twice keeps the later page)."""
-        rows = np.asarray(gathered)
-        for i, slot in enumerate(slots):
-            with self._slot_lock:
-                self._written[slot] = True
-                self.pool[slot] = rows[i]
+    def write_rows(self, slots: Sequence[int], rows: np.ndarray) -> None:
+        """Writes pages' rows [N, 2, K, L, page_size, H] (moved in from elsewhere) into `slots`,
+        readable by the next step."""
+        new = []
+        for start, b in exact_spans(len(slots)):
+            host = jax.device_put(np.ascontiguousarray(rows[start:start + b], self.dtype), self._host_rows)
+            new.append(self._add_batch(host, list(slots[start:start + b])))
+        self._keep_within_budget(keep=set(new))
 
     def write(self, slot: int, row) -> None:
-        """Writes one page's row [2, K, L, page_size, H] into `slot` now (a page moved in from
-        elsewhere; call `land` first if an offload may still be landing there)."""
-        with self._slot_lock:
-            self._written[slot] = True
-            self.pool[slot] = row
+        """Writes one page's row [2, K, L, page_size, H] into `slot`."""
+        self.write_rows([slot], np.asarray(row)[None])
 
-    def _fault_in(self) -> None:
-        """Writes zeros into every slot nothing has landed in yet, so that landings copy into
-        memory the operating system has already backed."""
-        for slot in range(self.num_slots):
-            with self._slot_lock:
-                if not self._written[slot]:
-                    self.pool[slot] = 0
+    def read(self, slot: int) -> np.ndarray:
+        """The slot's current copy [2, K, L, page_size, H] (waits for its transfer)."""
+        batch_id = int(self._slot_batch[slot])
+        if batch_id < 0:
+            raise ValueError(f"host slot {slot} holds no page")
+        return np.asarray(self._batches[batch_id].rows)[int(self._slot_row[slot])]
+
+    def land(self) -> None:
+        """Waits until every transfer to host memory has finished."""
+        jax.block_until_ready([batch.rows for batch in self._batches.values()])
+
+    def take_dropped(self) -> list[int]:
+        """Slots whose memory was let go since the last call (the tier must forget them)."""
+        out, self._dropped = self._dropped, []
+        return out
+
+    def _add_batch(self, rows: jax.Array, slots: list[int]) -> int:
+        batch_id = self._next_batch
+        self._next_batch += 1
+        batch = self._batches[batch_id] = _Batch(rows, np.asarray(slots, np.int64))
+        self.num_rows_held += len(slots)
+        for row, slot in enumerate(slots):
+            if self._slot_batch[slot] == batch_id:  # written twice in this batch: the later row counts
+                batch.live -= 1
+            else:
+                self._release(slot)
+            self._slot_batch[slot], self._slot_row[slot] = batch_id, row
+            batch.live += 1
+        return batch_id
+
+    def _release(self, slot: int) -> None:
+        """The slot's current copy is no longer needed: its batch loses a live row."""
+        batch_id = int(self._slot_batch[slot])
+        if batch_id < 0:
+            return
+        self._slot_batch[slot] = -1
+        batch = self._batches[batch_id]
+        batch.live -= 1
+        if batch.live == 0:
+            self._free(batch_id)
+
+    def _free(self, batch_id: int) -> None:
+        self.num_rows_held -= len(self._batches.pop(batch_id).slots)
+
+    def _keep_within_budget(self, keep: set[int]) -> None:
+        """Lets the batches with the smallest share of live rows (oldest first) go while more rows
+        are held than the pool has slots; batches just written stay. (By share, not count: a
+        one-page batch has one live row, and dropping it frees nothing that was dead.)"""
+        while self.num_rows_held > self.num_slots:
+            candidates = [(b.live / len(b.slots), bid) for bid, b in self._batches.items() if bid not in keep]
+            if not candidates:
+                return
+            _, batch_id = min(candidates)
+            batch = self._batches[batch_id]
+            for row, slot in enumerate(batch.slots):
+                if self._slot_batch[slot] == batch_id and self._slot_row[slot] == row:
+                    self._slot_batch[slot] = -1
+                    self._dropped.append(int(slot))
+                    self.num_dropped += 1
+            self._free(batch_id)
 
 
 def padded_pages(pages: Sequence[int], start: int, b: int) -> np.ndarray:
