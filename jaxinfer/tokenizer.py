@@ -20,12 +20,12 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
 import tokenizers
-from gguf import GGUFReader
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from jaxinfer.errors import CheckpointError
 from jaxinfer.loading.gguf import open_gguf, read_field
+from jaxinfer.loading.gguf_file import GGUFFile
 
 # Named special tokens, as HF's `special_tokens_map` names them; chat templates read them by name.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -112,9 +112,9 @@ class Tokenizer:
         """Builds the tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata.
 
         Args:
-          path_or_reader: a .gguf path or an open `gguf.GGUFReader`.
+          path_or_reader: a .gguf path or an open `GGUFFile`.
         """
-        reader = path_or_reader if isinstance(path_or_reader, GGUFReader) else open_gguf(path_or_reader)
+        reader = path_or_reader if isinstance(path_or_reader, GGUFFile) else open_gguf(path_or_reader)
         return cls(*_parts_from_gguf(reader))
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -470,7 +470,7 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, merges: li
     return backend
 
 
-def _parts_from_gguf(reader: GGUFReader):
+def _parts_from_gguf(reader: GGUFFile):
     """(backend, special tokens, chat templates, extra eos ids) from `tokenizer.ggml.*` metadata."""
     def meta(key, default=None):
         return read_field(reader, key, default)

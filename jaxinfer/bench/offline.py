@@ -199,11 +199,17 @@ def cmd_latency(args) -> int:
             peers[b] = _peer_for_shape(args, "latency", b)
     from jaxinfer.devices import datasheet, measure_ceilings
 
+    child = bool(os.environ.get(STARTUP_MARK))  # `bench startup`'s child: it times the phases to the first token
+    if child:
+        print(STARTUP_MARK, "imports", flush=True)
     model = _load(args)
+    if child:
+        print(STARTUP_MARK, "weights", flush=True)
     max_len = args.input_len + args.output_len
     engine = _engine(model, args, max_num_seqs=max(batch_sizes), max_len=max_len,
                      batched_tokens=min(8192, max(512, max(batch_sizes) * args.input_len)))
-    if os.environ.get(STARTUP_MARK):  # `bench startup`'s child: the first token is all it times
+    if child:
+        print(STARTUP_MARK, "engine", json.dumps(engine.startup_seconds), flush=True)
         _run_batch(engine, _prompts(model.config.vocab_size, 1, args.input_len, args.seed), 1, "startup")
         print(STARTUP_MARK, flush=True)
         return 0
@@ -400,32 +406,59 @@ def cmd_throughput(args) -> int:
 
 
 # -- startup --------------------------------------------------------------------------------
+def _startup_phases(marks: dict[str, float], first: float) -> dict[str, float]:
+    """Seconds of each phase from the child's marks (times since its start): interpreter and
+    imports, weights, the engine's compilation and its first runs of every program (as the
+    engine timed them), the rest of the engine's construction, the first request."""
+    out = {"imports": marks.get("imports", float("nan"))}
+    out["weights"] = marks.get("weights", float("nan")) - out["imports"]
+    engine = marks.get("engine", float("nan")) - marks.get("weights", float("nan"))
+    out["compile"] = marks.get("engine_compile", 0.0)
+    out["first_runs"] = marks.get("engine_first_runs", 0.0)
+    out["engine_other"] = engine - out["compile"] - out["first_runs"]
+    out["first_request"] = first - marks.get("engine", float("nan"))
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def cmd_startup(args) -> int:
     """Runs `jaxinfer bench latency` twice in fresh processes sharing a new, empty cache
     directory: cold, then warm; each is timed from its start to its first token."""
     argv = [a for a in args.argv if a != "--hf-peer"]
     argv[argv.index("startup")] = "latency"
-    times = {}
+    times, phases = {}, {}
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, STARTUP_MARK: "1"}
         for kind in ("cold", "warm"):
             t0 = time.perf_counter()
             proc = subprocess.Popen([sys.executable, "-m", "jaxinfer.cli"] + argv + ["--compilation-cache-dir", cache],
                                     env=env, stdout=subprocess.PIPE, text=True)
-            first = None
+            first, marks = None, {}
             for line in proc.stdout:
-                if line.strip() == STARTUP_MARK:
-                    first = time.perf_counter() - t0
+                words = line.strip().split(" ", 2)
+                if words[0] != STARTUP_MARK:
+                    continue
+                now = time.perf_counter() - t0
+                if len(words) == 1:
+                    first = now
+                else:
+                    marks[words[1]] = now
+                    if words[1] == "engine" and len(words) == 3:
+                        marks.update({f"engine_{k}": v for k, v in json.loads(words[2]).items()})
             proc.wait()
             if proc.returncode != 0 or first is None:
                 print(f"error: the {kind} start failed (exit {proc.returncode})", file=sys.stderr)
                 return 1
             times[kind] = first
-            print(f"{kind} start to first token: {first:.1f} s", flush=True)
+            phases[kind] = _startup_phases(marks, first)
+            print(f"{kind} start to first token: {first:.1f} s ({phases[kind]})", flush=True)
     record = {"benchmark": "startup", **run_header(args.argv), "args": _plain(vars(args)),
-              "cold_start_to_first_token_s": times["cold"], "warm_start_to_first_token_s": times["warm"]}
+              "cold_start_to_first_token_s": times["cold"], "warm_start_to_first_token_s": times["warm"],
+              "phases_s": phases}
+    names = list(phases["cold"])
     table = ["From process start (interpreter, imports, weights, compilation of every bucket) to the "
-             "first generated token.", "", "| cold (s) | warm (s) |", "|---|---|",
-             f"| {times['cold']:.1f} | {times['warm']:.1f} |"]
+             "first generated token, and its phases (s).", "",
+             "| start | total | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    table += [f"| {kind} | {times[kind]:.1f} | " + " | ".join(f"{phases[kind].get(n, float('nan')):.1f}" for n in names)
+              + " |" for kind in ("cold", "warm")]
     _save(record, args, "startup", table)
     return 0

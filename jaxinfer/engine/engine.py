@@ -309,13 +309,17 @@ class LLMEngine:
         self._replayed: dict[str, RequestOutput] = {}  # cached responses not yet returned by step()
         # Grammar state; the llguidance tokenizer is built only when a structured request arrives.
         self.structured = StructuredOutputs(self.tokenizer, mc.vocab_size, self.eos_token_ids)
+        # Seconds of each warm-up phase (`jaxinfer bench startup` reports them).
+        self.startup_seconds: dict[str, float] = {}
         if config.warmup:
             t0 = time.perf_counter()
             count = self.runner.precompile()
-            logger.info("compiled %d programs in parallel in %.1f s", count, time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            logger.info("compiled %d programs in parallel in %.1f s", count, t1 - t0)
             self.runner.warmup()
             if self.draft is not None:
                 self.draft.warmup()
+            self.startup_seconds = {"compile": t1 - t0, "first_runs": time.perf_counter() - t1}
 
     @staticmethod
     def _max_num_spec_tokens(config: EngineConfig) -> int:

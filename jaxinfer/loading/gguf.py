@@ -22,10 +22,11 @@ from typing import Any
 import gguf
 import jax.numpy as jnp
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from jaxinfer.config import ModelConfig, RopeScaling, UnsupportedModelError, rope_inv_freq
 from jaxinfer.errors import CheckpointError
+from jaxinfer.loading.gguf_file import GGUFFile
 from jaxinfer.loading.hf_weights import params_from_hf
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
@@ -134,15 +135,14 @@ class GGUFTensor:
         return np.asarray(values, dtype=np.float32).reshape(self.shape)
 
 
-def open_gguf(path: str | os.PathLike) -> GGUFReader:
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
     """Opens a GGUF file, turning every way it can be unreadable into a `CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
     try:
-        return GGUFReader(path)
-    # The reader indexes a memory map as it parses; a file cut short or corrupted fails as one of
-    # these, deep inside numpy.
+        return GGUFFile(path)
+    # A file cut short or corrupted fails as one of these while its header is parsed.
     except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
         size = path.stat().st_size
         raise CheckpointError(
@@ -150,11 +150,11 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
         ) from None
 
 
-def _as_reader(reader_or_path) -> GGUFReader:
-    return reader_or_path if isinstance(reader_or_path, GGUFReader) else open_gguf(reader_or_path)
+def _as_reader(reader_or_path) -> GGUFFile:
+    return reader_or_path if isinstance(reader_or_path, GGUFFile) else open_gguf(reader_or_path)
 
 
-def read_field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
+def read_field(reader: GGUFFile, key: str, default: Any = _MISSING) -> Any:
     """A metadata value as a Python scalar, string or list; `default` (or a CheckpointError) when absent."""
     field = reader.fields.get(key)
     if field is None:
@@ -167,7 +167,7 @@ def read_field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
         raise CheckpointError(f"GGUF metadata {key!r} is unreadable: {e}") from None
 
 
-def _architecture(reader: GGUFReader) -> str:
+def _architecture(reader: GGUFFile) -> str:
     arch = read_field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -185,7 +185,7 @@ def _single_value(key: str, value) -> int:
     return int(value)
 
 
-def _rope_scaling(reader: GGUFReader, arch: str, theta: float, head_dim: int) -> RopeScaling:
+def _rope_scaling(reader: GGUFFile, arch: str, theta: float, head_dim: int) -> RopeScaling:
     kind = read_field(reader, f"{arch}.rope.scaling.type", "none")
     if kind == "linear":
         return RopeScaling(kind="linear", factor=float(read_field(reader, f"{arch}.rope.scaling.factor")))
@@ -198,7 +198,7 @@ def _rope_scaling(reader: GGUFReader, arch: str, theta: float, head_dim: int) ->
                                         reader, arch)
 
 
-def _llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int, reader: GGUFReader,
+def _llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int, reader: GGUFFile,
                                  arch: str) -> RopeScaling:
     # Llama 3.1+ files store the per-frequency divisors llama3 scaling produces, not its parameters.
     # Recover them: the largest divisor is `factor`, and the rest are Meta's published defaults,
@@ -222,7 +222,7 @@ def config_from_gguf(reader_or_path) -> ModelConfig:
     """Builds the `ModelConfig` from a GGUF's metadata and tensor list.
 
     Args:
-      reader_or_path: an open `gguf.GGUFReader`, or the path of a .gguf file.
+      reader_or_path: an open `GGUFFile`, or the path of a .gguf file.
     """
     reader = _as_reader(reader_or_path)
     arch = _architecture(reader)
@@ -269,7 +269,7 @@ def config_from_gguf(reader_or_path) -> ModelConfig:
     )
 
 
-def _gemma3_fields(reader: GGUFReader, num_layers: int) -> dict[str, Any]:
+def _gemma3_fields(reader: GGUFFile, num_layers: int) -> dict[str, Any]:
     """Gemma 3's config fields beyond the Llama family's, as HF's Gemma3TextConfig sets them
     where the GGUF metadata has no key for them."""
     def key(name: str, default: Any = None) -> Any:
@@ -316,7 +316,7 @@ class GGUFCheckpoint:
 
     Attributes:
       path: the file.
-      reader: the underlying `gguf.GGUFReader` (metadata, including the tokenizer's).
+      reader: the underlying `GGUFFile` (metadata, including the tokenizer's).
       architecture: the GGUF architecture name.
       config: the model configuration.
     """
