@@ -15,6 +15,8 @@
 #   short_decode_sweep  the ragged kernel's decode tilings on 64 decodes at context 384
 #   matmul64  the skinny matmul's tilings at 64 tokens (the batch-64 decode's projections)
 #   scan_unroll  batch 1 and 64 decode with the layer scan running UNROLLS="2 4 8" layers an iteration
+#   prefix    TTFT cold / device hit / host hit and hit-rate throughput, with and without the host tier
+#   host_copy the device <-> host copy paths the host tier can take (pageable, pinned), 64 pages
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG; PROFILE=1
 #             traces one more whole throughput run)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
@@ -183,6 +185,12 @@ PY
       timeout 200 python3 -m jaxinfer.cli bench throughput --preset llama3-8b --input-len 512 --output-len 128 \
         --num-prompts 256 --num-iters 1 ${PROFILE:+--profile} --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 \
         | grep -v "compiling" | tail -4 | cut -c1-3000 ;;
+    prefix)
+      timeout 300 python3 -m jaxinfer.cli bench prefix --preset llama3-8b --output-dir "$OUT/prefix" \
+        --tag "${TAG:-}" 2>&1 | grep -vE "compiling|Warning" | tail -22 | cut -c1-3000 ;;
+    host_copy)
+      timeout 150 python3 benchmarks/device/host_copy.py --pages 64 --alloc-batches 40 \
+        --out "$OUT/host_copy_64.json" 2>&1 | cut -c1-200 ;;
     startup)
       timeout 220 python3 -m jaxinfer.cli bench startup --preset llama3-8b --input-len 128 --output-len 8 \
         --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 | grep -v "compiling" | tail -4 ;;
