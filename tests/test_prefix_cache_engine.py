@@ -199,3 +199,39 @@ def test_host_pool_lets_the_emptiest_batch_go_when_old_rows_pile_up():
         pool.read(7)
     with pytest.raises(ValueError, match="holds no page"):
         pool.apply(kv, [], [(7, 3)])
+
+
+def test_a_preempted_request_resumes_from_its_cached_pages_not_by_recompute(model):
+    """Preemption frees a request's pages into the prefix cache (full pages keep their hashes),
+    and with a host tier evicted ones go to host memory: on readmission the request finds them
+    there, which is vLLM v1's answer to swapping. Prompts share nothing, so every hit here is a
+    resumed request's own pages."""
+    rng = np.random.default_rng(7)
+    work = [(0, str(i), rng.integers(3, model.config.vocab_size, 14).tolist(),
+             SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)) for i in range(6)]
+
+    def run(**kw):
+        engine = _engine(model, num_pages=20, warmup=False, **kw)
+        computed, schedule = [0], engine.scheduler.schedule
+
+        def counting_schedule():  # tokens the model computes, step by step
+            out = schedule()
+            computed[0] += out.total_num_scheduled_tokens
+            return out
+        engine.scheduler.schedule = counting_schedule
+        for _, rid, prompt, params in work:
+            engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        return engine, done, computed[0]
+
+    off, reference, computed_off = run(enable_prefix_caching=False)
+    tiered, outputs, computed_tiered = run(num_host_pages=24)
+    assert outputs == reference
+    assert off.scheduler.num_preemptions_total > 0 and tiered.scheduler.num_preemptions_total > 0
+    bm = tiered.block_manager
+    resumed_from_cache = bm.num_prefix_hit_tokens + bm.num_external_hit_tokens
+    assert resumed_from_cache > 0
+    # Without the cache, every preemption recomputes; with it, the resumed pages are not computed again.
+    assert computed_tiered < computed_off, (computed_tiered, computed_off)
