@@ -17,6 +17,7 @@
 #   scan_unroll  batch 1 and 64 decode with the layer scan running UNROLLS="2 4 8" layers an iteration
 #   prefix    TTFT cold / device hit / host hit and hit-rate throughput, with and without the host tier
 #   host_copy the device <-> host copy paths the host tier can take (pageable, pinned), 64 pages
+#   p2_gemm   P2 with XLA's Triton GEMMs off (its prefill GEMMs: cuBLAS against Triton fusions)
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG; PROFILE=1
 #             traces one more whole throughput run)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
@@ -184,6 +185,11 @@ PY
     throughput)
       timeout 200 python3 -m jaxinfer.cli bench throughput --preset llama3-8b --input-len 512 --output-len 128 \
         --num-prompts 256 --num-iters 1 ${PROFILE:+--profile} --output-dir "$OUT/engine" --tag "${TAG:-}" 2>&1 \
+        | grep -v "compiling" | tail -4 | cut -c1-3000 ;;
+    p2_gemm)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 200 python3 -m jaxinfer.cli bench \
+        throughput --preset llama3-8b --input-len 512 --output-len 128 --num-prompts 256 --num-iters 1 \
+        ${PROFILE:+--profile} --output-dir "$OUT/engine" --tag "${TAG:-}no_triton_gemm" 2>&1 \
         | grep -v "compiling" | tail -4 | cut -c1-3000 ;;
     prefix)
       timeout 300 python3 -m jaxinfer.cli bench prefix --preset llama3-8b --output-dir "$OUT/prefix" \
