@@ -81,6 +81,19 @@ def host_memory_kind(device) -> str:
     raise ValueError(f"the host KV tier needs a host memory space; {device.platform} offers {sorted(kinds)}")
 
 
+def rows_shardings(pools_placement) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+    """Where a batch of gathered pages [B, 2, K, L, page_size, H] lives on the device and in host
+    memory, for pools placed on `pools_placement` (a device, or the pools' NamedSharding on a
+    mesh, whose kv heads the rows keep split)."""
+    if isinstance(pools_placement, NamedSharding):
+        mesh, spec = pools_placement.mesh, PartitionSpec(None, None, pools_placement.spec[0])
+        host = host_memory_kind(mesh.devices.flat[0])
+        return NamedSharding(mesh, spec, memory_kind="device"), NamedSharding(mesh, spec, memory_kind=host)
+    device = pools_placement if isinstance(pools_placement, jax.Device) else next(iter(pools_placement.device_set))
+    return (SingleDeviceSharding(device, memory_kind="device"),
+            SingleDeviceSharding(device, memory_kind=host_memory_kind(device)))
+
+
 @dataclasses.dataclass
 class _Batch:
     rows: jax.Array  # [B, 2, K, L, page_size, H] in host memory
@@ -107,17 +120,8 @@ class HostKVPool:
         self.num_slots = num_slots
         self.row_shape = (2, spec.num_kv_heads, spec.num_layers, spec.page_size, spec.head_dim)
         self.dtype = np.dtype(jnp.dtype(spec.dtype))
-        scatter_out = {}
-        if kv_sharding is not None:
-            device = kv_sharding.mesh.devices.flat[0]
-            rows_spec = PartitionSpec(None, None, kv_sharding.spec[0])
-            self._device_rows = NamedSharding(kv_sharding.mesh, rows_spec, memory_kind="device")
-            self._host_rows = NamedSharding(kv_sharding.mesh, rows_spec, memory_kind=host_memory_kind(device))
-            scatter_out = dict(out_shardings=kv_sharding)
-        else:
-            device = placement if isinstance(placement, jax.Device) else next(iter(placement.device_set))
-            self._device_rows = SingleDeviceSharding(device, memory_kind="device")
-            self._host_rows = SingleDeviceSharding(device, memory_kind=host_memory_kind(device))
+        scatter_out = dict(out_shardings=kv_sharding) if kv_sharding is not None else {}
+        self._device_rows, self._host_rows = rows_shardings(kv_sharding or placement)
         self._gather = jax.jit(gather_pages, out_shardings=self._host_rows)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), **scatter_out)
         # Where each slot's current copy is: batch id (-1: none) and row.
@@ -149,7 +153,8 @@ class HostKVPool:
         host memory for reuse, and pinning fresh memory is slow (1 GB/s on the H200's host, 30x
         slower than the copy into it), so the first offloads would otherwise pay for it."""
         b = TRANSFER_BATCHES[-1]
-        zeros = jnp.zeros((b, *self.row_shape), self.dtype, device=self._device_rows)
+        # Put, not jnp.zeros: a transfer compiles nothing (this runs while the engine serves).
+        zeros = jax.device_put(np.zeros((b, *self.row_shape), self.dtype), self._device_rows)
         held = [jax.device_put(zeros, self._host_rows) for _ in range(-(-self.num_slots // b))]
         jax.block_until_ready(held)
 
