@@ -6,8 +6,10 @@ found here gets a fresh device page and the slot is copied back into it before t
 reads it. Slots are evicted least recently used first.
 
 A slot written by an offload becomes readable only once the step that carries the offload has
-been handed to the runner (`end_step`): the runner lands a step's offloads in host memory at the
-start of the next step, so a reload planned in the same step would read the slot's old bytes.
+been handed to the runner (`end_step`): the runner resolves a step's reloads against the slots
+as they were before that step's offloads, so a reload planned in the same step would read the
+slot's old bytes. The runner may also let a slot's memory go (`drop_slots`), which the engine
+reports here before planning the next step.
 """
 
 from __future__ import annotations
