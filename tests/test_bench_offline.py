@@ -125,3 +125,14 @@ def test_structured_command_writes_a_record(tmp_path):
     assert result["valid_json"] == 2 and result["truncated"] == 0 and result["grammar_compiles"] == 2
     assert result["structured_output_tokens_per_s"] > 0 and result["unconstrained_output_tokens_per_s"] > 0
     assert result["structured_steps"] >= result["max_output_len"] and result["mask_steps"] > 0
+
+
+def test_startup_phases_split_the_time_to_the_first_token():
+    from jaxinfer.bench.offline import _startup_phases
+
+    # Marks as `bench startup` reads them: seconds since the child started, plus the engine's own split.
+    marks = {"imports": 1.0, "weights": 4.0, "engine": 10.0, "engine_compile": 4.5, "engine_first_runs": 1.0}
+    phases = _startup_phases(marks, first=10.25)
+    assert phases == {"imports": 1.0, "weights": 3.0, "compile": 4.5, "first_runs": 1.0, "engine_other": 0.5,
+                      "first_request": 0.25}
+    assert sum(phases.values()) == pytest.approx(10.25)

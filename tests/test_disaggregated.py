@@ -65,6 +65,23 @@ def _pd_main(checkpoint: str):
             np.testing.assert_array_equal(np.asarray(a)[:, :, src], np.asarray(b)[:, :, dst])
     hits = pd.decode.metrics.external_prefix_cache_hits_total
     assert hits >= pd.num_transferred_pages * page, hits
+    # The export's warm-up compiles every program a hand-over runs, and the export moves exactly
+    # the cached pages (11 full pages: transfers of 8, 1, 1 and 1).
+    from jaxinfer.engine.compile_counter import CompileCounter
+
+    long = list(range(200, 290))
+    pd.prefill.add_request("export-check", {"prompt_token_ids": long}, SamplingParams(temperature=0.0, max_tokens=1))
+    while pd.prefill.has_unfinished_requests():
+        pd.prefill.step()
+    hashes = pd.prefill.block_manager.hash_blocks(long)[:(len(long) - 1) // page]
+    pages = pd.prefill.block_manager.cached_device_pages(hashes)
+    pd.warm_export()
+    with CompileCounter() as counter:
+        moved, rows = pd._export(hashes)
+    assert counter.count == 0, "an export compiled after its warm-up"
+    assert moved == hashes and rows.shape[0] == len(pages) == 11
+    for i, pool in enumerate(pd.prefill.runner.kv_cache):
+        np.testing.assert_array_equal(rows[:, i], np.asarray(pool)[:, :, pages].transpose(2, 0, 1, 3, 4))
     print("outputs equal, pages moved", pd.num_transferred_pages, flush=True)
 
     # A request the decode engine would refuse is refused up front, and nothing is queued.

@@ -11,7 +11,7 @@ from jaxinfer.engine.compile_counter import CompileCounter
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import LLMEngine
 from jaxinfer.engine.kv_cache import KVCacheSpec
-from jaxinfer.engine.kv_offload import TRANSFER_BATCHES, HostKVPool, batches, exact_spans
+from jaxinfer.engine.kv_offload import TRANSFER_BATCHES, HostKVPool, exact_spans
 from jaxinfer.sampling_params import SamplingParams
 from tests.engine_fixtures import tiny_model
 
@@ -123,13 +123,6 @@ def test_kv_offloading_size_is_validated(model):
 
 
 # ----- the host pool's copies against NumPy ---------------------------------------------------
-
-def test_batches_cover_every_page_with_compiled_sizes():
-    for num in range(0, 200):
-        sizes = batches(num)
-        assert set(sizes) <= set(TRANSFER_BATCHES) and sum(sizes) >= num and sum(sizes) - num < TRANSFER_BATCHES[-1]
-    assert batches(130) == [64, 64, 8]
-
 
 def test_exact_spans_cover_every_page_without_padding():
     for num in range(0, 200):

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import LLMEngine, PromptType
-from jaxinfer.engine.kv_offload import gather_pages, padded_pages, rows_shardings, transfer_spans
+from jaxinfer.engine.kv_offload import TRANSFER_BATCHES, exact_spans, gather_pages, rows_shardings
 from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
@@ -122,6 +122,8 @@ class DisaggregatedEngine:
         # numpy without a copy; through pageable memory it ran at 1 GB/s on the H200).
         _, host_rows = rows_shardings(self.prefill.runner.kv_cache[0].sharding)
         self._gather = jax.jit(gather_pages, out_shardings=host_rows)
+        if config.warmup:
+            self.warm_export()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-prefill")
         self._prefilling: dict[str, _InFlight] = {}
         self.num_transferred_pages = 0
@@ -197,16 +199,22 @@ class DisaggregatedEngine:
         self._import(*self._export(hashes))
         self.decode.add_request(request_id, req.prompt, req.params, cache_salt=req.cache_salt, **req.kwargs)
 
+    def warm_export(self) -> None:
+        """Compiles the export's gather for every transfer size (on the scratch page 0), so no
+        prompt's hand-over compiles while serving."""
+        for b in TRANSFER_BATCHES:
+            jax.block_until_ready(self._gather(self.prefill.runner.kv_cache, np.zeros(b, np.int32)))
+
     def _export(self, hashes: list[bytes]) -> tuple[list[bytes], np.ndarray | None]:
         """The prompt pages the prefill engine still caches (the leading run of `hashes` found
         there), as host rows [B, 2, K, L, page_size, H]."""
         pages = self.prefill.block_manager.cached_device_pages(hashes)
         if not pages:
             return [], None
-        # In the host tier's transfer sizes, so few shapes compile.
-        rows = [np.asarray(self._gather(self.prefill.runner.kv_cache, padded_pages(pages, start, b)))
-                for start, b in transfer_spans(len(pages))]
-        return hashes[:len(pages)], np.concatenate(rows)[:len(pages)]
+        # In the host tier's transfer sizes, so few shapes compile; numpy reads the pinned rows in place.
+        rows = [np.asarray(self._gather(self.prefill.runner.kv_cache, np.asarray(pages[start:start + b], np.int32)))
+                for start, b in exact_spans(len(pages))]
+        return hashes[:len(pages)], np.concatenate(rows)
 
     def _import(self, hashes: list[bytes], rows: np.ndarray | None) -> None:
         """Writes the rows into the decode engine's host tier under their hashes (pages it

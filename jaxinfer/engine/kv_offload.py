@@ -49,19 +49,6 @@ def _scatter_pages(kv_cache, pages_b, rows_b):
     return tuple(pool.at[:, :, pages_b].set(rows[i].astype(pool.dtype)) for i, pool in enumerate(kv_cache))
 
 
-def batches(num: int) -> list[int]:
-    """Batch sizes from TRANSFER_BATCHES covering `num` pages: the largest while it fills, then
-    the smallest that holds the rest (padded: for copies that do not stay in memory)."""
-    out = []
-    largest = TRANSFER_BATCHES[-1]
-    while num >= largest:
-        out.append(largest)
-        num -= largest
-    if num:
-        out.append(next(b for b in TRANSFER_BATCHES if b >= num))
-    return out
-
-
 def exact_spans(num: int) -> list[tuple[int, int]]:
     """(start, batch size) of transfers covering exactly `num` pages, largest sizes first."""
     out, start = [], 0
@@ -144,8 +131,7 @@ class HostKVPool:
             pages = np.zeros(b, np.int32)
             rows = jax.device_put(jax.block_until_ready(self._gather(kv_cache, pages)), self._device_rows)
             kv_cache = self._scatter(kv_cache, pages, rows)
-        self.reserving = threading.Thread(target=self._reserve, name="jaxinfer-kv-host-reserve", daemon=True)
-        self.reserving.start()
+        threading.Thread(target=self._reserve, name="jaxinfer-kv-host-reserve", daemon=True).start()
         return kv_cache
 
     def _reserve(self) -> None:
@@ -192,10 +178,6 @@ class HostKVPool:
             host = jax.device_put(np.ascontiguousarray(rows[start:start + b], self.dtype), self._host_rows)
             new.append(self._add_batch(host, list(slots[start:start + b])))
         self._keep_within_budget(keep=set(new))
-
-    def write(self, slot: int, row) -> None:
-        """Writes one page's row [2, K, L, page_size, H] into `slot`."""
-        self.write_rows([slot], np.asarray(row)[None])
 
     def read(self, slot: int) -> np.ndarray:
         """The slot's current copy [2, K, L, page_size, H] (waits for its transfer)."""
@@ -257,21 +239,4 @@ class HostKVPool:
                     self._dropped.append(int(slot))
                     self.num_dropped += 1
             self._free(batch_id)
-
-
-def padded_pages(pages: Sequence[int], start: int, b: int) -> np.ndarray:
-    """Pages [start, start + b) of `pages` as one transfer batch of b, padded with the scratch page 0."""
-    chunk = np.zeros(b, np.int32)
-    part = pages[start:start + b]
-    chunk[:len(part)] = part
-    return chunk
-
-
-def transfer_spans(num: int) -> list[tuple[int, int]]:
-    """(start, batch size) of each transfer for `num` pages."""
-    out, start = [], 0
-    for b in batches(num):
-        out.append((start, b))
-        start += b
-    return out
 

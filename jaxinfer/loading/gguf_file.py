@@ -92,7 +92,6 @@ class GGUFFile:
             version = struct.unpack_from(">I", buf, 4)[0]
         if version not in SUPPORTED_VERSIONS:
             raise ValueError(f"GGUF version {version} is not supported (only {SUPPORTED_VERSIONS})")
-        self.byte_order = order
         self._buf, self._order = buf, order
         num_tensors, num_fields = struct.unpack_from(order + "QQ", buf, 8)
         offset = 24
