@@ -342,6 +342,32 @@ def _add_server_commands(sub) -> None:
     add_speculative_bench_args(bench_sub)
 
 
+def _add_train_eagle_command(sub) -> None:
+    t = sub.add_parser("train-eagle", help="train an EAGLE draft head for a model on text it generates")
+    t.add_argument("--model", required=True)
+    t.add_argument("--output", required=True, help="directory for the head (config.json, model.safetensors)")
+    t.add_argument("--repeats", type=int, default=4, help="answers per training message (sampled ones differ)")
+    t.add_argument("--max-tokens", type=int, default=256, help="answer length")
+    t.add_argument("--temperature", type=float, default=0.7)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--seq-len", type=int, default=512)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--noise", type=float, default=0.1)
+    t.add_argument("--cls-weight", type=float, default=0.1,
+                   help="weight of the LM-head cross-entropy (0: the feature regression alone)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-num-seqs", type=int, default=128, help="generation batch")
+    t.add_argument("--max-messages", type=int, default=0, help="use only the first N training messages (0: all)")
+    t.set_defaults(func=cmd_train_eagle)
+
+
+def cmd_train_eagle(args) -> int:
+    from jaxinfer.eagle_training import cmd_train_eagle as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference on JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -384,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_args(bj)
     bj.set_defaults(func=cmd_batch)
 
+    _add_train_eagle_command(sub)
     _add_server_commands(sub)
     for sub_parser in sub.choices.values():
         sub_parser.set_defaults(subparser=sub_parser)  # --config reads its settings against it

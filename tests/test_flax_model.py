@@ -163,3 +163,22 @@ def test_small_steps_unrolled_over_stacked_weights_match_reference(linear_kernel
 def test_scan_unroll_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="scan_unroll"):
         EngineConfig(scan_unroll=bad)
+
+
+def test_random_model_is_create_model_compiled():
+    """The benchmarks' one-program random init gives create_model's weights (to rounding) and
+    the abstract model's graph definition."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxinfer.config import preset
+    from jaxinfer.models import create_model, random_model
+
+    config = preset("tiny")
+    graphdef, state = random_model(config, dtype=jnp.float32, seed=1)
+    eager_graphdef, eager = nnx.split(create_model(config, dtype=jnp.float32, seed=1))
+    assert graphdef == eager_graphdef
+    for (path, a), (path2, b) in zip(nnx.to_flat_state(state), nnx.to_flat_state(eager)):
+        assert path == path2
+        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-6, atol=1e-8)

@@ -110,7 +110,7 @@ def test_config_defaults_and_errors():
     with pytest.raises(ValueError, match="unknown speculative_config keys"):
         SpeculativeConfig.from_dict({"method": "ngram", "lookahead": 3})
     with pytest.raises(ValueError, match="not supported yet"):
-        SpeculativeConfig.from_dict({"method": "eagle", "model": "x"})
+        SpeculativeConfig.from_dict({"method": "eagle3", "model": "x"})
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 0})
     with pytest.raises(ValueError, match="exceeds"):

@@ -25,6 +25,7 @@
 #   spec_cost     the 8B shape's step cost verifying k proposals per request (ACCEPTED="--accepted K:L ...")
 #   spec_demo     speculative decoding on the demo model (n-gram, k = 4 and 8) at batch 1, 16, 64
 #   spec_check    the speculative-decoding exactness and compile-count tests on the GPU
+#   eagle_demo    train an EAGLE head for the demo model, then bench speculative with it and n-gram
 # Results land under $OUT. Run from the repository root: bash benchmarks/device/h200.sh kernels
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:.
@@ -84,6 +85,22 @@ for stage in "$@"; do
                    "disable_by_batch_size": 16}' ;;
         esac
         timeout 300 python3 -m jaxinfer.cli bench speculative --model /tmp/smol.gguf --batch-size 1,16,64 \
+          --output-len 256 --speculative-config "$cfg" --output-dir "$OUT/engine" --tag "$tag${TAG:-}" 2>&1 \
+          | grep -v "compiling" | tail -7 | cut -c1-400
+      done ;;
+    eagle_demo)
+      # An EAGLE head trained here on the demo model's own answers (stdlib docstrings, never the
+      # benchmark's passages), then the speculative benchmark with it and with n-gram lookup.
+      [ -f /tmp/smol.gguf ] || cat /tmp/smol.part_aa .cache/model/smol.part_ab > /tmp/smol.gguf
+      [ -d /tmp/eagle_head ] || timeout 300 python3 -m jaxinfer.cli train-eagle --model /tmp/smol.gguf \
+        --output /tmp/eagle_head --steps "${EAGLE_STEPS:-3000}" 2>&1 | grep -vE "compiling|Warning" | tail -8 | cut -c1-300
+      cp /tmp/eagle_head/training.json "$OUT/eagle_training.json"
+      for tag in ${SPEC_TAGS:-eagle_k4 ngram_k4}; do
+        case $tag in
+          eagle_k*) cfg="{\"method\": \"eagle\", \"model\": \"/tmp/eagle_head\", \"num_speculative_tokens\": ${tag#eagle_k}}" ;;
+          ngram_k*) cfg="{\"method\": \"ngram\", \"num_speculative_tokens\": ${tag#ngram_k}, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4}" ;;
+        esac
+        timeout 300 python3 -m jaxinfer.cli bench speculative --model /tmp/smol.gguf --batch-size ${SPEC_BATCHES:-1,16,64} \
           --output-len 256 --speculative-config "$cfg" --output-dir "$OUT/engine" --tag "$tag${TAG:-}" 2>&1 \
           | grep -v "compiling" | tail -7 | cut -c1-400
       done ;;

@@ -70,11 +70,11 @@ def _load(args):
     dtype = None if args.dtype == "auto" else getattr(jnp, args.dtype)
     if args.preset:
         from jaxinfer.config import preset
-        from jaxinfer.models import create_model
+        from jaxinfer.models import random_model
 
         config = preset(args.preset)
         dtype = dtype or (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-        graphdef, state = nnx.split(create_model(config, dtype=dtype))
+        graphdef, state = random_model(config, dtype=dtype)
         jax.block_until_ready(state)
         return LoadedModel(config, state, None, ".", graphdef=graphdef)
     return load_model(args.model, dtype=dtype, load_tokenizer=False, gguf_blocks=args.quantization == "gguf")

@@ -242,8 +242,8 @@ class LLMEngine:
         cache_head_dim = attention.cache_head_dim(mc.head_dim)
         num_pages = config.num_pages
         if num_pages is None:
-            num_pages = pages_for_memory_fraction(mc, config.page_size, kv_dtype, config.kv_cache_memory_fraction,
-                                                  head_dim=cache_head_dim)
+            num_pages = pages_for_memory_fraction(self._sizing_config(config, mc), config.page_size, kv_dtype,
+                                                  config.kv_cache_memory_fraction, head_dim=cache_head_dim)
             if num_pages is not None and kv_sharding is not None and kv_sharding.spec[0] is not None:
                 num_pages *= mesh.shape["tp"]  # each device holds only its share of the kv heads
         if num_pages is None:
@@ -288,6 +288,7 @@ class LLMEngine:
             linear=linear, eos_token_ids=self.eos_token_ids, kv_fill=kv_fill, kv_sharding=kv_sharding,
             unroll_max_tokens=unroll_max_tokens, unrolled_params=unrolled_params, scan_unroll=config.scan_unroll,
             num_host_pages=self.num_host_pages)
+        self.eagle = self._eagle_proposer(config, attention, kv_dtype, linear) if config.speculative_config else None
         self.mesh = mesh
         self.metrics = EngineMetrics()
         self.speculative = config.speculative_config
@@ -317,8 +318,9 @@ class LLMEngine:
             t1 = time.perf_counter()
             logger.info("compiled %d programs in parallel in %.1f s", count, t1 - t0)
             self.runner.warmup()
-            if self.draft is not None:
-                self.draft.warmup()
+            for proposer in (self.draft, self.eagle):
+                if proposer is not None:
+                    proposer.warmup()
             self.startup_seconds = {"compile": t1 - t0, "first_runs": time.perf_counter() - t1}
 
     @staticmethod
@@ -351,6 +353,35 @@ class LLMEngine:
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   page_size=config.page_size, attention=attention, kv_dtype=kv_dtype,
                                   min_token_bucket=smallest_token_bucket())
+
+    @staticmethod
+    def _sizing_config(config: EngineConfig, mc):
+        """The model config the KV pool is sized by: with an EAGLE head, each page also holds
+        the head's layer of KV and every token's feature (D values), counted as layers."""
+        spec = config.speculative_config
+        if spec is None or spec.method != "eagle":
+            return mc
+        feature_layers = -(-mc.hidden_size // (2 * mc.num_kv_heads * mc.head_dim))
+        return dataclasses.replace(mc, num_layers=mc.num_layers + 1 + feature_layers,
+                                   sliding_windows=(None,) * (mc.num_layers + 1 + feature_layers))
+
+    def _eagle_proposer(self, config: EngineConfig, attention, kv_dtype, linear):
+        """The EAGLE head's proposer (method "eagle"), or None; the runner keeps features."""
+        spec = config.speculative_config
+        if spec.method != "eagle":
+            return None
+        if config.tensor_parallel_size > 1:
+            raise ValueError("an EAGLE head runs on one device; tensor_parallel_size > 1 is not supported with it yet")
+        from jaxinfer.engine.eagle_proposer import EagleProposer
+        from jaxinfer.loading.eagle import load_eagle_head
+
+        graphdef, state = load_eagle_head(spec.model, self.model_config, dtype=param_dtype(self.model.params))
+        self.runner.keep_features()
+        return EagleProposer(graphdef, state, self.runner, self.model.graphdef,
+                             num_speculative_tokens=spec.num_speculative_tokens, max_num_seqs=config.max_num_seqs,
+                             max_model_len=self.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
+                             page_size=config.page_size, attention=attention, kv_dtype=kv_dtype,
+                             min_token_bucket=smallest_token_bucket(), linear=linear)
 
     @staticmethod
     def _host_pages(config: EngineConfig, kv_spec: KVCacheSpec) -> int:
@@ -635,7 +666,15 @@ class LLMEngine:
                 self._spec_backoff[req.request_id] = (left - 1, level)
             elif k > 0:
                 wanted.append((req, k))
-        if self.draft is None:
+        if self.eagle is not None:
+            self.eagle.release({r.request_id for r in running})
+            bm = self.block_manager
+            proposals = self.eagle.propose(
+                [(req.request_id, req.all_token_ids, k, req.num_preemptions) for req, k in wanted],
+                {req.request_id: bm.block_table(req.request_id) for req, _ in wanted})
+            for req, _ in wanted:
+                req.spec_token_ids = proposals.get(req.request_id, [])
+        elif self.draft is None:
             for req, k in wanted:
                 tokens = self._token_histories.view(req.request_id, req.all_token_ids)
                 req.spec_token_ids = ngram_proposal(tokens, min_n=spec.prompt_lookup_min,

@@ -133,6 +133,14 @@ def _commit_staged(kv_cache, staged, packed, *, spec: PackSpec, attention):
     return attention.commit(kv_cache, staged, unpack(packed, spec)[2].slot_mapping_t)
 
 
+def _store_features(pool, hidden_td, packed, *, spec: PackSpec):
+    """Writes each step token's final hidden state at its KV slot of the feature pool
+    [pages, page_size, D] (padding tokens land in scratch page 0)."""
+    slots = unpack(packed, spec)[2].slot_mapping_t
+    flat = pool.reshape(-1, pool.shape[-1]).at[slots].set(hidden_td.astype(pool.dtype))
+    return flat.reshape(pool.shape)
+
+
 def _copy_pages(kv_cache, src_c, dst_c):
     """Copies pages src -> dst in every layer of the stacked pools [K, L, P, page_size, H]."""
     return tuple(pages.at[:, :, dst_c].set(pages[:, :, src_c]) for pages in kv_cache)
@@ -216,6 +224,19 @@ class ModelRunner:
         # without one goes through the jitted function, which compiles on first use.
         self._executables: dict[tuple, object] = {}
         self._deferred: PendingStep | None = None  # a step whose sampler is not queued yet
+        # Every computed token's final hidden state, paged as the KV is (`keep_features`).
+        self.features = None
+
+    def keep_features(self) -> None:
+        """From now on every step also writes its tokens' final hidden states into a pool
+        paged like the KV cache (same page ids and slots), where an EAGLE draft head reads the
+        features of any computed position (engine/eagle_proposer.py). Call before warm-up."""
+        from jaxinfer.models import param_dtype
+
+        dtype = param_dtype(self.params)  # the dtype hidden states are computed in
+        shape = (self.kv_spec.num_pages, self.rc.page_size, self.config.hidden_size)
+        self.features = jnp.zeros(shape, dtype, device=self._placement)
+        self._store = jax.jit(_store_features, static_argnames=("spec",), donate_argnums=(0,))
 
     # -- warm-up ---------------------------------------------------------------------------
     @property
@@ -344,6 +365,8 @@ class ModelRunner:
             commit = self._executables.get(("commit", t)) or functools.partial(self._commit, spec=spec)
             kv_out = commit(self.kv_cache, kv_out, packed)
         self.kv_cache = kv_out
+        if self.features is not None:
+            self.features = self._store(self.features, hidden, packed, spec=spec)
         return (logits, hidden) if with_hidden else logits
 
     @property

@@ -19,7 +19,7 @@ import numpy as np
 
 METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 # Proposers that exist; the others are refused with a clear message.
-SUPPORTED_METHODS = ("ngram", "draft_model")
+SUPPORTED_METHODS = ("ngram", "draft_model", "eagle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +28,15 @@ class SpeculativeConfig:
 
     Attributes:
       method: "ngram" (prompt lookup: the tokens that followed the latest earlier occurrence
-        of the sequence's last n tokens).
+        of the sequence's last n tokens), "draft_model" (a smaller model sharing the tokenizer)
+        or "eagle" (a one-layer head reading the target's features: engine/eagle_proposer.py).
       num_speculative_tokens: most tokens proposed per request per step (k).
       prompt_lookup_min, prompt_lookup_max: n-gram sizes tried, longest first (vLLM's
         defaults: 5 and 5, either one defaulting to the other).
       model: the draft model of method "draft_model": a path or alias as `LLM(model=...)` takes,
         or a LoadedModel; it must share the target's tokenizer (its vocabulary size is checked).
-        It proposes greedily (engine/draft_model.py).
+        It proposes greedily (engine/draft_model.py). For "eagle": the directory of an EAGLE
+        head in the published layout (loading/eagle.py), trained for the target.
       disable_by_batch_size: no proposals while more requests than this run (proposals
         verified at large batch cost compute that no longer hides under the weight read);
         None: always propose.
@@ -63,6 +65,8 @@ class SpeculativeConfig:
         object.__setattr__(self, "method", method)
         if method == "draft_model" and self.model is None:
             raise ValueError("speculative_config method 'draft_model' needs a draft `model`")
+        if method == "eagle" and self.model is None:
+            raise ValueError("speculative_config method 'eagle' needs the head's directory as `model`")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
             raise ValueError(f"num_speculative_tokens must be an integer in [1, 16], got {k!r}")

@@ -118,3 +118,27 @@ class SafetensorsCheckpoint:
 
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
+
+
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> None:
+    """Writes numpy arrays as one .safetensors file (names sorted, data 8-byte aligned)."""
+    header, offset, blobs = {}, 0, []
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        if array.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {array.dtype} has no safetensors name")
+        data = array.tobytes()  # little-endian hosts only (as the reader assumes)
+        header[name] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for data in blobs:
+            f.write(data)
