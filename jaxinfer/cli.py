@@ -346,7 +346,7 @@ def _add_train_eagle_command(sub) -> None:
     t = sub.add_parser("train-eagle", help="train an EAGLE draft head for a model on text it generates")
     t.add_argument("--model", required=True)
     t.add_argument("--output", required=True, help="directory for the head (config.json, model.safetensors)")
-    t.add_argument("--repeats", type=int, default=4, help="answers per training message (sampled ones differ)")
+    t.add_argument("--repeats", type=int, default=8, help="answers per training message (sampled ones differ)")
     t.add_argument("--max-tokens", type=int, default=256, help="answer length")
     t.add_argument("--temperature", type=float, default=0.7)
     t.add_argument("--steps", type=int, default=2000)

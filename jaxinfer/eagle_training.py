@@ -3,10 +3,10 @@
 `jaxinfer train-eagle --model M --output DIR` writes a head in the published layout
 (loading/eagle.py) that `--speculative-config '{"method": "eagle", "model": "DIR"}'` loads.
 
-1. Data: the model answers prompts built from the Python standard library's module docstrings
-   (summarise, explain, rewrite, continue: prose the model has not been asked about elsewhere
-   in this project; the benchmark's own passages are never used) and short questions; greedy
-   or sampled, through the engine.
+1. Data: the model answers prompts built from the Python standard library's docstrings
+   (modules, public classes and functions: summarise, explain, rewrite, list, continue; prose
+   the model is not asked about elsewhere in this project, the benchmark's own passages are
+   never used) and short questions; sampled, through the engine.
 2. Features: one dense forward of the model over each prompt + answer gives every position's
    final hidden state f_p (what its LM head reads).
 3. Loss (EAGLE's): at each position p the head reads (embedding of x_{p+1}, f_p + noise) and
@@ -51,18 +51,28 @@ QUESTIONS = ("What is a function in programming?", "How do I read a file line by
 
 
 def training_messages(max_chars: int = 1500) -> list[str]:
-    """User messages for the data: tasks over stdlib docstrings, then general questions."""
+    """User messages for the data: tasks over the docstrings of stdlib modules and of the public
+    classes and functions they define (a few hundred texts), then general questions."""
     import importlib
+    import inspect
 
-    texts = []
+    texts, seen = [], set()
     for name in STDLIB_MODULES:
         try:
-            doc = importlib.import_module(name).__doc__ or ""
+            module = importlib.import_module(name)
         except Exception:  # a module the platform lacks (e.g. turtle without tkinter)
             continue
-        doc = " ".join(doc.split())
-        if len(doc) > 200:
-            texts.append(doc[:max_chars])
+        docs = [module.__doc__ or ""]
+        for attr, obj in inspect.getmembers(module):
+            if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            if (getattr(obj, "__module__", None) or "").split(".")[0] == name:  # defined here, not imported
+                docs.append(inspect.getdoc(obj) or "")
+        for doc in docs:
+            doc = " ".join(doc.split())
+            if len(doc) > 200 and doc not in seen:
+                seen.add(doc)
+                texts.append(doc[:max_chars])
     messages = [f"{TASKS[i % len(TASKS)]}\n\n{text}" for i, text in enumerate(texts)]
     return messages + list(QUESTIONS)
 

@@ -130,11 +130,13 @@ def test_head_round_trips_through_the_published_layout(model, tmp_path):
         EngineConfig(speculative_config={"method": "eagle"})
 
 
-def test_proposals_match_the_numpy_reference(model, trained_head):
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_proposals_match_the_numpy_reference(model, trained_head, backend):
     """Every proposal the engine's paged proposer made (chunked prompts, several requests per
-    round, chains crossing page boundaries into scratch pages) equals the float64 reference."""
+    round, chains crossing page boundaries into scratch pages) equals the float64 reference;
+    "pallas" runs the GPU path (fused q|k|v finish, ragged kernel) in interpret mode."""
     path, _ = trained_head
-    engine = _engine(model, path, max_num_batched_tokens=16)
+    engine = _engine(model, path, max_num_batched_tokens=16, attention_backend=backend)
     tensors = {n: np.asarray(SafetensorsCheckpoint(path).get(n), np.float64) for n in SafetensorsCheckpoint(path).names()}
     seen = []
     propose = engine.eagle.propose
@@ -207,3 +209,17 @@ def test_pack_sequences_windows_and_masks():
     tokens, mask = pack_sequences([[1, 2, 3, 4, 5], [6], [7, 8]], seq_len=3)
     np.testing.assert_array_equal(tokens, [[1, 2, 3], [4, 5, 0], [7, 8, 0]])
     np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+
+
+def test_training_messages_never_hold_the_benchmark_passages():
+    from importlib import resources
+
+    from jaxinfer.bench.speculative import CHAT_QUESTIONS
+    from jaxinfer.eagle_training import training_messages
+
+    text = resources.files("jaxinfer.bench").joinpath("data/quality.txt").read_text()
+    passages = [" ".join(p.split())[:80] for p in text.split("\n\n") if p.strip()]
+    messages = training_messages()
+    assert len(messages) > 300 and len(set(messages)) == len(messages)
+    assert not any(p in m for p in passages for m in messages)
+    assert not set(CHAT_QUESTIONS) & set(messages)

@@ -81,6 +81,8 @@ class EagleProposer:
                  max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int, page_size: int, attention,
                  kv_dtype, min_token_bucket: int, linear=XLA_LINEAR):
         head_config = nnx.merge(head_graphdef, head_state).config
+        if target_runner.features is None:
+            raise ValueError("the target runner keeps no features: call keep_features() first")
         self.target = target_runner
         self.head_state = head_state
         self.k = num_speculative_tokens
@@ -198,9 +200,8 @@ class EagleProposer:
         packed = jax.device_put(packed, self.target._placement)
         prev_ids, prev_guess = prev or (self._zero_ids, self._zero_guess)
         target = self.target
-        features = target.features if target.features is not None else jnp.zeros((1, 1, prev_guess.shape[-1]))
-        ids, guesses, kv = self._step(self.head_state, target.params, features, self.kv_cache, packed, prev_ids,
-                                      prev_guess, spec=spec, from_pool=from_pool)
+        ids, guesses, kv = self._step(self.head_state, target.params, target.features, self.kv_cache, packed,
+                                      prev_ids, prev_guess, spec=spec, from_pool=from_pool)
         if self._stages_writes:
             kv = self._commit(self.kv_cache, kv, packed, spec=spec)
         self.kv_cache = kv
