@@ -154,7 +154,8 @@ def train_head(model, sequences: list[list[int]], *, steps: int, batch_size: int
     """Trains a head on `sequences` (token lists the model generated); returns
     (graphdef, state in float32, history of logged metrics). With `held_out` sequences, each
     logged entry also carries their metrics ("held_out_top1": how often the head's first guess
-    is the model's own next token on text it was not trained on)."""
+    is the model's own next token on text it was not trained on), and the state returned is the
+    logged one with the best held-out top-1 (the history's last entry says which)."""
     import optax
 
     from jaxinfer.models import param_dtype
@@ -215,6 +216,7 @@ def train_head(model, sequences: list[list[int]], *, steps: int, batch_size: int
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     history = []
+    best = None  # (held-out top-1, step, state)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         pick = rng.integers(0, len(tokens), batch_size)
@@ -225,8 +227,15 @@ def train_head(model, sequences: list[list[int]], *, steps: int, batch_size: int
                      "seconds": round(time.perf_counter() - t0, 1)}
             if held_out:
                 entry.update(held_out_metrics(state))
+                # A small head memorises a few hundred thousand tokens long before its steps
+                # run out: the state returned is the one that did best on text it never saw.
+                if best is None or entry["held_out_top1"] > best[0]:
+                    best = (entry["held_out_top1"], step, state)
             history.append(entry)
             log(json.dumps(entry))
+    if best is not None:
+        history.append({"kept_step": best[1], "held_out_top1": best[0]})
+        state = best[2]
     return graphdef, state, history
 
 

@@ -167,8 +167,10 @@ def test_greedy_equals_reference_with_a_head(model, trained_head, async_scheduli
     path, history = trained_head
     # (The tiny model's next-token distributions are nearly flat, so the cross-entropy barely
     # moves; the feature regression and the top-1 agreement show the learning.)
-    assert history[-1]["regression"] < 0.75 * history[0]["regression"] and history[-1]["top1"] > 0.4, history
-    assert history[-1]["held_out_top1"] > 0.06, history  # on answers it never trained on (chance: 1/256)
+    *logged, kept = history
+    assert logged[-1]["regression"] < 0.75 * logged[0]["regression"] and logged[-1]["top1"] > 0.4, history
+    # On answers it never trained on (chance: 1/256); the state kept is the best of those logged.
+    assert kept["held_out_top1"] == max(e["held_out_top1"] for e in logged) > 0.06, history
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 250, int(rng.integers(3, 40))).tolist() for _ in range(12)]
     max_tokens = [int(rng.integers(4, 40)) for _ in prompts]

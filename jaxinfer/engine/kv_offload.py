@@ -308,11 +308,14 @@ class HostKVPool:
         """Lets the batches with the smallest share of live rows (oldest first) go while more rows
         are held than the pool has slots; batches just written stay. (By share, not count: a
         one-page batch has one live row, and dropping it frees nothing that was dead.)"""
-        while self.num_rows_held > self.num_slots:
-            candidates = [(b.live / len(b.slots), bid) for bid, b in self._batches.items() if bid not in keep]
-            if not candidates:
+        if self.num_rows_held <= self.num_slots:
+            return
+        # Dropping a batch changes no other batch's share (its slots are forgotten, not moved),
+        # so one ordering serves every drop of this call.
+        order = sorted((b.live / len(b.slots), bid) for bid, b in self._batches.items() if bid not in keep)
+        for _, batch_id in order:
+            if self.num_rows_held <= self.num_slots:
                 return
-            _, batch_id = min(candidates)
             batch = self._batches[batch_id]
             for row, slot in enumerate(batch.slots):
                 if self._slot_batch[slot] == batch_id and self._slot_row[slot] == row:
