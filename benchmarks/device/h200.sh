@@ -25,6 +25,7 @@
 #   spec_cost     the 8B shape's step cost verifying k proposals per request (ACCEPTED="--accepted K:L ...")
 #   spec_demo     speculative decoding on the demo model (n-gram, k = 4 and 8) at batch 1, 16, 64
 #   spec_check    the speculative-decoding exactness and compile-count tests on the GPU
+#   eagle_check   the EAGLE proposer against its float64 reference and the compile count, on the GPU
 #   eagle_demo    train an EAGLE head for the demo model, then bench speculative with it and n-gram
 # Results land under $OUT. Run from the repository root: bash benchmarks/device/h200.sh kernels
 set -u
@@ -88,6 +89,9 @@ for stage in "$@"; do
           --output-len 256 --speculative-config "$cfg" --output-dir "$OUT/engine" --tag "$tag${TAG:-}" 2>&1 \
           | grep -v "compiling" | tail -7 | cut -c1-400
       done ;;
+    eagle_check)
+      timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_eagle.py -k "numpy_reference or compiles" \
+        2>&1 | tail -3 ;;
     eagle_demo)
       # An EAGLE head trained here on the demo model's own answers (stdlib docstrings, never the
       # benchmark's passages), then the speculative benchmark with it and with n-gram lookup.
