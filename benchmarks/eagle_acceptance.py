@@ -41,7 +41,6 @@ def main() -> int:
     args = p.parse_args()
 
     import jax
-    import numpy as np
     from flax import nnx
 
     from jaxinfer.bench.speculative import _workload_prompts

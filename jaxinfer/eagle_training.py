@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxinfer.models import param_dtype
 from jaxinfer.models.attention import ContiguousAttention, ContiguousMetadata
 
 STDLIB_MODULES = ("abc", "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib",
@@ -84,10 +85,7 @@ def target_features(graphdef, params, tokens_bs: np.ndarray) -> jax.Array:
     c = model.config
     b, s = tokens_bs.shape
     attention = ContiguousAttention()
-    from jaxinfer.models import param_dtype
-
-    dtype = param_dtype(params)
-    kv = attention.init_cache(c.num_layers, b, s, c.num_kv_heads, c.head_dim, dtype)
+    kv = attention.init_cache(c.num_layers, b, s, c.num_kv_heads, c.head_dim, param_dtype(params))
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     hidden, _ = model(jnp.asarray(tokens_bs).reshape(-1), positions.reshape(-1), kv,
                       ContiguousMetadata(positions), attention)
@@ -118,17 +116,17 @@ def eagle_loss(head_state, head_graphdef, target, tokens_bs, features_bsd, mask_
     diff = jnp.abs(guesses - want)
     smooth_l1 = jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5).mean(-1)
     n = jnp.maximum(mask.sum(), 1.0)
+    regression = (smooth_l1 * mask).sum() / n
     if not cls_weight:  # the feature regression alone: no [tokens, vocab] logits at all
-        regression = (smooth_l1 * mask).sum() / n
         return regression, {"regression": regression}
     b, s1, d = guesses.shape
     logp = jax.nn.log_softmax(target.compute_logits(guesses.reshape(-1, d)), axis=-1)
     p_want = jax.nn.softmax(target.compute_logits(want.reshape(-1, d)), axis=-1)
     ce = -(p_want * logp).sum(-1).reshape(b, s1)
     top1 = (jnp.argmax(logp, -1) == jnp.argmax(p_want, -1)).reshape(b, s1)
-    loss = ((smooth_l1 + cls_weight * ce) * mask).sum() / n
-    return loss, {"regression": (smooth_l1 * mask).sum() / n, "cross_entropy": (ce * mask).sum() / n,
-                  "top1": (top1 * mask).sum() / n}
+    cross_entropy = (ce * mask).sum() / n
+    return regression + cls_weight * cross_entropy, {"regression": regression, "cross_entropy": cross_entropy,
+                                                     "top1": (top1 * mask).sum() / n}
 
 
 def pack_sequences(sequences: list[list[int]], seq_len: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +156,6 @@ def train_head(model, sequences: list[list[int]], *, steps: int, batch_size: int
     logged one with the best held-out top-1 (the history's last entry says which)."""
     import optax
 
-    from jaxinfer.models import param_dtype
     from jaxinfer.models.eagle import create_head
 
     tokens, mask = pack_sequences(sequences, seq_len)

@@ -16,7 +16,6 @@ for sweeps) to --output-dir.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -63,7 +62,6 @@ def _load(args):
     """A LoadedModel from --preset (random weights on the device) or --model."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from jaxinfer.loading.loader import LoadedModel, load_model
 

@@ -34,8 +34,8 @@ from flax import nnx
 
 from jaxinfer.engine.input_batch import PersistentBatch
 from jaxinfer.engine.kv_cache import KVCacheSpec, allocate_kv_cache
-from jaxinfer.engine.packing import PackSpec, pack, unpack
-from jaxinfer.engine.runner import RunnerConfig, _commit_staged, _fed_token_ids
+from jaxinfer.engine.packing import PackSpec, unpack
+from jaxinfer.engine.runner import RunnerConfig, _commit_staged, _fed_token_ids, pack_step
 from jaxinfer.engine.step_inputs import bucket_for
 from jaxinfer.models.eagle import head_dtype
 from jaxinfer.models.linear import XLA_LINEAR
@@ -85,7 +85,6 @@ class EagleProposer:
             raise ValueError("the target runner keeps no features: call keep_features() first")
         self.target = target_runner
         self.head_state = head_state
-        self.k = num_speculative_tokens
         self.num_pages = target_runner.kv_spec.num_pages
         # Chained positions run at most k - 1 past the last computed token's page.
         self.scratch = -(-(num_speculative_tokens + page_size) // page_size)
@@ -191,12 +190,8 @@ class EagleProposer:
 
     def _forward(self, t: int, *, from_pool: bool, request_ids=(), starts=(), num_tokens=(), token_ids=(),
                  logits_indices=None, feed: Mapping[int, int] | None = None, prev=None):
-        inputs = self.rows.step_inputs(t, self.rc.seq_slots(t), request_ids, starts, num_tokens, token_ids,
-                                       logits_indices, num_logits=self.rc.logits_rows(t))
-        feed_t = np.full(t, -1, np.int32)
-        for index, row in (feed or {}).items():
-            feed_t[index] = row
-        packed, spec = pack((inputs.token_ids_t, inputs.positions_t, inputs.metadata, inputs.logits_indices_s, feed_t))
+        packed, spec = pack_step(self.rows, self.rc, t, request_ids, starts, num_tokens, token_ids, logits_indices,
+                                 feed)
         packed = jax.device_put(packed, self.target._placement)
         prev_ids, prev_guess = prev or (self._zero_ids, self._zero_guess)
         target = self.target

@@ -133,6 +133,20 @@ def _commit_staged(kv_cache, staged, packed, *, spec: PackSpec, attention):
     return attention.commit(kv_cache, staged, unpack(packed, spec)[2].slot_mapping_t)
 
 
+def pack_step(rows: PersistentBatch, rc: "RunnerConfig", t: int, request_ids=(), starts=(), num_tokens=(),
+              token_ids=(), logits_indices=None, feed: Mapping[int, int] | None = None):
+    """A step's inputs in one int32 array (and its PackSpec) for a bucket of t tokens, from the
+    block-table rows `rows` (unpacked by `unpack` as (token ids, positions, metadata, logits
+    indices, feed)). feed: flat token index -> the previous step's sampling row whose token
+    goes there."""
+    inputs: StepInputs = rows.step_inputs(t, rc.seq_slots(t), request_ids, starts, num_tokens, token_ids,
+                                          logits_indices, num_logits=rc.logits_rows(t))
+    feed_t = np.full(t, -1, np.int32)
+    for index, row in (feed or {}).items():
+        feed_t[index] = row
+    return pack((inputs.token_ids_t, inputs.positions_t, inputs.metadata, inputs.logits_indices_s, feed_t))
+
+
 def _store_features(pool, hidden_td, packed, *, spec: PackSpec):
     """Writes each step token's final hidden state at its KV slot of the feature pool
     [pages, page_size, D] (padding tokens land in scratch page 0)."""
@@ -388,13 +402,7 @@ class ModelRunner:
 
     def _pack_step(self, t: int, request_ids=(), starts=(), num_tokens=(), token_ids=(), logits_indices=None,
                    feed: Mapping[int, int] | None = None):
-        """A step's inputs in one int32 array (and its PackSpec) for a bucket of t tokens."""
-        inputs: StepInputs = self._rows.step_inputs(t, self.rc.seq_slots(t), request_ids, starts, num_tokens,
-                                                    token_ids, logits_indices, num_logits=self.rc.logits_rows(t))
-        feed_t = np.full(t, -1, np.int32)
-        for index, row in (feed or {}).items():
-            feed_t[index] = row
-        return pack((inputs.token_ids_t, inputs.positions_t, inputs.metadata, inputs.logits_indices_s, feed_t))
+        return pack_step(self._rows, self.rc, t, request_ids, starts, num_tokens, token_ids, logits_indices, feed)
 
     def _unroll(self, t: int) -> bool | int:
         """The model's `unroll` for a step of bucket t: True (a Python loop) for small steps

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -102,15 +101,6 @@ def create_head(target: ModelConfig, *, fc_bias: bool = True, dtype=jnp.float32,
                      rngs=nnx.Rngs(seed))
 
 
-def draft_logits(target, guesses_rd, linear: Linear = XLA_LINEAR):
-    """Float32 logits of the target's LM head over the head's guesses (the target module)."""
-    return target.compute_logits(guesses_rd, linear)
-
-
 def head_dtype(head_state) -> jnp.dtype:
     return jnp.dtype(param_value(head_state["fc"]).dtype)
 
-
-def cast_head(head_state, dtype):
-    """The head's state in another dtype (the target's compute dtype)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, head_state)
