@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -64,11 +65,13 @@ def training_messages(max_chars: int = 1500) -> list[str]:
         except Exception:  # a module the platform lacks (e.g. turtle without tkinter)
             continue
         docs = [module.__doc__ or ""]
-        for attr, obj in inspect.getmembers(module):
-            if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
-                continue
-            if (getattr(obj, "__module__", None) or "").split(".")[0] == name:  # defined here, not imported
-                docs.append(inspect.getdoc(obj) or "")
+        with warnings.catch_warnings():  # touching deprecated members (typing.io, typing.re) warns
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for attr, obj in inspect.getmembers(module):
+                if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                    continue
+                if (getattr(obj, "__module__", None) or "").split(".")[0] == name:  # defined here, not imported
+                    docs.append(inspect.getdoc(obj) or "")
         for doc in docs:
             doc = " ".join(doc.split())
             if len(doc) > 200 and doc not in seen:

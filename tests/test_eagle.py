@@ -225,3 +225,26 @@ def test_training_messages_never_hold_the_benchmark_passages():
     assert len(messages) > 300 and len(set(messages)) == len(messages)
     assert not any(p in m for p in passages for m in messages)
     assert not set(CHAT_QUESTIONS) & set(messages)
+
+
+def test_train_eagle_command_writes_a_head_the_engine_loads(tmp_path):
+    """`jaxinfer train-eagle` end to end on a tiny checkpoint with a chat template: data, the
+    held-out split, training, the head's directory, which the engine then loads."""
+    import json
+
+    from jaxinfer.cli import main
+    from jaxinfer.llm import LLM
+    from tests.server_fixtures import write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "model")
+    out = tmp_path / "head"
+    assert main(["train-eagle", "--model", str(checkpoint), "--output", str(out), "--max-messages", "20",
+                 "--repeats", "1", "--max-tokens", "8", "--steps", "2", "--batch-size", "4", "--seq-len", "64",
+                 "--max-num-seqs", "8"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["sequences"] == 20 and record["held_out_sequences"] == 2  # messages 9 and 19
+    assert "kept_step" in record["history"][-1]
+    llm = LLM(str(checkpoint), speculative_config={"method": "eagle", "model": str(out), "num_speculative_tokens": 2},
+              max_model_len=128, warmup=False)
+    [result] = llm.generate(["hello"], SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)
+    assert len(result.outputs[0].token_ids) == 6
