@@ -33,15 +33,53 @@ from pallas_kernels.matmul import GpuMatmulBlockSizes, skinny_matmul
 from pallas_kernels.quantized_matmul import quantized_block_sizes, quantized_matmul, quantized_matmul_reference
 from pallas_kernels.quantized_matmul.gpu import REDUCE_MAX_TOKENS
 from pallas_kernels.quantized_matmul.tuned_block_sizes import split_to_fill
+from pallas_kernels.quantized_matmul.w8a8 import quantize_activations, w8a8_matmul, w8a8_reference
+from pallas_kernels.quantized_matmul.w8a8 import default_block_sizes as w8a8_default_block_sizes
 
 TOKENS = (1, 4, 16, 64)
 KINDS = ("bf16", "int8", "int4", "fp8")
+# 8-bit weights and activations (pallas_kernels/quantized_matmul/w8a8.py): the codes stored
+# [N, K] (K-major, the 8-bit tensor-core operand layout) and, for comparison, [K, N].
+W8A8_KINDS = ("w8a8_int8", "w8a8_fp8")
+W8A8_SWEEP = ((64, 128, 4), (128, 128, 6), (128, 256, 3), (128, 256, 4), (256, 128, 3), (64, 256, 4), (256, 256, 3),
+              (128, 512, 3))
 QUICK_SHAPES = {"qkv": (256, 128), "down": (512, 128)}
 REL_ERR_OK = 2e-2
 
 
 def stored_bytes(w) -> int:
+    if isinstance(w, tuple):  # W8A8: (codes [N, K], scales)
+        return sum(a.size * a.dtype.itemsize for a in w)
     return w.nbytes if isinstance(w, QuantizedWeight) else w.size * w.dtype.itemsize
+
+
+def w8a8_jobs(t, kind, w0, x0, k, n, sweep, interpret):
+    """{(t, kind, impl, tiling): (fn, args)} for one W8A8 weight (codes [N, K], scales)."""
+    act = kind.split("_")[1]
+    jobs = {}
+    default = w8a8_default_block_sizes(t, k, n)
+    configs = [(default, "pallas", True), (default, "pallas_kn", False)]
+    if sweep and t in (1, 16, 64):
+        for bn, bk, stages in W8A8_SWEEP:
+            if n % bn or k % bk:
+                continue
+            bs = GpuMatmulBlockSizes(bn, bk, split_to_fill(k // bk, n // bn, 264), 4, stages)
+            configs.append((bs, "pallas_sweep", True))
+    for bs, impl, transposed in configs:
+        # The [K, N] rows get their codes transposed once, outside the timed call (main's arg_sets).
+        codes = w0[0] if transposed else jnp.asarray(w0[0].T)
+        jobs[(t, kind, impl, bs)] = (
+            lambda x, w, bs=bs, transposed=transposed: w8a8_matmul(
+                x, w[0], w[1], kind=act, transposed=transposed, block_sizes=bs, interpret=interpret),
+            (x0, (codes, w0[1])))
+
+    def xla_native(x, w):  # XLA's own 8-bit dot on the same per-token codes
+        q, s = quantize_activations(x, act)
+        acc = jax.lax.dot_general(q, w[0], (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.int32 if act == "int8" else jnp.float32)
+        return (acc.astype(jnp.float32) * s[:, None] * w[1].astype(jnp.float32)).astype(x.dtype)
+    jobs[(t, kind, "xla", None)] = (xla_native, (x0, w0))
+    return jobs
 
 
 def sweep_tilings(default: GpuMatmulBlockSizes, k: int, n: int, unit: int):
@@ -58,7 +96,16 @@ def sweep_tilings(default: GpuMatmulBlockSizes, k: int, n: int, unit: int):
 def main():
     parser = kernel_bench_parser(__doc__.split("\n")[0], iters=20)
     parser.set_defaults(repeats=5, sets=3)
+    parser.add_argument("--kinds", default=",".join(KINDS + W8A8_KINDS),
+                        help="comma list of the weight kinds to time (bf16 is always timed: the baseline)")
+    parser.add_argument("--sweep-kinds", default=None,
+                        help="comma list of the kinds --sweep applies to (default: every kind timed)")
     args = parser.parse_args()
+    kinds = tuple(dict.fromkeys(["bf16"] + args.kinds.split(",")))
+    sweep_kinds = set(args.sweep_kinds.split(",")) if args.sweep_kinds else set(kinds)
+    unknown = set(kinds) - set(KINDS + W8A8_KINDS)
+    if unknown:
+        parser.error(f"unknown kinds {sorted(unknown)}; choose from {KINDS + W8A8_KINDS}")
     shapes, tokens = SHAPES, TOKENS
     if args.quick:
         args.iters, args.repeats, args.sets = 2, 2, 3
@@ -75,12 +122,18 @@ def main():
         dense = random_sets(kw, (k, n), args.sets, k ** -0.5)
         weights = {"bf16": dense}
         for kind in KINDS[1:]:
-            weights[kind] = [quantize_weight(w, kind, 128) for w in dense]
+            if kind in kinds or f"w8a8_{kind}" in kinds:
+                weights[kind] = [quantize_weight(w, kind, 128) for w in dense]
+        for kind in set(W8A8_KINDS) & set(kinds):
+            weights[kind] = [(jnp.asarray(qw.values.T), qw.scales) for qw in weights[kind.split("_")[1]]]
         xs = {t: random_sets(jax.random.fold_in(kx, t), (t, k), args.sets) for t in tokens}
         jobs = {}
         for t in tokens:
-            for kind in KINDS:
+            for kind in kinds:
                 w0 = weights[kind][0]
+                if kind in W8A8_KINDS:
+                    jobs.update(w8a8_jobs(t, kind, w0, xs[t][0], k, n, args.sweep and kind in sweep_kinds, interpret))
+                    continue
                 if kind == "bf16":
                     jobs[(t, kind, "pallas", None)] = (
                         lambda x, w: skinny_matmul(x, w, interpret=interpret), (xs[t][0], w0))
@@ -89,7 +142,7 @@ def main():
                 default = quantized_block_sizes(num_tokens=t, k=k, n=n, layout=w0.layout,
                                                 device_kind="interpret" if interpret else None)
                 configs = [(default, None)]
-                if args.sweep and t in (1, 16):
+                if args.sweep and kind in sweep_kinds and t in (1, 16):
                     unit = w0.layout.pack_size or 16
                     modes = ("reduce", "dot_swap", "dot") if t <= REDUCE_MAX_TOKENS else ("dot_swap", "dot")
                     configs += [(bs, m) for bs in sweep_tilings(default, k, n, unit)[: 2 if interpret else None]
@@ -111,12 +164,16 @@ def main():
                 row["tiling"] = dict(block_n=bs.block_n, block_k=bs.block_k, split_k=bs.split_k,
                                      num_stages=bs.num_stages)
             arg_sets = list(zip(xs[t], w_sets))
+            if impl == "pallas_kn":
+                arg_sets = [(x, (jnp.asarray(w[0].T), w[1])) for x, w in arg_sets]
             if isinstance(fn, Exception):
                 row["error"] = f"{type(fn).__name__}: {fn}"[:800]
             else:
                 try:
                     if kind == "bf16":
                         ref = jnp.dot(xs[t][0].astype(jnp.float32), w_sets[0].astype(jnp.float32))
+                    elif kind in W8A8_KINDS:
+                        ref = w8a8_reference(xs[t][0], *w_sets[0], kind=kind.split("_")[1], transposed=True)
                     else:
                         w0 = w_sets[0]
                         ref = quantized_matmul_reference(xs[t][0], w0.values, w0.scales, w0.offsets, layout=w0.layout)

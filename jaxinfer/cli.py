@@ -52,8 +52,9 @@ def _add_engine_args(p: argparse.ArgumentParser):
                    help="mixture-of-experts models: split whole experts over the tensor-parallel devices")
     p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "fp8", "fp8_e4m3"), default="auto",
                    help="KV cache storage (fp8: e4m3, on the XLA attention path)")
-    p.add_argument("--quantization", "-q", choices=("int8", "int4", "fp8", "gguf", "awq", "gptq"), default=None,
-                   help="weight-only quantization of the decoder projections at start; gguf: run a GGUF "
+    p.add_argument("--quantization", "-q", choices=("int8", "int4", "fp8", "w8a8_int8", "w8a8_fp8", "gguf", "awq", "gptq"), default=None,
+                   help="quantization of the decoder projections at start: int8/int4/fp8 weight-only; "
+                        "w8a8_int8/w8a8_fp8 8-bit weights and per-token 8-bit activations; gguf: run a GGUF "
                         "file's own quantized blocks")
     p.add_argument("--quantization-group-size", type=int, default=128, help="rows per int4 scale group")
     p.add_argument("--response-cache-size", type=int, default=0,

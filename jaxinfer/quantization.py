@@ -21,6 +21,13 @@ Scales and offsets are kept in the model's dtype.
 Steps of up to 64 tokens on a GPU run the quantized skinny-matmul kernel (codes widened in
 registers); elsewhere (prefill, CPU) the weight is dequantized inside the jitted step and
 multiplied by XLA's dot.
+
+W8A8 (SGLang's names `w8a8_int8`, `w8a8_fp8`; vLLM's dynamic fp8 on Hopper is the same
+scheme): the weight as int8 or fp8 per output channel, stored [N, K], and the activations
+quantized per token at each projection, so the products run on the tensor cores' 8-bit
+instructions with nothing widened (pallas_kernels/quantized_matmul/w8a8.py says why that
+streams faster). Decode steps on a GPU run the W8A8 kernel, larger steps XLA's own 8-bit dot;
+on the CPU the same numbers come from the fake-quantized activations times the float weight.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ from jaxinfer.models.linear import WEIGHT_HANDLERS, Linear, dense_dot, select_la
 from pallas_kernels.quantized_matmul import QuantLayout, dequantize, pack_int4
 from pallas_kernels.quantized_matmul.tuned_block_sizes import kernel_supports
 
-METHODS = ("int8", "int4", "fp8")
+WEIGHT_ONLY_METHODS = ("int8", "int4", "fp8")
+W8A8_METHODS = ("w8a8_int8", "w8a8_fp8")
+METHODS = WEIGHT_ONLY_METHODS + W8A8_METHODS
 DEFAULT_GROUP_SIZE = 128
 QUANTIZED_LAYER_PARAMS = ("w_qkv", "w_o", "w_gate_up", "w_down")
 _FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
@@ -120,12 +129,110 @@ def _quantized_linear(linear: Linear, x_tk, w: QuantizedWeight, layer, transpose
 WEIGHT_HANDLERS[QuantizedWeight] = _quantized_linear
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class W8A8Weight:
+    """A W8A8 weight of logical shape [K, N] (or [L, K, N] stacked by layer).
+
+    values: int8 or float8_e4m3fn codes stored [.., N, K] (K-major, see the module docstring),
+      or a tuple of per-layer arrays (the unrolled form).
+    scales: per-output-channel scales [.., 1, N] in the model's dtype.
+    kind: "int8" or "fp8" (static): the codes' and the activations' format.
+    """
+
+    values: jax.Array
+    scales: jax.Array
+    kind: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if isinstance(self.values, (tuple, list)):
+            lead, (n, k) = (len(self.values),), self.values[0].shape
+        else:
+            *lead, n, k = self.values.shape
+        return (*lead, k, n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in jax.tree.leaves(self))
+
+    def reshape(self, *shape):
+        return QuantizedWeight.reshape(self, *shape)
+
+    def layer(self, i):
+        """(values, scales, layer): a per-layer tuple indexed here, a stack passed whole."""
+        if i is not None and isinstance(self.values, (tuple, list)):
+            return self.values[i], self.scales[i], None
+        return self.values, self.scales, i
+
+
+# Steps up to this many tokens run the W8A8 kernel on a GPU; larger ones XLA's 8-bit dot. At 64
+# tokens XLA's dot alone is as fast (benchmarks/results/quantized_matmul_h200_2026-12-02_w8a8*),
+# but in the engine it reads a slice of the stacked weight, which XLA copies first: batch-64
+# decode of the 8B shape ran 4,858 tok/s through XLA against 11,821 through the kernel.
+W8A8_KERNEL_MAX_TOKENS = 64
+
+
+def _w8a8_linear(linear: Linear, x_tk, w: W8A8Weight, layer, transpose: bool, out_dtype):
+    from pallas_kernels.quantized_matmul import w8a8
+
+    if transpose:
+        raise ValueError("W8A8 weights are projections; the tied LM head is not quantized")
+    values, scales, layer = w.layer(layer)
+    k, n = w.shape[-2:]
+    out_dtype = out_dtype or x_tk.dtype
+    if (linear.kernel == "pallas" and x_tk.ndim == 2 and x_tk.shape[0] <= W8A8_KERNEL_MAX_TOKENS
+            and w8a8.kernel_supports(k, n)):
+        return w8a8.w8a8_matmul(x_tk, values, scales, layer, kind=w.kind, interpret=linear.interpret,
+                                out_dtype=jnp.dtype(out_dtype))
+    values, scales = select_layer(values, layer), select_layer(scales, layer)
+    lead = x_tk.shape[:-1]
+    y = w8a8_xla(x_tk.reshape(-1, k), values, w.kind, native=jax.default_backend() == "gpu")
+    y = y * scales.astype(jnp.float32)[0]
+    return y.astype(out_dtype).reshape(*lead, n)
+
+
+def w8a8_xla(x, values_nk, kind: str, *, native: bool):
+    """Per-token quantized x [T, K] times the codes [N, K]^T, before the channel scales, in
+    float32, by XLA. native: the GPU form, with 8-bit products (int8: XLA's int8 tensor-core
+    dot, exact int32 sums; fp8: the codes widened to bf16, which holds e4m3 exactly; the engine
+    with XLA's own fp8 x fp8 dot gave no result on the H200 in two runs, cause not captured).
+    Otherwise the CPU form: the fake-quantized activations times the float32 codes (XLA's 8-bit
+    dots are slow there), the same numbers but for float32 rounding of the sums."""
+    from pallas_kernels.quantized_matmul import w8a8
+
+    if not native:
+        return dense_dot(w8a8.fake_quantize_activations(x, kind), values_nk.astype(jnp.float32), transpose=True,
+                         out_dtype=jnp.float32)
+    q, x_scale = w8a8.quantize_activations(x, kind)
+    if kind == "int8":
+        acc = jax.lax.dot_general(q, values_nk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    else:
+        acc = dense_dot(q.astype(jnp.bfloat16), values_nk.astype(jnp.bfloat16), transpose=True,
+                        out_dtype=jnp.float32)
+    return acc.astype(jnp.float32) * x_scale[:, None]
+
+
+WEIGHT_HANDLERS[W8A8Weight] = _w8a8_linear
+
+
+def quantize_w8a8(w_kn: jax.Array, method: str) -> W8A8Weight:
+    """A float weight [.., K, N] as a W8A8Weight: per-channel int8 or fp8 codes, stored [.., N, K]."""
+    if method not in W8A8_METHODS:
+        raise ValueError(f"W8A8 method must be one of {W8A8_METHODS}, got {method!r}")
+    kind = method.split("_")[1]
+    q = _quantize(w_kn, QuantLayout(kind, w_kn.shape[-2]))
+    return W8A8Weight(jnp.swapaxes(q.values, -1, -2), q.scales, kind)
+
+
 def quantize_weight(w_kn: jax.Array, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeight:
     """Quantizes a float weight [.., K, N] (any leading axes are batch, e.g. layers).
 
     int8 and fp8 take one scale per output channel (group_size is ignored); int4 one scale and
     offset per group_size rows (or, where that does not divide K, per `group_for(K, ...)`).
     """
+    if method in W8A8_METHODS:
+        return quantize_w8a8(w_kn, method)
     if method not in METHODS:
         raise ValueError(f"quantization must be one of {METHODS}, got {method!r}")
     k = w_kn.shape[-2]
@@ -237,9 +344,9 @@ def quantize_params(state, method: str, group_size: int = DEFAULT_GROUP_SIZE):
     for name in QUANTIZED_LAYER_PARAMS:
         var = layers[name]
         w = param_value(var)
-        if isinstance(w, QuantizedWeight):
-            raise ValueError(f"layers.{name} is quantized already ({w.layout.kind}); load the float "
-                             "checkpoint to quantize it another way")
+        if isinstance(w, (QuantizedWeight, W8A8Weight)):
+            raise ValueError(f"layers.{name} is quantized already ({quantization_method(state)}); load the "
+                             "float checkpoint to quantize it another way")
         if isinstance(w, (tuple, list)):
             raise ValueError("quantize the stacked (scanned) model, before its layers are unstacked")
         rows = w.shape[1] if name != "w_o" else w.shape[1] * w.shape[2]
@@ -258,8 +365,11 @@ def _set(var, value):
 
 
 def quantization_method(state) -> str | None:
-    """How the model's projections are stored: None (float), "int8", "int4" or "fp8"."""
+    """How the model's projections are stored: None (float), "int8", "int4", "fp8",
+    "w8a8_int8" or "w8a8_fp8"."""
     from jaxinfer.models import param_value
 
     w = param_value(state["layers"]["w_qkv"])
+    if isinstance(w, W8A8Weight):
+        return f"w8a8_{w.kind}"
     return w.layout.kind if isinstance(w, QuantizedWeight) else None

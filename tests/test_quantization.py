@@ -1,9 +1,12 @@
-"""Weight-only quantization at load (jaxinfer/quantization.py): the quantizers against NumPy
-float64, the engine's greedy output against the reference loop run on the dequantized float
-model, configuration errors, and perplexity on the shipped text for each mode.
+"""Quantization at load (jaxinfer/quantization.py): the quantizers against NumPy float64, the
+engine's greedy output against the reference loop run on the dequantized float model (for
+W8A8, with each projection's activations fake-quantized), configuration errors, and perplexity
+on the shipped text for each mode.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +16,11 @@ import pytest
 from jaxinfer.generate import generate
 from jaxinfer.llm import LLM
 from jaxinfer.models import param_value
-from jaxinfer.quantization import (QUANTIZED_LAYER_PARAMS, QuantizedWeight, dequantize_weight, group_for,
-                                   quantization_method, quantize_params, quantize_weight)
+from jaxinfer.models.linear import WEIGHT_HANDLERS, dense_dot, select_layer
+from jaxinfer.quantization import (QUANTIZED_LAYER_PARAMS, QuantizedWeight, W8A8Weight, dequantize_weight,
+                                   group_for, quantization_method, quantize_params, quantize_weight, w8a8_xla)
 from jaxinfer.sampling_params import SamplingParams
+from pallas_kernels.quantized_matmul.w8a8 import fake_quantize_activations, w8a8_reference
 from tests.engine_fixtures import tiny_model
 
 
@@ -139,3 +144,83 @@ def test_perplexity_on_the_shipped_text(demo_gguf_path):
     g32 = score_modes(None, ["int4"], prompts, load=load, max_model_len=528, warmup=False,
                       quantization_group_size=32)
     assert g32["int4"]["perplexity"] == pytest.approx(r["none"]["perplexity"], rel=1e-4)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class FakeQuantReference:
+    """A float weight [.., K, N] whose projection sees fake-quantized activations: the W8A8
+    engine's reference, computed by XLA's float dot on the dequantized codes."""
+
+    w: jax.Array
+    kind: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    def reshape(self, *shape):
+        return self
+
+
+def _fake_quant_reference_linear(linear, x_tk, ref, layer, transpose, out_dtype):
+    w = select_layer(ref.w, layer)
+    return dense_dot(fake_quantize_activations(x_tk, ref.kind), w, out_dtype=out_dtype or x_tk.dtype)
+
+
+WEIGHT_HANDLERS[FakeQuantReference] = _fake_quant_reference_linear
+
+
+class TestW8A8:
+    PROMPTS = [[1, 5, 9, 3], [7, 7, 2, 11, 4, 8], [3]]
+
+    @pytest.mark.parametrize("method, linear_kernel", [("w8a8_int8", "xla"), ("w8a8_fp8", "xla"),
+                                                       ("w8a8_int8", "pallas"), ("w8a8_fp8", "pallas")])
+    def test_greedy_matches_the_fake_quantized_reference(self, method, linear_kernel):
+        llm = LLM(tiny_model(), max_model_len=64, num_pages=32, max_num_seqs=4, quantization=method,
+                  linear_kernel=linear_kernel, warmup=False)
+        assert quantization_method(llm.model.params) == method
+        outs = llm.generate([{"prompt_token_ids": p} for p in self.PROMPTS],
+                            SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        reference = tiny_model()
+        for name in QUANTIZED_LAYER_PARAMS:
+            q = param_value(llm.model.params["layers"][name])
+            assert isinstance(q, W8A8Weight) and q.values.dtype == {"w8a8_int8": jnp.int8,
+                                                                    "w8a8_fp8": jnp.float8_e4m3fn}[method]
+            w_kn = jnp.swapaxes(q.values.astype(jnp.float32), -1, -2) * q.scales.astype(jnp.float32)
+            shape = param_value(reference.params["layers"][name]).shape
+            assert w_kn.shape[0] == shape[0] and w_kn.size == int(np.prod(shape))
+            reference.params["layers"][name].set_value(FakeQuantReference(w_kn, q.kind))
+        assert [o.outputs[0].token_ids for o in outs] == generate(reference, self.PROMPTS, 8)
+
+    def test_codes_are_stored_k_major_with_channel_scales(self):
+        w = weights((2, 64, 48))
+        q = quantize_weight(jnp.asarray(w), "w8a8_int8")
+        assert q.values.shape == (2, 48, 64) and q.scales.shape == (2, 1, 48) and q.shape == (2, 64, 48)
+        step = np.abs(w).max(axis=1, keepdims=True) / 127  # [2, 1, 48]
+        back = np.swapaxes(np.asarray(q.values, np.float64), -1, -2) * np.asarray(q.scales, np.float64)
+        assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+
+    @pytest.mark.parametrize("native", [False, True])
+    @pytest.mark.parametrize("method", ["w8a8_int8", "w8a8_fp8"])
+    def test_xla_forms_match_the_kernel_reference(self, method, native):
+        """Both XLA forms (the GPU's 8-bit products, the CPU's fake-quantized float dot) give the
+        kernel's reference numbers, scaled by the channel scales."""
+        q = quantize_weight(jnp.asarray(weights((96, 48), seed=3)), method)
+        x = jnp.asarray(weights((5, 96), seed=4))
+        got = w8a8_xla(x, q.values, q.kind, native=native) * q.scales.astype(jnp.float32)[0]
+        want = w8a8_reference(x, q.values, q.scales, kind=q.kind)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+    def test_no_compiles_after_warmup(self):
+        """Every step size of a W8A8 engine (decode kernel sizes and larger prefill chunks) is
+        compiled at warm-up."""
+        from jaxinfer.engine.compile_counter import CompileCounter
+
+        llm = LLM(tiny_model(), max_model_len=64, num_pages=32, max_num_seqs=4, quantization="w8a8_fp8",
+                  max_num_batched_tokens=32)
+        rng = np.random.default_rng(5)
+        prompts = [{"prompt_token_ids": rng.integers(3, 200, int(n)).tolist()} for n in (1, 7, 30, 45)]
+        with CompileCounter() as counter:
+            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+        assert counter.count == 0, f"{counter.count} compilations after warm-up"

@@ -21,6 +21,7 @@
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG; PROFILE=1
 #             traces one more whole throughput run)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
+#   w8a8      the W8A8 kernel's GPU tests, XLA's own 8-bit dots, the matmul benchmark with W8A8 (sweep)
 #   quant_engine  batch 1 and 64 decode of the 8B shape in bf16 (HF peer) and each quantization
 #   spec_cost     the 8B shape's step cost verifying k proposals per request (ACCEPTED="--accepted K:L ...")
 #   spec_demo     speculative decoding on the demo model (n-gram, k = 4 and 8) at batch 1, 16, 64
@@ -90,7 +91,8 @@ for stage in "$@"; do
           | grep -v "compiling" | tail -7 | cut -c1-400
       done ;;
     eagle_check)
-      timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_eagle.py -k "numpy_reference or compiles" \
+      # Exact proposals against float64 need float32 dots: XLA's default on GPUs is TF32.
+      JAX_DEFAULT_MATMUL_PRECISION=highest timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_eagle.py -k "numpy_reference or compiles" \
         2>&1 | tail -3 ;;
     eagle_demo)
       # An EAGLE head trained here on the demo model's own answers (stdlib docstrings, never the
@@ -226,11 +228,16 @@ PY
         -k "TestQuantizedMatmul and not Interpret" 2>&1 | tail -4
       timeout 400 python3 benchmarks/quantized_matmul.py --out "$OUT/qmm" --sweep 2>&1 | tee "$OUT/qmm.log" \
         | tail -52 ;;
+    w8a8)
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_w8a8.py -k "not Interpret" 2>&1 | tail -3
+      timeout 120 python3 benchmarks/device/xla_8bit_probe.py 2>&1 | grep -E "^(int8|fp8)" | cut -c1-300
+      timeout 420 python3 benchmarks/quantized_matmul.py --out "$OUT/qmm" --sweep --sweep-kinds w8a8_int8,w8a8_fp8 \
+        --kinds "${QMM_KINDS:-int8,fp8,w8a8_int8,w8a8_fp8}" 2>&1 | tee "$OUT/qmm.log" | grep -E "^\| |compiled" | cut -c1-200 ;;
     quant_engine)
       for q in ${QUANT_MODES:-none int8 int4 fp8}; do
-        flags="--hf-peer"; [ "$q" != none ] && flags="--quantization $q"
+        flags=""; [ "${HF_PEER:-1}" = 1 ] && flags="--hf-peer"; [ "$q" != none ] && flags="--quantization $q"
         timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
-          --batch-size 1,64 --num-iters 1 $flags --output-dir "$OUT/engine" --tag "quant_$q" 2>&1 \
+          --batch-size 1,64 --num-iters 1 $flags --output-dir "$OUT/engine" --tag "quant_$q${TAG:-}" 2>&1 \
           | grep -v "compiling" | tail -4 | cut -c1-1500
       done ;;
   esac

@@ -24,9 +24,9 @@ def add_args(sub) -> None:
 
     p = sub.add_parser("quality", help="perplexity of a fixed text for each quantization mode")
     _add_engine_args(p)
-    p.add_argument("--modes", default="none,int8,int4,fp8,kv-fp8",
-                   help="comma list of modes to score: 'none' (the float model), a weight quantization "
-                        "(int8, int4, fp8), or kv-fp8 (float weights, fp8 KV cache)")
+    p.add_argument("--modes", default="none,int8,int4,fp8,w8a8_int8,w8a8_fp8,kv-fp8",
+                   help="comma list of modes to score: 'none' (the float model), a quantization "
+                        "(int8, int4, fp8, w8a8_int8, w8a8_fp8), or kv-fp8 (float weights, fp8 KV cache)")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text to score")
     p.add_argument("--window", type=int, default=512, help="tokens per scored prompt")
     p.add_argument("--output-dir", default="benchmarks/results")
@@ -87,9 +87,12 @@ def cmd_quality(args) -> int:
     from jaxinfer.loading.loader import load_tokenizer
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    from jaxinfer.quantization import METHODS
+
+    known = ("none", *METHODS, "kv-fp8")
     for m in modes:
-        if m not in ("none", "int8", "int4", "fp8", "kv-fp8"):
-            raise SystemExit(f"error: unknown mode {m!r} (none, int8, int4, fp8, kv-fp8)")
+        if m not in known:
+            raise SystemExit(f"error: unknown mode {m!r} ({', '.join(known)})")
     tokenizer = load_tokenizer(args.model)
     text = Path(args.text).read_text(encoding="utf-8")
     prompts = windows(tokenizer.encode(text), args.window)

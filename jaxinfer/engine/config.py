@@ -10,7 +10,7 @@ ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 LINEAR_KERNELS = ("auto", "xla", "pallas")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "fp8_e4m3")
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
-QUANTIZATION_METHODS = (None, "int8", "int4", "fp8", "gguf", "awq", "gptq")
+QUANTIZATION_METHODS = (None, "int8", "int4", "fp8", "w8a8_int8", "w8a8_fp8", "gguf", "awq", "gptq")
 CHECKPOINT_QUANTIZATION = ("gguf", "awq", "gptq")  # the checkpoint's own format, loaded as it is
 # On devices that report no memory statistics (the CPU), the KV cache gets this many bytes.
 DEFAULT_HOST_KV_BYTES = 256 * 1024 * 1024
@@ -80,7 +80,9 @@ class EngineConfig:
         num_experts must be a multiple of tensor_parallel_size (models/moe.py).
       quantization: weight-only quantization of the decoder projections at start (vLLM's
         name): None, "int8" (per channel), "int4" (grouped, with offsets) or "fp8" (e4m3, per
-        channel), see jaxinfer/quantization.py for what stays in the model's dtype; or "gguf":
+        channel), see jaxinfer/quantization.py for what stays in the model's dtype;
+        "w8a8_int8" / "w8a8_fp8" (SGLang's names): per-channel 8-bit weights with the
+        activations quantized per token, so the products run on 8-bit tensor cores; or "gguf":
         a GGUF file's decoder projections run in their own quantized blocks (Q8_0, Q4_0, Q4_1,
         Q4_K, Q6_K; loading/gguf_blocks.py), which `LLM` and the CLI load so; "awq" / "gptq":
         such a checkpoint (which loads 4-bit whether or not this is set; loading/awq_gptq.py).
