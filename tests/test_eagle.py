@@ -100,14 +100,31 @@ def _reference_proposals(t, model, known, k):
     embed = np.asarray(param_value(state["embed"]), np.float64)
     head = np.asarray(param_value(state["lm_head"]), np.float64)
     f = np.asarray(target_features(model.graphdef, state, np.asarray([known[:-1]], np.int32))[0], np.float64)
-    tokens, feats, out = list(known[1:]), list(f), []
+    tokens, feats, out, margins = list(known[1:]), list(f), [], []
     for _ in range(k):
         guesses = _reference_guesses(t, model.config, embed, np.asarray(tokens), np.asarray(feats))
         logits = guesses[-1] @ head.T
         out.append(int(np.argmax(logits)))
+        top2 = np.sort(logits)[-2:]
+        margins.append(float(top2[1] - top2[0]) / max(float(np.abs(logits).max()), 1e-30))
         tokens.append(out[-1])
         feats.append(guesses[-1])
-    return out
+    return out, margins
+
+
+# A proposal may differ from the float64 chain only where the chain's top two logits are this
+# close (relative to the largest logit): a tie that float32 sums in another order (a GPU's
+# reductions) can break either way. The tiny model's distributions are nearly flat, so such
+# ties occur; after one, the chains diverge and the rest is not compared.
+TIE = 1e-5
+
+
+def _assert_proposals(got, want, margins, where):
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            assert margins[i] < TIE, f"{where}: proposal {i} is {g}, the reference {w} (margin {margins[i]:.3g})"
+            return
+    assert len(got) == len(want), where
 
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -155,7 +172,7 @@ def test_proposals_match_the_numpy_reference(model, trained_head, backend):
     checked = 0
     for known, k, got in seen[::3]:
         if got:
-            assert got == _reference_proposals(tensors, model, known, k), f"after {len(known)} tokens"
+            _assert_proposals(got, *_reference_proposals(tensors, model, known, k), f"after {len(known)} tokens")
             checked += 1
     assert checked > 5
 
@@ -248,3 +265,23 @@ def test_train_eagle_command_writes_a_head_the_engine_loads(tmp_path):
               max_model_len=128, warmup=False)
     [result] = llm.generate(["hello"], SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)
     assert len(result.outputs[0].token_ids) == 6
+
+
+@pytest.mark.parametrize("kv_dtype, head_dim", [("bfloat16", None), ("float8_e4m3fn", None), ("float8_e4m3fn", 64)])
+def test_pool_sizing_counts_the_head_and_the_features_by_their_bytes(model, kv_dtype, head_dim):
+    """A page's bytes as sized cover the target's KV, the head's layer of KV and the bf16
+    features of its tokens, whatever the cache's dtype and (padded) head size: with an fp8 cache
+    the features take twice the bytes of a KV value each."""
+    import jax.numpy as jnp
+
+    from jaxinfer.engine.kv_cache import KVCacheSpec
+
+    mc = model.config
+    hd = head_dim or mc.head_dim
+    config = EngineConfig(speculative_config={"method": "eagle", "model": "/unused", "num_speculative_tokens": 2})
+    sizing = LLMEngine._sizing_config(config, mc, jnp.dtype(kv_dtype), hd, jnp.bfloat16)
+    page = 16
+    sized = KVCacheSpec.bytes_per_page(sizing, page, kv_dtype, hd)
+    layer = 2 * mc.num_kv_heads * hd * page * jnp.dtype(kv_dtype).itemsize
+    needed = (mc.num_layers + 1) * layer + page * mc.hidden_size * 2
+    assert needed <= sized < needed + layer

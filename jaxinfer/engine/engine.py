@@ -242,7 +242,8 @@ class LLMEngine:
         cache_head_dim = attention.cache_head_dim(mc.head_dim)
         num_pages = config.num_pages
         if num_pages is None:
-            num_pages = pages_for_memory_fraction(self._sizing_config(config, mc), config.page_size, kv_dtype,
+            sizing = self._sizing_config(config, mc, kv_dtype, cache_head_dim, param_dtype(model.params))
+            num_pages = pages_for_memory_fraction(sizing, config.page_size, kv_dtype,
                                                   config.kv_cache_memory_fraction, head_dim=cache_head_dim)
             if num_pages is not None and kv_sharding is not None and kv_sharding.spec[0] is not None:
                 num_pages *= mesh.shape["tp"]  # each device holds only its share of the kv heads
@@ -355,13 +356,15 @@ class LLMEngine:
                                   min_token_bucket=smallest_token_bucket())
 
     @staticmethod
-    def _sizing_config(config: EngineConfig, mc):
+    def _sizing_config(config: EngineConfig, mc, kv_dtype, cache_head_dim: int, feature_dtype):
         """The model config the KV pool is sized by: with an EAGLE head, each page also holds
-        the head's layer of KV and every token's feature (D values), counted as layers."""
+        the head's layer of KV and every token's feature (D values in the model's dtype, which
+        an fp8 cache does not share), counted as whole KV layers by their bytes."""
         spec = config.speculative_config
         if spec is None or spec.method != "eagle":
             return mc
-        feature_layers = -(-mc.hidden_size // (2 * mc.num_kv_heads * mc.head_dim))
+        layer_bytes = 2 * mc.num_kv_heads * cache_head_dim * jnp.dtype(kv_dtype).itemsize
+        feature_layers = -(-mc.hidden_size * jnp.dtype(feature_dtype).itemsize // layer_bytes)
         return dataclasses.replace(mc, num_layers=mc.num_layers + 1 + feature_layers,
                                    sliding_windows=(None,) * (mc.num_layers + 1 + feature_layers))
 
