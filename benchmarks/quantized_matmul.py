@@ -32,14 +32,13 @@ from jaxinfer.quantization import QuantizedWeight, dequantize_weight, quantize_w
 from pallas_kernels.matmul import GpuMatmulBlockSizes, skinny_matmul
 from pallas_kernels.quantized_matmul import quantized_block_sizes, quantized_matmul, quantized_matmul_reference
 from pallas_kernels.quantized_matmul.gpu import REDUCE_MAX_TOKENS
-from pallas_kernels.quantized_matmul.tuned_block_sizes import split_to_fill
+from pallas_kernels.quantized_matmul.tuned_block_sizes import programs_to_fill, split_to_fill
 from pallas_kernels.quantized_matmul.w8a8 import quantize_activations, w8a8_matmul, w8a8_reference
 from pallas_kernels.quantized_matmul.w8a8 import default_block_sizes as w8a8_default_block_sizes
 
 TOKENS = (1, 4, 16, 64)
 KINDS = ("bf16", "int8", "int4", "fp8")
-# 8-bit weights and activations (pallas_kernels/quantized_matmul/w8a8.py): the codes stored
-# [N, K] (K-major, the 8-bit tensor-core operand layout) and, for comparison, [K, N].
+# 8-bit weights and activations (pallas_kernels/quantized_matmul/w8a8.py), codes stored [N, K].
 W8A8_KINDS = ("w8a8_int8", "w8a8_fp8")
 W8A8_SWEEP = ((64, 128, 4), (128, 128, 6), (128, 256, 3), (128, 256, 4), (256, 128, 3), (64, 256, 4), (256, 256, 3),
               (128, 512, 3))
@@ -57,21 +56,18 @@ def w8a8_jobs(t, kind, w0, x0, k, n, sweep, interpret):
     """{(t, kind, impl, tiling): (fn, args)} for one W8A8 weight (codes [N, K], scales)."""
     act = kind.split("_")[1]
     jobs = {}
-    default = w8a8_default_block_sizes(t, k, n)
-    configs = [(default, "pallas", True), (default, "pallas_kn", False)]
+    device = "interpret" if interpret else None
+    default = w8a8_default_block_sizes(t, k, n, device)
+    configs = [(default, "pallas")]
     if sweep and t in (1, 16, 64):
         for bn, bk, stages in W8A8_SWEEP:
             if n % bn or k % bk:
                 continue
-            bs = GpuMatmulBlockSizes(bn, bk, split_to_fill(k // bk, n // bn, 264), 4, stages)
-            configs.append((bs, "pallas_sweep", True))
-    for bs, impl, transposed in configs:
-        # The [K, N] rows get their codes transposed once, outside the timed call (main's arg_sets).
-        codes = w0[0] if transposed else jnp.asarray(w0[0].T)
+            bs = GpuMatmulBlockSizes(bn, bk, split_to_fill(k // bk, n // bn, programs_to_fill(device)), 4, stages)
+            configs.append((bs, "pallas_sweep"))
+    for bs, impl in configs:
         jobs[(t, kind, impl, bs)] = (
-            lambda x, w, bs=bs, transposed=transposed: w8a8_matmul(
-                x, w[0], w[1], kind=act, transposed=transposed, block_sizes=bs, interpret=interpret),
-            (x0, (codes, w0[1])))
+            lambda x, w, bs=bs: w8a8_matmul(x, w[0], w[1], kind=act, block_sizes=bs, interpret=interpret), (x0, w0))
 
     def xla_native(x, w):  # XLA's own 8-bit dot on the same per-token codes
         q, s = quantize_activations(x, act)
@@ -164,8 +160,6 @@ def main():
                 row["tiling"] = dict(block_n=bs.block_n, block_k=bs.block_k, split_k=bs.split_k,
                                      num_stages=bs.num_stages)
             arg_sets = list(zip(xs[t], w_sets))
-            if impl == "pallas_kn":
-                arg_sets = [(x, (jnp.asarray(w[0].T), w[1])) for x, w in arg_sets]
             if isinstance(fn, Exception):
                 row["error"] = f"{type(fn).__name__}: {fn}"[:800]
             else:
@@ -173,7 +167,7 @@ def main():
                     if kind == "bf16":
                         ref = jnp.dot(xs[t][0].astype(jnp.float32), w_sets[0].astype(jnp.float32))
                     elif kind in W8A8_KINDS:
-                        ref = w8a8_reference(xs[t][0], *w_sets[0], kind=kind.split("_")[1], transposed=True)
+                        ref = w8a8_reference(xs[t][0], *w_sets[0], kind=kind.split("_")[1])
                     else:
                         w0 = w_sets[0]
                         ref = quantized_matmul_reference(xs[t][0], w0.values, w0.scales, w0.offsets, layout=w0.layout)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.models.linear import WEIGHT_HANDLERS, Linear, dense_dot, select_layer
-from pallas_kernels.quantized_matmul import QuantLayout, dequantize, pack_int4
+from pallas_kernels.quantized_matmul import QuantLayout, dequantize, pack_int4, w8a8
 from pallas_kernels.quantized_matmul.tuned_block_sizes import kernel_supports
 
 WEIGHT_ONLY_METHODS = ("int8", "int4", "fp8")
@@ -80,14 +80,7 @@ class QuantizedWeight:
         return sum(int(a.nbytes) for a in jax.tree.leaves(self))
 
     def reshape(self, *shape):
-        """The models view a weight as [L, K, N] before projecting; a quantized weight is
-        stored in that form already, so only that view is allowed."""
-        if len(shape) == 1 and isinstance(shape[0], tuple):
-            shape = shape[0]
-        mine = self.shape
-        if len(shape) != len(mine) or shape[:-1] != mine[:-1] or shape[-1] not in (-1, mine[-1]):
-            raise ValueError(f"a quantized weight of shape {mine} can only be viewed as itself, not {shape}")
-        return self
+        return view_as_itself(self, shape)
 
     def layer(self, i):
         """(values, scales, offsets, layer) to read layer i (None: the weight is not stacked): a
@@ -96,6 +89,17 @@ class QuantizedWeight:
             pick = (lambda a: None if a is None else a[i])
             return pick(self.values), pick(self.scales), pick(self.offsets), None
         return self.values, self.scales, self.offsets, i
+
+
+def view_as_itself(w, shape):
+    """`w.reshape(*shape)` of a quantized weight: the models view a weight as [L, K, N] before
+    projecting; a quantized weight is stored in that form already, so only that view is allowed."""
+    if len(shape) == 1 and isinstance(shape[0], tuple):
+        shape = shape[0]
+    mine = w.shape
+    if len(shape) != len(mine) or shape[:-1] != mine[:-1] or shape[-1] not in (-1, mine[-1]):
+        raise ValueError(f"a quantized weight of shape {mine} can only be viewed as itself, not {shape}")
+    return w
 
 
 QUANTIZED_KERNEL_MAX_TOKENS = 64
@@ -157,7 +161,7 @@ class W8A8Weight:
         return sum(int(a.nbytes) for a in jax.tree.leaves(self))
 
     def reshape(self, *shape):
-        return QuantizedWeight.reshape(self, *shape)
+        return view_as_itself(self, shape)
 
     def layer(self, i):
         """(values, scales, layer): a per-layer tuple indexed here, a stack passed whole."""
@@ -174,8 +178,6 @@ W8A8_KERNEL_MAX_TOKENS = 64
 
 
 def _w8a8_linear(linear: Linear, x_tk, w: W8A8Weight, layer, transpose: bool, out_dtype):
-    from pallas_kernels.quantized_matmul import w8a8
-
     if transpose:
         raise ValueError("W8A8 weights are projections; the tied LM head is not quantized")
     values, scales, layer = w.layer(layer)
@@ -199,8 +201,6 @@ def w8a8_xla(x, values_nk, kind: str, *, native: bool):
     with XLA's own fp8 x fp8 dot gave no result on the H200 in two runs, cause not captured).
     Otherwise the CPU form: the fake-quantized activations times the float32 codes (XLA's 8-bit
     dots are slow there), the same numbers but for float32 rounding of the sums."""
-    from pallas_kernels.quantized_matmul import w8a8
-
     if not native:
         return dense_dot(w8a8.fake_quantize_activations(x, kind), values_nk.astype(jnp.float32), transpose=True,
                          out_dtype=jnp.float32)
@@ -225,8 +225,10 @@ def quantize_w8a8(w_kn: jax.Array, method: str) -> W8A8Weight:
     return W8A8Weight(jnp.swapaxes(q.values, -1, -2), q.scales, kind)
 
 
-def quantize_weight(w_kn: jax.Array, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeight:
-    """Quantizes a float weight [.., K, N] (any leading axes are batch, e.g. layers).
+def quantize_weight(w_kn: jax.Array, method: str,
+                    group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeight | W8A8Weight:
+    """Quantizes a float weight [.., K, N] (any leading axes are batch, e.g. layers); the W8A8
+    methods give a W8A8Weight (`quantize_w8a8`).
 
     int8 and fp8 take one scale per output channel (group_size is ignored); int4 one scale and
     offset per group_size rows (or, where that does not divide K, per `group_for(K, ...)`).

@@ -21,7 +21,7 @@
 #   p1 | sweep | throughput | startup   one benchmark each (result files tagged with $TAG; PROFILE=1
 #             traces one more whole throughput run)
 #   quant     the quantized matmul kernel's GPU tests and its benchmark (with a tiling sweep)
-#   w8a8      the W8A8 kernel's GPU tests, XLA's own 8-bit dots, the matmul benchmark with W8A8 (sweep)
+#   w8a8      the W8A8 kernel's GPU tests, the matmul benchmark with W8A8 (sweep; XLA's 8-bit dot as peer)
 #   quant_engine  batch 1 and 64 decode of the 8B shape in bf16 (HF peer) and each quantization
 #   spec_cost     the 8B shape's step cost verifying k proposals per request (ACCEPTED="--accepted K:L ...")
 #   spec_demo     speculative decoding on the demo model (n-gram, k = 4 and 8) at batch 1, 16, 64
@@ -230,7 +230,6 @@ PY
         | tail -52 ;;
     w8a8)
       timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_w8a8.py -k "not Interpret" 2>&1 | tail -3
-      timeout 120 python3 benchmarks/device/xla_8bit_probe.py 2>&1 | grep -E "^(int8|fp8)" | cut -c1-300
       timeout 420 python3 benchmarks/quantized_matmul.py --out "$OUT/qmm" --sweep --sweep-kinds w8a8_int8,w8a8_fp8 \
         --kinds "${QMM_KINDS:-int8,fp8,w8a8_int8,w8a8_fp8}" 2>&1 | tee "$OUT/qmm.log" | grep -E "^\| |compiled" | cut -c1-200 ;;
     quant_engine)

@@ -40,6 +40,11 @@ def split_to_fill(blocks: int, columns: int, programs: int) -> int:
     return next((d for d in divisors if columns * d >= programs), divisors[-1])
 
 
+def programs_to_fill(device_kind: str | None = None) -> int:
+    """Programs a skinny kernel's grid should reach on this device: about two per multiprocessor."""
+    return _PROGRAMS_PER_SM * sm_count(device_family(device_kind), device_kind)
+
+
 def quantized_block_sizes(*, num_tokens: int, k: int, n: int, layout: QuantLayout,
                           device_kind: str | None = None) -> GpuMatmulBlockSizes:
     """The tiling for x [num_tokens, k] @ W [k, n] stored as `layout` on this device.
@@ -64,7 +69,7 @@ def quantized_block_sizes(*, num_tokens: int, k: int, n: int, layout: QuantLayou
     while k % block_k and block_k > unit:
         block_k //= 2
     blocks = k // block_k
-    split_k = split_to_fill(blocks, n // block_n, _PROGRAMS_PER_SM * sm_count(device_family(device_kind), device_kind))
+    split_k = split_to_fill(blocks, n // block_n, programs_to_fill(device_kind))
     stages = 3 if num_tokens == 1 or block_k >= 128 and block_n >= 128 else 4
     return GpuMatmulBlockSizes(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4,
                                num_stages=stages, swap_ab=swap_ab)

@@ -15,9 +15,10 @@ kernel does and scales its integer (or fp8) sums by s_token * s_channel in the e
 reference is the fake-quantized x_hat = q * s times the weight-only product.
 
 Weights: codes int8 or float8_e4m3fn stored [N, K] (K-major: the layout Hopper's 8-bit
-tensor-core instructions read from shared memory; [K, N] is accepted with transposed=False,
-for comparison), per-channel scales [1, N]; stacked [L, ...] with a traced layer index read in
-place, as the weight-only kernel.
+tensor-core instructions read from shared memory; the same kernel over codes stored [K, N] took
+2.2-4.5x as long on the H200, benchmarks/results/quantized_matmul_h200_2026-12-02_w8a8_int8_sweep
+rows "pallas_kn", since removed), per-channel scales [1, N]; stacked [L, ...] with a traced
+layer index read in place, as the weight-only kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.matmul.gpu import weight_stream_call
 from pallas_kernels.matmul.tuned_block_sizes import GpuMatmulBlockSizes, rows_per_program
+from pallas_kernels.quantized_matmul.layout import select_layer
+from pallas_kernels.quantized_matmul.tuned_block_sizes import programs_to_fill, split_to_fill
 
 ACT_KINDS = ("int8", "fp8")
 CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
@@ -41,23 +44,15 @@ TOPS = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}
 MIN_AMAX = 1e-30
 
 
-def quantize_rows(x32, kind: str):
-    """(codes as float32 values, scale [..]) of float32 rows x32 [.., K]: the kernel's and the
-    reference's common definition (same float32 operations in the same order)."""
+def quantize_activations(x, kind: str):
+    """(codes [T, K] in the kind's dtype, float32 scales [T]): per-token dynamic quantization,
+    in XLA; the kernel, XLA's 8-bit dot and the reference all take their codes from here."""
+    x32 = x.astype(jnp.float32)
     amax = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1), MIN_AMAX)
     top = TOPS[kind]
-    v = x32 * (top / amax)[..., None]
-    if kind == "int8":
-        q = jnp.clip(jnp.floor(v + 0.5), -top, top)
-    else:
-        q = jnp.clip(v, -top, top)
-    return q, amax / top
-
-
-def quantize_activations(x, kind: str):
-    """(codes [T, K] in the kind's dtype, float32 scales [T]): per-token dynamic quantization."""
-    q, s = quantize_rows(x.astype(jnp.float32), kind)
-    return q.astype(CODE_DTYPES[kind]), s
+    v = x32 * (top / amax)[:, None]
+    q = jnp.clip(jnp.floor(v + 0.5) if kind == "int8" else v, -top, top)
+    return q.astype(CODE_DTYPES[kind]), amax / top
 
 
 def fake_quantize_activations(x, kind: str):
@@ -66,23 +61,15 @@ def fake_quantize_activations(x, kind: str):
     return q.astype(jnp.float32) * s[:, None]
 
 
-def w8a8_reference(x, values, scales, layer=None, *, kind: str, transposed: bool = True):
-    """fake_quantize(x) @ (codes * per-channel scale) in float32 with exact float32 products."""
-    values, scales = _select(values, layer), _select(scales, layer)
-    codes = values.astype(jnp.float32)
-    if transposed:
-        codes = codes.T
+def w8a8_reference(x, values, scales, layer=None, *, kind: str):
+    """fake_quantize(x) @ (codes [N, K]^T * per-channel scale) in float32 with exact float32
+    products."""
+    codes = select_layer(values, layer).astype(jnp.float32).T
     y = jnp.dot(fake_quantize_activations(x, kind), codes, precision=lax.Precision.HIGHEST)
-    return (y * scales.astype(jnp.float32)[0]).astype(x.dtype)
+    return (y * select_layer(scales, layer).astype(jnp.float32)[0]).astype(x.dtype)
 
 
-def _select(a, layer):
-    if layer is None:
-        return a
-    return lax.dynamic_index_in_dim(a, jnp.asarray(layer).reshape(()), axis=0, keepdims=False)
-
-
-def _kernel(*refs, kind, num_tokens, rows, block_n, block_k, steps, split_k, stacked, transposed):
+def _kernel(*refs, kind, num_tokens, rows, block_n, block_k, steps, split_k, stacked):
     refs = list(refs)
     layer_ref = refs.pop(0) if stacked else None
     q_ref, xs_ref, v_ref, s_ref, o_ref = refs
@@ -104,13 +91,8 @@ def _kernel(*refs, kind, num_tokens, rows, block_n, block_k, steps, split_k, sta
             q = plgpu.load(q_tile, mask=ok, other=0 if kind == "int8" else None)
         else:
             q = q_tile[...]  # [rows, block_k]
-        if transposed:  # [block_n, block_k], K contiguous
-            w = v_ref[(*lead, pl.ds(n0, block_n), pl.ds(k0, block_k))]
-            contract = ((1,), (1,))
-        else:  # [block_k, block_n]
-            w = v_ref[(*lead, pl.ds(k0, block_k), pl.ds(n0, block_n))]
-            contract = ((0,), (1,))
-        return acc + lax.dot_general(w, q, (contract, ((), ())), preferred_element_type=acc_dtype)  # [block_n, rows]
+        w = v_ref[(*lead, pl.ds(n0, block_n), pl.ds(k0, block_k))]  # [block_n, block_k], K contiguous
+        return acc + lax.dot_general(w, q, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)  # [block_n, rows]
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((block_n, rows), acc_dtype)).astype(jnp.float32)
     if masked:
@@ -131,29 +113,28 @@ def _kernel(*refs, kind, num_tokens, rows, block_n, block_k, steps, split_k, sta
         tile[...] = y
 
 
-def check_weight(values, scales, kind: str, transposed: bool) -> tuple[int, int]:
+def check_weight(values, scales, kind: str) -> tuple[int, int]:
     """Static checks; returns the logical (k, n)."""
     if kind not in ACT_KINDS:
         raise ValueError(f"W8A8 kind must be one of {ACT_KINDS}, got {kind!r}")
     if values.ndim not in (2, 3):
-        raise ValueError(f"values must be [k, n] / [n, k] or stacked, got shape {values.shape}")
+        raise ValueError(f"values must be [n, k] or stacked [num_layers, n, k], got shape {values.shape}")
     if jnp.dtype(values.dtype) != CODE_DTYPES[kind]:
         raise ValueError(f"{kind} codes must be {CODE_DTYPES[kind]}, got {values.dtype}")
-    a, b = values.shape[-2:]
-    k, n = (b, a) if transposed else (a, b)
+    n, k = values.shape[-2:]
     expected = (*values.shape[:-2], 1, n)
     if tuple(scales.shape) != expected:
         raise ValueError(f"scales must have shape {expected} (one per output channel), got {scales.shape}")
     return k, n
 
 
-def default_block_sizes(num_tokens: int, k: int, n: int, sm_programs: int = 264) -> GpuMatmulBlockSizes:
-    """128-column strips, 128-row steps, K split until about `sm_programs` programs run."""
-    from pallas_kernels.quantized_matmul.tuned_block_sizes import split_to_fill
-
+def default_block_sizes(num_tokens: int, k: int, n: int, device_kind: str | None = None) -> GpuMatmulBlockSizes:
+    """128-column strips, 128-row steps, K split until about two programs per multiprocessor
+    run (as the weight-only kernel's tiling). Not tuned per shape yet: the H200 sweep's best
+    tilings differ per shape (benchmarks/results/quantized_matmul_h200_2026-12-02_w8a8_*)."""
     block_n = next(b for b in (128, 64, 32, 16) if n % b == 0)
     block_k = next(b for b in (128, 64, 32, 16) if k % b == 0)
-    split_k = split_to_fill(k // block_k, n // block_n, sm_programs)
+    split_k = split_to_fill(k // block_k, n // block_n, programs_to_fill(device_kind))
     return GpuMatmulBlockSizes(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4,
                                num_stages=4, swap_ab=True)
 
@@ -163,14 +144,14 @@ def kernel_supports(k: int, n: int) -> bool:
     return k % 16 == 0 and n % 16 == 0
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "transposed", "block_sizes", "interpret", "out_dtype"))
-def w8a8_matmul(x, values, scales, layer=None, *, kind: str, transposed: bool = True,
-                block_sizes: GpuMatmulBlockSizes | None = None, interpret: bool = False, out_dtype=None):
+@functools.partial(jax.jit, static_argnames=("kind", "block_sizes", "interpret", "out_dtype"))
+def w8a8_matmul(x, values, scales, layer=None, *, kind: str, block_sizes: GpuMatmulBlockSizes | None = None,
+                interpret: bool = False, out_dtype=None):
     """y = fake_quantize(x) @ W (see the module docstring), W = codes * per-channel scales.
 
     Args:
       x: [T, K] activations (bfloat16, float16 or float32); tuned for T <= 64.
-      values: codes [N, K] ([K, N] with transposed=False), int8 or float8_e4m3fn; or stacked [L, ..].
+      values: codes [N, K], int8 or float8_e4m3fn; or stacked [L, N, K].
       scales: [1, N] (or [L, 1, N]) per-channel scales.
       layer: int32 scalar iff stacked; may be traced; clamped.
       kind: "int8" or "fp8" (the activations are quantized to the weight's kind).
@@ -180,7 +161,7 @@ def w8a8_matmul(x, values, scales, layer=None, *, kind: str, transposed: bool = 
     Returns:
       [T, N], accumulated exactly in int32 (int8) or in float32 (fp8), scaled in float32.
     """
-    k, n = check_weight(values, scales, kind, transposed)
+    k, n = check_weight(values, scales, kind)
     if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [num_tokens, {k}], got shape {x.shape}")
     if (values.ndim == 3) != (layer is not None):
@@ -188,14 +169,14 @@ def w8a8_matmul(x, values, scales, layer=None, *, kind: str, transposed: bool = 
     if not kernel_supports(k, n):
         raise ValueError(f"the W8A8 kernel needs K and N multiples of 16, got K = {k}, N = {n}")
     num_tokens = x.shape[0]
-    bs = block_sizes or default_block_sizes(num_tokens, k, n)
+    bs = block_sizes or default_block_sizes(num_tokens, k, n, "interpret" if interpret else None)
     if n % bs.block_n or k % (bs.block_k * bs.split_k):
         raise ValueError(f"tiling {bs} does not fit K = {k}, N = {n}")
     q, x_scale = quantize_activations(x, kind)
     rows = rows_per_program(num_tokens)
     kernel = functools.partial(
         _kernel, kind=kind, num_tokens=num_tokens, rows=rows, block_n=bs.block_n, block_k=bs.block_k,
-        steps=k // (bs.block_k * bs.split_k), split_k=bs.split_k, stacked=layer is not None, transposed=transposed)
+        steps=k // (bs.block_k * bs.split_k), split_k=bs.split_k, stacked=layer is not None)
     operands = [q, x_scale, values, scales]
     if layer is not None:
         operands.insert(0, jnp.asarray(layer, jnp.int32).reshape(1))
