@@ -122,6 +122,9 @@ class LLM:
         from tqdm.auto import tqdm
 
         ids = []
+        prepare = getattr(self.engine, "prepare_structured_outputs", None)
+        if prepare is not None:  # a batch's new grammars compile in parallel, not one by one
+            prepare([params for _, params, _ in items])
         try:
             for prompt, params, prio in items:
                 rid = f"offline-{next(self._counter)}"

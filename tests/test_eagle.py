@@ -168,13 +168,16 @@ def test_proposals_match_the_numpy_reference(model, trained_head, backend):
     prompts = [rng.integers(3, 250, int(rng.integers(2, 30))).tolist() for _ in range(5)]
     _run(engine, [(str(i), p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
                   for i, p in enumerate(prompts)])
-    assert len(seen) > 20
+    # How many rounds there are depends on how many proposals pass (a float32 GPU trains a
+    # slightly different head than the CPU): at least two a request, and a dozen of them
+    # checked, spread over the run.
+    assert len(seen) >= 10
     checked = 0
-    for known, k, got in seen[::3]:
+    for known, k, got in seen[::max(1, len(seen) // 12)]:
         if got:
             _assert_proposals(got, *_reference_proposals(tensors, model, known, k), f"after {len(known)} tokens")
             checked += 1
-    assert checked > 5
+    assert checked >= 10
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

@@ -264,27 +264,31 @@ def test_mask_work_overlaps_the_forward_pass(engines, monkeypatch):
         monkeypatch.setattr(obj, name, wrapper)
 
     spy(engine.runner, "_run_model", "forward")
-    spy(engine.runner, "_sample", "sample")
+    spy(engine.runner, "_prepare_sampler", "prepare")
+    spy(engine.runner, "_run_sampler", "sample")
     spy(engine.runner, "_apply_bitmask", "apply_mask")
     spy(engine.structured, "fill_bitmask", "mask")
     spy(runner_module.PendingStep, "result", "read")
-    run_all(engine, [("plain", "Plain", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))])
+    # The first run also finishes what an earlier test left in flight (its last step's sampler).
+    for rid in ("plain-0", "plain"):
+        events.clear()
+        run_all(engine, [(rid, "Plain", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))])
     assert "mask" not in events and "apply_mask" not in events
     events.clear()
     run_all(engine, [("s", "Hi", SamplingParams(temperature=0.0, max_tokens=30,
                                                 structured_outputs=CASES["person"][0]))])
-    # Steady state: forward(t+1), read(t), then the mask (filled in a thread) and the sampler's
-    # metadata in either order, then the mask applied (the sampler follows it).
-    steady = [i for i in range(len(events) - 4) if events[i:i + 2] == ["forward", "read"]
-              and sorted(events[i + 2:i + 4]) == ["mask", "sample"] and events[i + 4] == "apply_mask"]
+    # Steady state: forward(t+1) queued with its sampler's metadata, read(t), then the mask of
+    # t+1 filled (in the mask thread, while the host builds t's outputs and plans t+2); t+1's
+    # sampler is queued, mask applied first, just before forward(t+2), which reads its tokens.
+    pattern = ["prepare", "read", "mask", "forward", "sample", "apply_mask"]
+    steady = [i for i in range(len(events)) if events[i:i + len(pattern)] == pattern]
     assert len(steady) >= 3, events
-    segment = []  # events since the previous mask was applied: one structured step's
-    for e in events:
-        if e == "apply_mask":  # its forward pass was queued before its mask was computed
-            assert "forward" in segment and segment.index("forward") < segment.index("mask"), events
-            segment = []
-        else:
-            segment.append(e)
+    forwards = 0
+    for e in events:  # every mask is filled after the forward pass of its step was queued
+        forwards += e == "forward"
+        if e == "mask":
+            assert forwards >= 1, events
+            forwards -= 1
 
 
 def test_bad_constraints_fail_at_admission_and_others_finish(engines):
@@ -303,6 +307,70 @@ def test_bad_constraints_fail_at_admission_and_others_finish(engines):
     while engine.has_unfinished_requests():
         done.update((o.request_id, o) for o in engine.step() if o.finished)
     assert list(done) == ["ok"] and done["ok"].outputs[0].text in CHOICES
+
+
+def test_new_grammars_compile_off_the_admission_path(engines, monkeypatch):
+    """A new constraint is validated at admission (errors raise there) and compiled in the
+    pool: admission returns before the compile ends, the request's forward pass is queued
+    meanwhile, and its sampler waits for the compiled grammar; a group of n shares it."""
+    import threading
+
+    from jaxinfer.engine.structured import StructuredOutputs
+
+    engine = engines[True]
+    bad_pattern = {"type": "object", "properties": {"s": {"type": "string", "pattern": "a(b"}}}
+    with pytest.raises(ValueError, match=r"structured_outputs\.json"):
+        engine.add_request("bad-pattern", "Broken", SamplingParams(structured_outputs=_so(json=bad_pattern)))
+    release, builds = threading.Event(), []
+    original = StructuredOutputs._build
+
+    def held_build(self, *args):
+        builds.append(args[-1])
+        assert release.wait(30)
+        return original(self, *args)
+
+    monkeypatch.setattr(StructuredOutputs, "_build", held_build)
+    schema = {**PERSON, "required": ["color", "n"]}  # not compiled by any other test
+    so = _so(json=schema, disable_any_whitespace=True)
+    engine.add_request("pooled", "Hi", SamplingParams(temperature=0.0, max_tokens=50, n=2, seed=3,
+                                                      structured_outputs=so))
+    forwards = []
+    monkeypatch.setattr(engine.runner, "_run_model",
+                        lambda *a, _run=engine.runner._run_model, **k: forwards.append(1) or _run(*a, **k))
+    threading.Timer(0.5, release.set).start()
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
+    assert builds == ["json"] and forwards  # one compile for the group
+    [out] = outputs
+    assert len(out.outputs) == 2
+    for completion in out.outputs:
+        check("json", schema, completion.text)
+
+
+def test_a_batch_compiles_its_new_grammars_together(engines, monkeypatch):
+    """`prepare_structured_outputs` (what `LLM.generate` calls) compiles a batch's new
+    constraints in the pool at once: adding the batch then validates nothing on its own
+    thread. An invalid constraint raises naming its field, and the valid ones stay compiled."""
+    engine = engines[False]
+    schemas = [{**PERSON, "required": [field]} for field in ("n", "name", "tags")]  # new to the engine
+    params = [SamplingParams(temperature=0.0, max_tokens=50, structured_outputs=_so(json=s, disable_any_whitespace=True))
+              for s in schemas]
+    bad = SamplingParams(structured_outputs=_so(regex="a(b"))
+    compiles = engine.structured.num_compiles
+    with pytest.raises(ValueError, match=r"structured_outputs\.regex"):
+        engine.prepare_structured_outputs(params[:1] + [bad])
+    assert engine.structured.num_compiles == compiles + 1
+    validations = []
+    validate = llguidance.LLMatcher.validate_grammar
+    monkeypatch.setattr(llguidance.LLMatcher, "validate_grammar",
+                        staticmethod(lambda *a: validations.append(1) or validate(*a)))
+    engine.prepare_structured_outputs(params + params)
+    assert engine.structured.num_compiles == compiles + 3
+    done = run_all(engine, [(f"batch-{i}", "Hi", p) for i, p in enumerate(params)])
+    assert not validations
+    for i, schema in enumerate(schemas):
+        check("json", schema, done[f"batch-{i}"].outputs[0].text)
 
 
 def test_structured_needs_a_tokenizer(model):

@@ -27,6 +27,9 @@
 #   spec_demo     speculative decoding on the demo model (n-gram, k = 4 and 8) at batch 1, 16, 64
 #   spec_check    the speculative-decoding exactness and compile-count tests on the GPU
 #   eagle_check   the EAGLE proposer against its float64 reference and the compile count, on the GPU
+#   ceilings      copy, matrix-vector and matmul rates: JAX per call, JAX queued, PyTorch with CUDA events
+#   structured    grammar-constrained decoding against unconstrained, 8B shape at batch 64 (PROFILE=1: host
+#                 cProfile and a device trace of one more structured run)
 #   eagle_demo    train an EAGLE head for the demo model, then bench speculative with it and n-gram
 # Results land under $OUT. Run from the repository root: bash benchmarks/device/h200.sh kernels
 set -u
@@ -93,7 +96,15 @@ for stage in "$@"; do
     eagle_check)
       # Exact proposals against float64 need float32 dots: XLA's default on GPUs is TF32.
       JAX_DEFAULT_MATMUL_PRECISION=highest timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_eagle.py -k "numpy_reference or compiles" \
-        2>&1 | tail -3 ;;
+        2>&1 | tail -${TAIL:-40} | cut -c1-300 ;;
+    ceilings)
+      timeout 120 python3 benchmarks/device/ceilings.py --out "$OUT/ceilings.json" 2>&1 | grep -v Warning | tail -8 ;;
+    structured)
+      for run in ${RUNS:-1 2}; do
+        timeout 200 python3 -m jaxinfer.cli bench structured --preset llama3-8b --batch-size 64 --input-len 64 \
+          --max-tokens 256 --tokenizer .cache/structured_bench/tokenizer.json --output-dir "$OUT/engine" \
+          --tag "${TAG:-}r$run" ${PROFILE:+--profile} 2>&1 | grep -v "compiling" | tail -4 | cut -c1-3000
+      done ;;
     eagle_demo)
       # An EAGLE head trained here on the demo model's own answers (stdlib docstrings, never the
       # benchmark's passages), then the speculative benchmark with it and with n-gram lookup.
@@ -237,7 +248,7 @@ PY
         flags=""; [ "${HF_PEER:-1}" = 1 ] && flags="--hf-peer"; [ "$q" != none ] && flags="--quantization $q"
         timeout 200 python3 -m jaxinfer.cli bench latency --preset llama3-8b --input-len 128 --output-len 256 \
           --batch-size 1,64 --num-iters 1 $flags --output-dir "$OUT/engine" --tag "quant_$q${TAG:-}" 2>&1 \
-          | grep -v "compiling" | tail -4 | cut -c1-1500
+          | grep -v "compiling" | tail -${TAIL:-4} | cut -c1-1500
       done ;;
   esac
   echo "== stage $stage done at +$(( $(date +%s) - t0 )) s"

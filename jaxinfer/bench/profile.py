@@ -80,46 +80,112 @@ def profile_steps(step, num_steps: int) -> dict:
     return out
 
 
-def host_profile(step, num_steps: int, top: int = 12) -> dict:
-    """How much of a step is the host's own work: steps timed with the waits for the device
-    (`PendingStep.result`) summed apart, then one more round under cProfile for the functions
-    that cost the most (their times inflated by the profiler; compare them with each other)."""
+class DeviceWaits:
+    """Sums the host's waits for the device (`PendingStep.result`) while active: what is left
+    of a timed stretch is the host's own work."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._result = None
+
+    def __enter__(self) -> "DeviceWaits":
+        from jaxinfer.engine import runner
+
+        result = self._result = runner.PendingStep.result
+
+        def timed_result(pending):
+            t = time.perf_counter()
+            try:
+                return result(pending)
+            finally:
+                self.seconds += time.perf_counter() - t
+
+        runner.PendingStep.result = timed_result
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from jaxinfer.engine import runner
+
+        runner.PendingStep.result = self._result
+
+
+def cprofile_top(fn, num_steps: int, top: int = 12) -> list[dict]:
+    """Runs fn() once under cProfile: the functions with the most own time, per step (their
+    times inflated by the profiler; compare them with each other)."""
     import cProfile
     import pstats
 
-    from jaxinfer.engine import runner
-
-    waited = 0.0
-    result = runner.PendingStep.result
-
-    def timed_result(self):
-        nonlocal waited
-        t = time.perf_counter()
-        try:
-            return result(self)
-        finally:
-            waited += time.perf_counter() - t
-
-    runner.PendingStep.result = timed_result
+    profiler = cProfile.Profile()
+    profiler.enable()
     try:
+        fn()
+    finally:
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    return [{"function": f"{os.path.basename(f)}:{line}({name})", "calls_per_step": calls / num_steps,
+             "own_ms_per_step": own / num_steps * 1e3, "cumulative_ms_per_step": cum / num_steps * 1e3}
+            for (f, line, name), (_, calls, own, cum, _) in rows]
+
+
+def host_profile(step, num_steps: int, top: int = 12) -> dict:
+    """How much of a step is the host's own work: steps timed with the waits for the device
+    summed apart, then one more round under cProfile for the functions that cost the most."""
+    with DeviceWaits() as waits:
         t0 = time.perf_counter()
         for _ in range(num_steps):
             step()
         wall = time.perf_counter() - t0
-        waited_timed = waited
-        profiler = cProfile.Profile()
-        profiler.enable()
+
+    def more_steps():
         for _ in range(num_steps):
             step()
-        profiler.disable()
-    finally:
-        runner.PendingStep.result = result
-    stats = pstats.Stats(profiler).stats
-    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+
     return {"steps": num_steps, "wall_ms_per_step": wall / num_steps * 1e3,
-            "host_ms_per_step": (wall - waited_timed) / num_steps * 1e3,
-            "wait_ms_per_step": waited_timed / num_steps * 1e3,
-            "top_functions_profiled": [{"function": f"{os.path.basename(f)}:{line}({name})", "calls_per_step":
-                                        calls / num_steps, "own_ms_per_step": own / num_steps * 1e3,
-                                        "cumulative_ms_per_step": cum / num_steps * 1e3}
-                                       for (f, line, name), (_, calls, own, cum, _) in rows]}
+            "host_ms_per_step": (wall - waits.seconds) / num_steps * 1e3,
+            "wait_ms_per_step": waits.seconds / num_steps * 1e3,
+            "top_functions_profiled": cprofile_top(more_steps, num_steps, top)}
+
+
+class HostTimeline:
+    """Records when chosen methods start and end on the host while active: (name, start,
+    end) in seconds. targets: (owner class, method name) pairs."""
+
+    def __init__(self, targets):
+        self.targets = list(targets)
+        self.events: list[tuple[str, float, float]] = []
+        self._saved = []
+
+    def __enter__(self) -> "HostTimeline":
+        for owner, name in self.targets:
+            original = getattr(owner, name)
+            self._saved.append((owner, name, original))
+
+            def timed(*args, _original=original, _label=f"{owner.__name__}.{name}", **kwargs):
+                t = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.events.append((_label, t, time.perf_counter()))
+
+            setattr(owner, name, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+
+    def summary(self, window: tuple[int, int] = (10, 14)) -> dict:
+        """Mean and total seconds per method, and the events of steps window[0]..window[1]
+        (counted by `Engine.step` calls) as offsets in ms from the first of them."""
+        per = collections.defaultdict(list)
+        for name, s, e in self.events:
+            per[name].append(e - s)
+        steps = sorted(s for name, s, _ in self.events if name.endswith(".step"))
+        out = {"mean_ms": {k: 1e3 * sum(v) / len(v) for k, v in per.items()},
+               "calls": {k: len(v) for k, v in per.items()}}
+        if len(steps) > window[1]:
+            lo, hi = steps[window[0]], steps[window[1]]
+            out["window"] = [(name, round(1e3 * (s - lo), 3), round(1e3 * (e - lo), 3))
+                             for name, s, e in sorted(self.events, key=lambda x: x[1]) if lo <= s < hi]
+        return out

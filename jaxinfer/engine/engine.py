@@ -307,6 +307,8 @@ class LLMEngine:
         self._completions: dict[str, _Completion] = {}  # scheduler request id -> completion
         self._seed_rng = np.random.default_rng(config.seed)
         self._in_flight: _LaunchedStep | None = None
+        # A step whose sampler waits for its grammar mask, and the mask being filled (a future).
+        self._masked: tuple[_LaunchedStep, object] | None = None
         self.response_cache = ResponseCache(config.response_cache_size) if config.response_cache_size else None
         self._replayed: dict[str, RequestOutput] = {}  # cached responses not yet returned by step()
         # Grammar state; the llguidance tokenizer is built only when a structured request arrives.
@@ -505,6 +507,14 @@ class LLMEngine:
             self.structured.compile(params.structured_outputs)
         return text, ids, cache_salt
 
+    def prepare_structured_outputs(self, params_list: Sequence[SamplingParams]) -> None:
+        """Compiles a batch's new structured-output constraints in parallel before its requests
+        are added (see `StructuredOutputs.prepare`); ValueError for an invalid one."""
+        constraints = [p.structured_outputs for p in params_list
+                       if isinstance(p, SamplingParams) and p.structured_outputs]
+        if constraints:
+            self.structured.prepare(constraints)
+
     def _queue(self, request_id, text, ids, params, arrival_time, priority, cache_salt) -> None:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         response_key = None
@@ -697,7 +707,8 @@ class LLMEngine:
     def _launch(self, out) -> "_LaunchedStep | None":
         """Queues a scheduled step on the device (None for an empty step)."""
         if out.total_num_scheduled_tokens == 0:
-            self.runner.dispatch(out, [])  # hands over finished ids, so the runner forgets them
+            # Hands over finished ids, so the runner forgets them.
+            self.runner.dispatch(out, [], before_forward=self._flush_masked_sampler)
             return None
         now = time.monotonic()
         wanted = {}  # request id -> prompt logprobs top-n
@@ -731,13 +742,14 @@ class LLMEngine:
                      for j in range(len(drafts) + 1)]
         # A structured row's mask needs the previous step's token, which the host reads only
         # after this call: the forward pass goes first, the sampler once the mask is known.
-        return _LaunchedStep(out, self.runner.dispatch(out, rows, wanted, defer_sampling=needs_mask),
-                             num_prompt_tokens, needs_mask)
+        pending = self.runner.dispatch(out, rows, wanted, defer_sampling=needs_mask,
+                                       before_forward=self._flush_masked_sampler)
+        return _LaunchedStep(out, pending, num_prompt_tokens, needs_mask)
 
-    def _queue_masked_sampler(self, launched: _LaunchedStep) -> None:
-        """Computes the step's grammar bitmask (matchers are up to date with every token before
-        this step's) and queues its sampler with it. Rows of requests that ended meanwhile get
-        no mask: their token is dropped."""
+    def _mask_grammars(self, launched: _LaunchedStep) -> list:
+        """The grammar of each sampling row of a step whose sampler waits for its mask (matchers
+        up to date with every token before this step's); None for rows of requests that ended
+        meanwhile (their token is dropped) and for proposal rows."""
         launched.needs_mask = False
         grammars = []
         for rid in launched.out.sampling_req_ids:
@@ -746,15 +758,31 @@ class LLMEngine:
             grammars.append(c.grammar if live else None)
             # Rows of proposals (requests with grammars never have any) are not masked.
             grammars += [None] * len(launched.out.spec_token_ids.get(rid, ()))
-        # The mask is filled in another thread while the runner builds the sampler's metadata.
-        mask = self.structured.fill_bitmask_async(grammars)
-        self.runner.sample_deferred(launched.pending, mask.result)
+        return grammars
+
+    def _queue_masked_sampler(self, launched: _LaunchedStep) -> None:
+        """Computes the step's grammar bitmask and queues its sampler with it."""
+        self.runner.sample_deferred(launched.pending, self.structured.fill_bitmask(self._mask_grammars(launched)))
+
+    def _start_masked_sampler(self, launched: _LaunchedStep) -> None:
+        """Starts filling the step's grammar bitmask in the mask thread; the sampler is queued
+        by `_flush_masked_sampler` just before the next forward pass (which reads its tokens),
+        so the fill overlaps this step's outputs and the next step's scheduling and inputs."""
+        self._masked = (launched, self.structured.fill_bitmask_async(self._mask_grammars(launched)))
+
+    def _flush_masked_sampler(self) -> None:
+        if self._masked is not None:
+            launched, mask = self._masked
+            self._masked = None
+            self.runner.sample_deferred(launched.pending, mask.result())
 
     def _finish_step(self, launched: "_LaunchedStep", then_sample: "_LaunchedStep | None" = None
                      ) -> list[RequestOutput]:
         """Waits for a launched step, applies its tokens and builds the outputs. then_sample:
-        the next step, whose deferred sampler is queued once the matchers have this step's
-        tokens, before the outputs are built (the host's work on the device's critical path)."""
+        the next step, whose grammar mask starts filling once the matchers have this step's
+        tokens, before the outputs are built (its sampler is queued before the forward pass
+        after it)."""
+        self._flush_masked_sampler()  # this step's own sampler, if its mask was still filling
         out = launched.out
         result = launched.pending.result()
         for rid, (first, lp) in result.prompt_logprobs.items():
@@ -778,7 +806,7 @@ class LLMEngine:
         if advances:
             self.structured.accept_tokens(advances)
         if then_sample is not None and then_sample.needs_mask:
-            self._queue_masked_sampler(then_sample)
+            self._start_masked_sampler(then_sample)
         return self._process_outputs(tokens, launched.num_prompt_tokens)
 
     def _step_tokens(self, out, sampled) -> tuple[dict[str, int], dict[str, list[int]]]:

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -366,13 +366,14 @@ class ModelRunner:
     def _run_model(self, request_ids: Sequence[str] = (), starts: Sequence[int] = (),
                    num_tokens: Sequence[int] = (), token_ids: Sequence[int] = (), token_bucket: int | None = None,
                    logits_indices: Sequence[int] | None = None, with_hidden: bool = False,
-                   feed: Mapping[int, int] | None = None):
+                   feed: Mapping[int, int] | None = None, before_forward: Callable[[], None] | None = None):
         """Runs the model over the step's tokens (laid out request by request; see
         PersistentBatch.step_inputs). feed: flat token index -> the previous step's sampling row
         whose token goes there."""
         t = token_bucket or bucket_for(len(token_ids), self.rc.token_buckets)
         packed, spec = self._pack_step(t, request_ids, starts, num_tokens, token_ids, logits_indices, feed)
         packed = jax.device_put(packed, self._placement)
+        self._before_forward(before_forward)  # may queue the previous sampler: its tokens feed this step
         step = self._executables.get(("step", t)) or functools.partial(self._step, spec=spec, unroll=self._unroll(t))
         logits, hidden, kv_out = step(self._params_for(t), packed, self.kv_cache, self._prev_tokens)
         if self._stages_writes:
@@ -420,24 +421,32 @@ class ModelRunner:
 
     def _sample(self, logits_sv, request_ids: Sequence[str], rows: Sequence[SamplingRow],
                 variant: str | None = None, bitmask=None, speculative: bool | None = None) -> SamplerOutput:
-        """Samples rows with the cheapest compiled variant that serves them all (or `variant`).
-        bitmask: a grammar bitmask for `_apply_bitmask`, or a function returning one, called
-        only once the metadata is on its way (so a mask computed in another thread overlaps
-        this host work)."""
+        """Samples rows with the cheapest compiled variant that serves them all (or `variant`),
+        the logits first masked by a grammar bitmask for `_apply_bitmask` when one is given."""
+        prepared = self._prepare_sampler(logits_sv.shape[0], request_ids, rows, variant, speculative)
+        return self._run_sampler(prepared, logits_sv, bitmask)
+
+    def _prepare_sampler(self, num_rows: int, request_ids: Sequence[str], rows: Sequence[SamplingRow],
+                         variant: str | None = None, speculative: bool | None = None) -> tuple:
+        """The host half of sampling: the metadata built, packed and sent to the device. A
+        deferred sampler does this when its step is dispatched, so that once the step's grammar
+        mask is known only the mask and two dispatches stand between it and the sampler."""
         # Only rows with penalties hold a slot of the penalty state (and only the full sampler
         # has such rows), so the variant is decided once, by `build`.
         slots = (self._penalties.slots_for(request_ids, rows)
                  if any(r is not None and r.params.has_penalties for r in rows) else None)
-        md = SamplingMetadata.build(rows, batch_size=logits_sv.shape[0], vocab_size=self.config.vocab_size,
+        md = SamplingMetadata.build(rows, batch_size=num_rows, vocab_size=self.config.vocab_size,
                                     eos_token_ids=self.eos_token_ids, widths=self.sampling_widths,
                                     penalty_slots=slots, variant=variant, speculative=speculative)
-        variant = md.variant
         packed, spec = pack(md)
-        packed = jax.device_put(packed, self._placement)
-        if bitmask is not None:
-            logits_sv = self._apply_bitmask(logits_sv, bitmask() if callable(bitmask) else bitmask)
-        run = (self._executables.get(("sample", logits_sv.shape[0], variant, md.speculative))
+        run = (self._executables.get(("sample", num_rows, md.variant, md.speculative))
                or functools.partial(sample_packed, spec=spec))
+        return run, jax.device_put(packed, self._placement), md.variant
+
+    def _run_sampler(self, prepared: tuple, logits_sv, bitmask=None) -> SamplerOutput:
+        run, packed, variant = prepared
+        if bitmask is not None:
+            logits_sv = self._apply_bitmask(logits_sv, bitmask)
         if variant != "full":
             return run(logits_sv, packed, None)[0]
         sampled, self._penalties.state = run(logits_sv, packed, self._penalties.state)
@@ -479,7 +488,8 @@ class ModelRunner:
         return self.dispatch(out, rows, prompt_logprobs).result()
 
     def dispatch(self, out: SchedulerOutput, rows: Sequence[SamplingRow],
-                 prompt_logprobs: Mapping[str, int] | None = None, *, defer_sampling: bool = False) -> PendingStep:
+                 prompt_logprobs: Mapping[str, int] | None = None, *, defer_sampling: bool = False,
+                 before_forward: Callable[[], None] | None = None) -> PendingStep:
         """Queues one scheduled step and its sampling on the device without waiting for them.
 
         Args:
@@ -489,20 +499,24 @@ class ModelRunner:
             carrying its j-th proposal as `draft_token_id` (the last none).
           prompt_logprobs: request id -> top-n, for requests that want prompt logprobs.
           defer_sampling: queue only the forward pass; the caller queues the sampler with
-            `sample_deferred` (with a grammar bitmask) before the next dispatch, so the host can
-            compute the mask while the forward pass runs.
+            `sample_deferred` (with a grammar bitmask) before the next forward pass, so the host
+            can compute the mask while the forward pass runs.
+          before_forward: called once this step's inputs are on their way and before its forward
+            pass is queued (for an empty step, before returning): where the caller queues the
+            previous step's deferred sampler, whose mask it filled meanwhile.
         Returns:
           The pending step; its `result()` brings the sampled tokens (numpy, rows in
           `sampling_req_ids` order) and prompt logprobs back to the host. A token the host does
           not know yet (sampled by the previous step, under asynchronous scheduling) is read
           from that step's device output.
         """
-        if self._deferred is not None:
+        if self._deferred is not None and before_forward is None:
             raise RuntimeError("the previous step's sampler was deferred and never queued (sample_deferred)")
         self._apply_diff(out)
         if out.offload_ops or out.reload_ops:  # first: they read pages as they were before this step
             self.kv_cache = self.host_kv.apply(self.kv_cache, out.offload_ops, out.reload_ops)
         if out.total_num_scheduled_tokens == 0:
+            self._before_forward(before_forward)
             return PendingStep()  # nothing to run, but finished requests were forgotten above
         if out.copy_ops:
             self.copy_pages(out.copy_ops)
@@ -537,7 +551,7 @@ class ModelRunner:
         if rows and len(rows) != len(row_ids):
             raise ValueError(f"{len(rows)} sampling rows for {len(row_ids)} logits rows")
         run = dict(request_ids=request_ids, starts=starts, num_tokens=lens, token_ids=token_ids,
-                   logits_indices=logits_indices, feed=feed)
+                   logits_indices=logits_indices, feed=feed, before_forward=before_forward)
         if wanted:
             logits, hidden = self._run_model(**run, with_hidden=True)
             pending.prompt_logprobs, pending.prompt_spans = self._prompt_logprobs(out, starts, lens, hidden, wanted)
@@ -548,7 +562,7 @@ class ModelRunner:
             # feeds a request that verified proposals: it waits for their outcome).
             self._prev_rows = {rid: i for i, rid in enumerate(row_ids)}
             if defer_sampling:
-                pending.deferred = (logits, tuple(row_ids), tuple(rows))
+                pending.deferred = (logits, self._prepare_sampler(logits.shape[0], row_ids, rows))
                 self._deferred = pending
             else:
                 self._sample_step(pending, logits, row_ids, rows)
@@ -556,20 +570,29 @@ class ModelRunner:
             self._prev_rows = {}
         return pending
 
+    def _before_forward(self, before_forward: Callable[[], None] | None) -> None:
+        if before_forward is not None:
+            before_forward()
+        if self._deferred is not None:
+            raise RuntimeError("the previous step's sampler was deferred and never queued (sample_deferred)")
+
     def sample_deferred(self, pending: PendingStep, bitmask_rw=None) -> None:
-        """Queues the sampler of a step dispatched with `defer_sampling`, its logits masked by
-        bitmask_rw [rows, ceil(V / 32)] int32 (rows in `sampling_req_ids` order), or by what a
-        function returns (called after the sampler's metadata is built); None: no mask."""
+        """Queues the sampler of a step dispatched with `defer_sampling` (its metadata already
+        on the device), its logits masked by bitmask_rw [rows, ceil(V / 32)] int32 (rows in
+        `sampling_req_ids` order); None: no mask."""
         if pending.deferred is None or pending is not self._deferred:
             raise RuntimeError("this step has no deferred sampling outstanding")
-        logits, request_ids, rows = pending.deferred
+        logits, prepared = pending.deferred
         pending.deferred = self._deferred = None
-        self._sample_step(pending, logits, request_ids, rows, bitmask_rw)
+        self._set_sampled(pending, self._run_sampler(prepared, logits, bitmask_rw))
 
-    def _sample_step(self, pending: PendingStep, logits, request_ids, rows, bitmask=None) -> None:
-        pending.sampled = self._sample(logits, request_ids, rows, bitmask=bitmask)
+    def _sample_step(self, pending: PendingStep, logits, request_ids, rows) -> None:
+        self._set_sampled(pending, self._sample(logits, request_ids, rows))
+
+    def _set_sampled(self, pending: PendingStep, sampled: SamplerOutput) -> None:
+        pending.sampled = sampled
         # The next step reads these tokens on the device (asynchronous scheduling).
-        self._prev_tokens = self._pad_tokens(pending.sampled.token_ids)
+        self._prev_tokens = self._pad_tokens(sampled.token_ids)
 
     def _prompt_logprobs(self, out, starts, lens, hidden_td, wanted: Mapping[str, int]):
         """Per request, (first prompt position scored, Logprobs) for this step's prompt tokens.
@@ -628,7 +651,7 @@ class PendingStep:
     prompt_logprobs: tuple | None = None
     # request id -> (its first token row, rows scored, position of the first prompt token scored)
     prompt_spans: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
-    # (logits, request ids, rows) of a sampler not yet queued (`ModelRunner.sample_deferred`)
+    # (logits, prepared sampler) of a sampler not yet queued (`ModelRunner.sample_deferred`)
     deferred: tuple | None = None
 
     def result(self) -> StepResult:

@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import json
 import logging
+import os
 import threading
 import time
 from typing import Sequence
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 # Compiled grammars kept per engine, by constraint: a repeated schema costs a deep copy.
 GRAMMAR_CACHE_SIZE = 128
+COMPILE_THREADS = 8  # at most; fewer on smaller hosts
 
 
 def grammar_text(params: StructuredOutputsParams) -> str:
@@ -100,32 +102,54 @@ def structural_tag_grammar(text: str) -> str:
 
 
 class Grammar:
-    """One request's matcher: advanced by its accepted tokens; terminated once nothing can follow."""
+    """One request's matcher: advanced by its accepted tokens; terminated once nothing can follow.
 
-    __slots__ = ("matcher", "num_consumed", "failed")
+    Built from a compiled template, which may still be compiling in the engine's pool (a
+    future): the matcher is copied from it on first use, after the request's forward pass is
+    queued, so many new grammars compile in parallel with each other and with the device."""
 
-    def __init__(self, matcher):
-        self.matcher = matcher
+    __slots__ = ("_matcher", "_template", "_stopped", "num_consumed", "failed")
+
+    def __init__(self, matcher=None, template: "concurrent.futures.Future | None" = None):
+        self._matcher = matcher
+        self._template = template
+        # The matcher's is_stopped() as of its last token (None: not asked yet), kept so that
+        # `is_terminated` never touches a matcher while a mask is being filled in another thread.
+        self._stopped = None
         self.num_consumed = 0
         self.failed = False  # a token the grammar rejected (only a conflicting constraint can cause it)
 
+    @property
+    def matcher(self):
+        if self._matcher is None:
+            self._matcher = self._template.result().deep_copy()
+            self._template = None
+        return self._matcher
+
     def accept(self, token_id: int) -> bool:
         """Advances past an accepted token; False if the grammar rejected it."""
-        if self.failed or self.matcher.is_stopped():
+        if self.is_terminated:
             return not self.failed
         if not self.matcher.consume_token(token_id):
             self.failed = True
             logger.warning("grammar rejected token %d: %s", token_id, self.matcher.get_error())
             return False
         self.num_consumed += 1
+        self._stopped = self.matcher.is_stopped()
         return True
 
     @property
     def is_terminated(self) -> bool:
         """No further token can extend the output: the request is done ("stop")."""
-        return self.failed or self.matcher.is_stopped()
+        if self.failed:
+            return True
+        if self._stopped is None:
+            self._stopped = self.matcher.is_stopped()
+        return self._stopped
 
     def fork(self) -> "Grammar":
+        if self._matcher is None and not self.num_consumed:
+            return Grammar(template=self._template)  # still compiling: shares the template
         return Grammar(self.matcher.deep_copy())
 
 
@@ -147,6 +171,7 @@ class StructuredOutputs:
         self._eos = list(eos_token_ids)
         self._ll_tokenizer = None
         self._executor = None
+        self._compile_pool = None
         self._mask_thread = None
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[StructuredOutputsParams, object] = collections.OrderedDict()
@@ -172,30 +197,81 @@ class StructuredOutputs:
                                                             n_vocab=self.vocab_size, eos_token=self._eos or None)
                 self._executor = llguidance.LLExecutor()
                 self._mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+                # llguidance compiles outside the GIL: a batch of new schemas compiles in parallel.
+                self._compile_pool = concurrent.futures.ThreadPoolExecutor(
+                    min(COMPILE_THREADS, os.cpu_count() or 1), thread_name_prefix="grammar-compile")
                 logger.info("built the grammar tokenizer in %.2f s", time.perf_counter() - t0)
         return self._ll_tokenizer
 
     def compile(self, params: StructuredOutputsParams) -> Grammar:
-        """A fresh matcher for `params`; raises ValueError naming the field when it is invalid."""
+        """A fresh matcher for `params`; raises ValueError naming the field when it is invalid.
+
+        A constraint not seen before is validated here (about a third of a compile's cost) and
+        compiled in the pool; the returned grammar waits for it only when first used."""
         import llguidance
 
         ll_tokenizer = self._tokenizer_for_grammars()
         key = params  # hashable, and equal for equal schemas (dicts compare by value)
         template = self._cache.get(key)
         if template is None:
-            t0 = time.perf_counter()
             text = grammar_text(params)
-            template = llguidance.LLMatcher(ll_tokenizer, text, log_level=0)
-            if template.is_error():
-                raise ValueError(f"structured_outputs.{params.kind} is invalid: {template.get_error()}")
-            self.num_compiles += 1
-            self.compile_seconds += time.perf_counter() - t0
+            error = llguidance.LLMatcher.validate_grammar(text, ll_tokenizer)
+            if error:
+                raise ValueError(f"structured_outputs.{params.kind} is invalid: {error}")
+            template = self._compile_pool.submit(self._build, ll_tokenizer, text, params.kind)
             self._cache[key] = template
             if len(self._cache) > GRAMMAR_CACHE_SIZE:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(key)
-        return Grammar(template.deep_copy())
+        return Grammar(template=template)
+
+    def prepare(self, constraints: Sequence[StructuredOutputsParams]) -> None:
+        """Compiles the distinct constraints of a batch not compiled yet, all at once in the
+        pool, so that admitting the batch finds each one compiled (one request at a time, each
+        new constraint is validated on the caller's thread). Raises ValueError naming the field
+        for the first invalid one; the valid ones stay compiled."""
+        texts = {}
+        for params in constraints:
+            if params not in self._cache and params not in texts:
+                texts[params] = grammar_text(params)
+        if not texts:
+            return
+        ll_tokenizer = self._tokenizer_for_grammars()
+        jobs = {params: self._compile_pool.submit(self._compile_text, ll_tokenizer, text)
+                for params, text in texts.items()}
+        first_error = None
+        for params, job in jobs.items():
+            template, error = job.result()
+            if error:
+                first_error = first_error or ValueError(f"structured_outputs.{params.kind} is invalid: {error}")
+                continue
+            self._cache[params] = compiled = concurrent.futures.Future()
+            compiled.set_result(template)
+            if len(self._cache) > GRAMMAR_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        if first_error is not None:
+            raise first_error
+
+    def _build(self, ll_tokenizer, text: str, kind: str):
+        """The compiled template of a validated grammar (in a pool thread)."""
+        template, error = self._compile_text(ll_tokenizer, text)
+        if error:  # validation passed, so this would be an llguidance defect
+            raise RuntimeError(f"structured_outputs.{kind} failed to compile: {error}")
+        return template
+
+    def _compile_text(self, ll_tokenizer, text: str) -> tuple:
+        """(the compiled matcher, "") or (None, llguidance's error), in a pool thread."""
+        import llguidance
+
+        t0 = time.perf_counter()
+        template = llguidance.LLMatcher(ll_tokenizer, text, log_level=0)
+        if template.is_error():
+            return None, template.get_error()
+        with self._lock:
+            self.num_compiles += 1
+            self.compile_seconds += time.perf_counter() - t0
+        return template, ""
 
     def accept_tokens(self, pairs: Sequence[tuple[Grammar, int]]) -> None:
         """Advances each grammar past its accepted token, all rows in parallel (llguidance's
@@ -210,16 +286,28 @@ class StructuredOutputs:
             for (g, t), ok in zip(live, results):
                 if ok:
                     g.num_consumed += 1
+                    g._stopped = g.matcher.is_stopped()
                 else:
                     g.failed = True
                     logger.warning("grammar rejected token %d: %s", t, g.matcher.get_error())
         self.accept_seconds += time.perf_counter() - t0
 
     def fill_bitmask_async(self, grammars: Sequence[Grammar | None]) -> concurrent.futures.Future:
-        """`fill_bitmask` in a background thread (llguidance releases the GIL), so the caller's
-        Python work (the sampler's metadata) overlaps it; the grammars must not be touched
-        until the future is done."""
-        return self._mask_thread.submit(self.fill_bitmask, list(grammars))
+        """`fill_bitmask` in the mask thread, returning once that thread runs (so the caller's
+        Python work that follows overlaps the fill, which runs outside the GIL). Until the
+        future is done, the caller must not touch these grammars' matchers (`is_terminated`
+        of a grammar that has taken a token does not)."""
+        started = threading.Event()
+
+        def job():
+            started.set()
+            return self.fill_bitmask(grammars)
+
+        future = self._mask_thread.submit(job)
+        # Waiting releases the GIL: the thread takes it now, not after the interpreter's switch
+        # interval (5 ms), and gives it back when llguidance starts filling.
+        started.wait()
+        return future
 
     def fill_bitmask(self, grammars: Sequence[Grammar | None]) -> np.ndarray:
         """The packed mask [len(grammars), ceil(V / 32)] int32: each grammar's allowed tokens
