@@ -50,7 +50,7 @@ def _seconds_per_call(fn, *args, repeats: int, calls: int) -> float:
     """Median over `repeats` of the time per call of `calls` calls queued back to back and
     waited for once. Timing one call at a time adds the dispatch and the wait's round trip to
     each (tens to hundreds of microseconds on a GPU), which understated the 1 GiB matrix-vector
-    product's rate by ~40% and the copy's by ~20% on the H200."""
+    product's rate by ~30% and the copy's by ~23% on the H200 (benchmarks/device/ceilings.py)."""
     jax.block_until_ready(fn(*args))
     samples = []
     for _ in range(repeats):

@@ -55,6 +55,18 @@ def test_ceilings_and_datasheet_on_the_cpu():
     assert datasheet() is None  # no datasheet row for a CPU: floors use the measured ceilings
 
 
+def test_ceilings_time_calls_queued_back_to_back(monkeypatch):
+    """Each repeat queues `calls` calls and waits once (timing one call at a time added the
+    dispatch and the wait to each): a warm-up call, then repeats x calls."""
+    from jaxinfer.devices import _seconds_per_call
+
+    seen, waits = [], []
+    wait = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(x) or wait(x))
+    assert _seconds_per_call(lambda x: seen.append(x) or x, 1, repeats=2, calls=3) >= 0
+    assert len(seen) == 1 + 2 * 3 and len(waits) == 1 + 2
+
+
 def test_latency_and_throughput_commands_write_records(tmp_path, capsys):
     common = ["--preset", "tiny", "--input-len", "8", "--output-len", "5", "--num-iters", "1",
               "--output-dir", str(tmp_path), "--compilation-cache-dir", ""]
@@ -119,12 +131,34 @@ def test_structured_command_writes_a_record(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     assert main(["bench", "structured", "--preset", "tiny", "--tokenizer", str(tmp_path / "tokenizer.json"),
                  "--batch-size", "2", "--input-len", "8", "--max-tokens", "160", "--max-string-len", "4",
-                 "--output-dir", str(tmp_path), "--compilation-cache-dir", ""]) == 0
+                 "--output-dir", str(tmp_path), "--compilation-cache-dir", "", "--profile"]) == 0
     [path] = tmp_path.glob("bench_structured_tiny_*.json")
     result = json.loads(path.read_text())["result"]
     assert result["valid_json"] == 2 and result["truncated"] == 0 and result["grammar_compiles"] == 2
     assert result["structured_output_tokens_per_s"] > 0 and result["unconstrained_output_tokens_per_s"] > 0
     assert result["structured_steps"] >= result["max_output_len"] and result["mask_steps"] > 0
+    for run in ("structured", "unconstrained"):
+        assert result[f"{run}_host_ms_per_step"] > 0 and result[f"{run}_wait_ms_per_step"] >= 0
+    timelines = result["profile"]["host_timeline"]
+    structured, plain = timelines["structured"]["calls"], timelines["unconstrained"]["calls"]
+    assert structured["StructuredOutputs.fill_bitmask"] > 0 and "StructuredOutputs.fill_bitmask" not in plain
+    assert structured["LLMEngine.step"] > 0 and plain["ModelRunner.dispatch"] > 0
+
+
+def test_host_timeline_records_calls_and_restores_methods():
+    from jaxinfer.bench.profile import HostTimeline
+
+    class Worker:
+        def work(self, seconds):
+            time.sleep(seconds)
+            return seconds
+
+    original = Worker.work
+    with HostTimeline([(Worker, "work")]) as timeline:
+        assert Worker().work(0.01) == 0.01 and Worker().work(0.02) == 0.02
+    assert Worker.work is original
+    assert timeline.summary()["calls"] == {"Worker.work": 2}
+    assert 0.03 <= timeline.seconds() < 0.5
 
 
 def test_startup_phases_split_the_time_to_the_first_token():

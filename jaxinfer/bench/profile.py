@@ -80,35 +80,6 @@ def profile_steps(step, num_steps: int) -> dict:
     return out
 
 
-class DeviceWaits:
-    """Sums the host's waits for the device (`PendingStep.result`) while active: what is left
-    of a timed stretch is the host's own work."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        self._result = None
-
-    def __enter__(self) -> "DeviceWaits":
-        from jaxinfer.engine import runner
-
-        result = self._result = runner.PendingStep.result
-
-        def timed_result(pending):
-            t = time.perf_counter()
-            try:
-                return result(pending)
-            finally:
-                self.seconds += time.perf_counter() - t
-
-        runner.PendingStep.result = timed_result
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from jaxinfer.engine import runner
-
-        runner.PendingStep.result = self._result
-
-
 def cprofile_top(fn, num_steps: int, top: int = 12) -> list[dict]:
     """Runs fn() once under cProfile: the functions with the most own time, per step (their
     times inflated by the profiler; compare them with each other)."""
@@ -131,19 +102,20 @@ def cprofile_top(fn, num_steps: int, top: int = 12) -> list[dict]:
 def host_profile(step, num_steps: int, top: int = 12) -> dict:
     """How much of a step is the host's own work: steps timed with the waits for the device
     summed apart, then one more round under cProfile for the functions that cost the most."""
-    with DeviceWaits() as waits:
+    with device_waits() as waits:
         t0 = time.perf_counter()
         for _ in range(num_steps):
             step()
         wall = time.perf_counter() - t0
+    waited = waits.seconds()
 
     def more_steps():
         for _ in range(num_steps):
             step()
 
     return {"steps": num_steps, "wall_ms_per_step": wall / num_steps * 1e3,
-            "host_ms_per_step": (wall - waits.seconds) / num_steps * 1e3,
-            "wait_ms_per_step": waits.seconds / num_steps * 1e3,
+            "host_ms_per_step": (wall - waited) / num_steps * 1e3,
+            "wait_ms_per_step": waited / num_steps * 1e3,
             "top_functions_profiled": cprofile_top(more_steps, num_steps, top)}
 
 
@@ -175,9 +147,13 @@ class HostTimeline:
         for owner, name, original in reversed(self._saved):
             setattr(owner, name, original)
 
+    def seconds(self) -> float:
+        """Time spent in all the recorded calls."""
+        return sum(e - s for _, s, e in self.events)
+
     def summary(self, window: tuple[int, int] = (10, 14)) -> dict:
-        """Mean and total seconds per method, and the events of steps window[0]..window[1]
-        (counted by `Engine.step` calls) as offsets in ms from the first of them."""
+        """Mean ms and calls per method, and the events of steps window[0]..window[1] (counted
+        by `LLMEngine.step` calls) as offsets in ms from the first of them."""
         per = collections.defaultdict(list)
         for name, s, e in self.events:
             per[name].append(e - s)
@@ -189,3 +165,11 @@ class HostTimeline:
             out["window"] = [(name, round(1e3 * (s - lo), 3), round(1e3 * (e - lo), 3))
                              for name, s, e in sorted(self.events, key=lambda x: x[1]) if lo <= s < hi]
         return out
+
+
+def device_waits() -> HostTimeline:
+    """A timeline of the host's waits for the device (`PendingStep.result`) alone: what is
+    left of a timed stretch is the host's own work."""
+    from jaxinfer.engine import runner
+
+    return HostTimeline([(runner.PendingStep, "result")])

@@ -43,7 +43,8 @@ def add_args(sub) -> None:
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--tag", default="", help="appended to the result files' names")
     p.add_argument("--profile", action="store_true",
-                   help="also run the structured batch (fresh schemas) under cProfile and a device trace")
+                   help="also run the structured batch (fresh schemas) under cProfile, a device trace and a host "
+                        "timeline (the unconstrained one too)")
     p.set_defaults(func=cmd_structured, max_num_seqs=None, max_num_batched_tokens=None)
 
 
@@ -83,9 +84,9 @@ def _tokenizer(args, model):
 def _run(engine, prompts, params_list, tag: str) -> dict:
     """Runs one batch to the end: seconds, steps, each request's output, and the host's own
     time (the run's time less its waits for the device) per step."""
-    from jaxinfer.bench.profile import DeviceWaits
+    from jaxinfer.bench.profile import device_waits
 
-    with DeviceWaits() as waits:
+    with device_waits() as waits:
         t0 = time.perf_counter()
         engine.prepare_structured_outputs(params_list)  # as `LLM.generate` admits a batch
         for i, (p, params) in enumerate(zip(prompts, params_list)):
@@ -99,9 +100,10 @@ def _run(engine, prompts, params_list, tag: str) -> dict:
             steps += 1
         seconds = time.perf_counter() - t0
     outs = [done[f"{tag}-{i}"] for i in range(len(prompts))]
+    waited = waits.seconds()
     return {"seconds": seconds, "steps": steps, "outputs": outs, "add_requests_ms": 1e3 * added,
-            "host_ms_per_step": 1e3 * (seconds - added - waits.seconds) / max(steps, 1),
-            "wait_ms_per_step": 1e3 * waits.seconds / max(steps, 1),
+            "host_ms_per_step": 1e3 * (seconds - added - waited) / max(steps, 1),
+            "wait_ms_per_step": 1e3 * waited / max(steps, 1),
             "generated_tokens": sum(len(o.token_ids) for o in outs)}
 
 
@@ -173,21 +175,18 @@ def cmd_structured(args) -> int:
     }
     result["slowdown"] = result["unconstrained_output_tokens_per_s"] / result["structured_output_tokens_per_s"]
     if args.profile:
-        from jaxinfer.bench.profile import cprofile_top, profile_steps
+        from jaxinfer.bench.profile import HostTimeline, cprofile_top, profile_steps
+        from jaxinfer.engine.engine import LLMEngine
+        from jaxinfer.engine.runner import ModelRunner, PendingStep
+        from jaxinfer.engine.structured import StructuredOutputs
 
+        # Each run takes fresh schemas, so that it compiles its grammars as the timed one did.
         def fresh_run(tag: str, first: int) -> None:
             _run(engine, prompts, [structured_params(first + i) for i in range(b)], tag)
 
-        from jaxinfer.bench.profile import HostTimeline
-        from jaxinfer.engine import runner as runner_module, structured as structured_module
-        from jaxinfer.engine.engine import LLMEngine
-
-        # Fresh schemas each time, so that every run compiles its grammars as the timed one did.
-        steps = constrained["steps"]
-        targets = [(LLMEngine, "step"), (runner_module.ModelRunner, "dispatch"),
-                   (runner_module.ModelRunner, "sample_deferred"), (runner_module.PendingStep, "result"),
-                   (structured_module.StructuredOutputs, "accept_tokens"),
-                   (structured_module.StructuredOutputs, "fill_bitmask"), (LLMEngine, "_process_outputs")]
+        targets = [(LLMEngine, "step"), (ModelRunner, "dispatch"), (ModelRunner, "sample_deferred"),
+                   (PendingStep, "result"), (StructuredOutputs, "accept_tokens"), (StructuredOutputs, "fill_bitmask"),
+                   (LLMEngine, "_process_outputs")]
         timelines = {}
         for name, params_of in (("structured", lambda i: structured_params(30 * b + i)),
                                 ("unconstrained", lambda i: SamplingParams(temperature=0.0, max_tokens=lengths[i],
@@ -195,7 +194,8 @@ def cmd_structured(args) -> int:
             with HostTimeline(targets) as timeline:
                 _run(engine, prompts, [params_of(i) for i in range(b)], f"timeline-{name}")
             timelines[name] = timeline.summary()
-        result["profile"] = {"host_top_functions": cprofile_top(lambda: fresh_run("cprofile", 10 * b), steps),
+        result["profile"] = {"host_top_functions": cprofile_top(lambda: fresh_run("cprofile", 10 * b),
+                                                                constrained["steps"]),
                              "device": profile_steps(lambda: fresh_run("trace", 20 * b), 1),
                              "host_timeline": timelines}
     print(json.dumps(result), flush=True)

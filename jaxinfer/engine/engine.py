@@ -634,7 +634,7 @@ class LLMEngine:
             outputs += self._finish_step(self._in_flight, then_sample=launched)
             self._in_flight = None
         if launched is not None and launched.needs_mask:
-            self._queue_masked_sampler(launched)  # no step was in flight
+            self._start_masked_sampler(launched)  # no step was in flight: its mask starts now
         if launched is None:
             if not outputs:
                 self._record_step(0, 0, [], [])
@@ -759,10 +759,6 @@ class LLMEngine:
             # Rows of proposals (requests with grammars never have any) are not masked.
             grammars += [None] * len(launched.out.spec_token_ids.get(rid, ()))
         return grammars
-
-    def _queue_masked_sampler(self, launched: _LaunchedStep) -> None:
-        """Computes the step's grammar bitmask and queues its sampler with it."""
-        self.runner.sample_deferred(launched.pending, self.structured.fill_bitmask(self._mask_grammars(launched)))
 
     def _start_masked_sampler(self, launched: _LaunchedStep) -> None:
         """Starts filling the step's grammar bitmask in the mask thread; the sampler is queued

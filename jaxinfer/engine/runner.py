@@ -420,11 +420,10 @@ class ModelRunner:
         return self.params
 
     def _sample(self, logits_sv, request_ids: Sequence[str], rows: Sequence[SamplingRow],
-                variant: str | None = None, bitmask=None, speculative: bool | None = None) -> SamplerOutput:
-        """Samples rows with the cheapest compiled variant that serves them all (or `variant`),
-        the logits first masked by a grammar bitmask for `_apply_bitmask` when one is given."""
+                variant: str | None = None, speculative: bool | None = None) -> SamplerOutput:
+        """Samples rows with the cheapest compiled variant that serves them all (or `variant`)."""
         prepared = self._prepare_sampler(logits_sv.shape[0], request_ids, rows, variant, speculative)
-        return self._run_sampler(prepared, logits_sv, bitmask)
+        return self._run_sampler(prepared, logits_sv)
 
     def _prepare_sampler(self, num_rows: int, request_ids: Sequence[str], rows: Sequence[SamplingRow],
                          variant: str | None = None, speculative: bool | None = None) -> tuple:

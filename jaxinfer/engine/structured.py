@@ -2,8 +2,9 @@
 
 `StructuredOutputs` belongs to one engine. It builds the llguidance tokenizer from the
 engine's tokenizer the first time a structured request arrives (plain engines never pay for
-it), compiles each request's constraint into a matcher at admission (an invalid one raises
-ValueError naming the field), and fills the allowed-token bitmask of a step's structured rows
+it), validates each new constraint at admission (an invalid one raises ValueError naming the
+field) and compiles it in a thread pool, hands each request a matcher copied from the compiled
+template when first used, and fills the allowed-token bitmask of a step's structured rows
 as packed int32 words [rows, ceil(V / 32)] (bit j of word w allows token 32 w + j), the form
 the device unpacks (`sampling.apply_token_bitmask`).
 
@@ -148,8 +149,8 @@ class Grammar:
         return self._stopped
 
     def fork(self) -> "Grammar":
-        if self._matcher is None and not self.num_consumed:
-            return Grammar(template=self._template)  # still compiling: shares the template
+        if self._matcher is None:  # not used yet (maybe still compiling): shares the template
+            return Grammar(template=self._template)
         return Grammar(self.matcher.deep_copy())
 
 
