@@ -139,6 +139,8 @@ def test_structured_command_writes_a_record(tmp_path):
     assert result["structured_steps"] >= result["max_output_len"] and result["mask_steps"] > 0
     for run in ("structured", "unconstrained"):
         assert result[f"{run}_host_ms_per_step"] > 0 and result[f"{run}_wait_ms_per_step"] >= 0
+        first, median = result[f"{run}_first_steps_ms"], result[f"{run}_median_step_ms"]
+        assert len(first) == min(6, result[f"{run}_steps"]) and min(first) > 0 and median > 0
     timelines = result["profile"]["host_timeline"]
     structured, plain = timelines["structured"]["calls"], timelines["unconstrained"]["calls"]
     assert structured["StructuredOutputs.fill_bitmask"] > 0 and "StructuredOutputs.fill_bitmask" not in plain
@@ -170,3 +172,14 @@ def test_startup_phases_split_the_time_to_the_first_token():
     assert phases == {"imports": 1.0, "weights": 3.0, "compile": 4.5, "first_runs": 1.0, "engine_other": 0.5,
                       "first_request": 0.25}
     assert sum(phases.values()) == pytest.approx(10.25)
+
+
+def test_run_header_names_xla_flags_in_the_command(monkeypatch):
+    """A record made under XLA_FLAGS says so in its command (the flags change what is measured)."""
+    from jaxinfer.bench.offline import run_header
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert run_header(["bench", "latency"])["command"] == "jaxinfer bench latency"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0 --xla_dump_to=/tmp/a b")
+    assert (run_header(["bench", "latency"])["command"]
+            == "XLA_FLAGS='--xla_gpu_autotune_level=0 --xla_dump_to=/tmp/a b' jaxinfer bench latency")

@@ -160,3 +160,27 @@ def test_warm_engine_runs_the_ahead_of_time_executables(model, monkeypatch):
                                           **_feature_params(rng, i)))
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_greedy_rows_share_one_prepared_sampler(model):
+    """Greedy rows with any other parameters set (top-p, top-k, min-p, a seed) need no metadata
+    of their own: one prepared sampler per row count serves them all, and its tokens are the
+    NumPy argmax of each row, padded for the next step; a row of another kind builds its own."""
+    import jax
+
+    from jaxinfer.engine.sampling import SamplingRow
+
+    runner = _engine(model, warmup=False).runner
+    s, v = 4, model.config.vocab_size
+    logits = np.random.default_rng(5).normal(size=(s, v)).astype(np.float32)
+    variety = [dict(), dict(top_p=0.5), dict(top_k=3, seed=9), dict(min_p=0.2)]
+    rows = [SamplingRow(SamplingParams(temperature=0.0, **kw), [1, 2], [3] * i) for i, kw in enumerate(variety)]
+    prepared = runner._prepare_sampler(s, ["a", "b", "c", "d"], rows)
+    assert runner._prepare_sampler(s, ["e", "f", "g", "h"], rows[::-1]) is prepared
+    sampled, padded = runner._run_sampler(prepared, jax.device_put(logits))
+    np.testing.assert_array_equal(np.asarray(sampled.token_ids), logits.argmax(axis=1))
+    expected = np.zeros(runner.rc.max_logits_rows, np.int32)
+    expected[:s] = logits.argmax(axis=1)
+    np.testing.assert_array_equal(np.asarray(padded), expected)
+    random_row = SamplingRow(SamplingParams(temperature=0.7, seed=1), [1], [])
+    assert runner._prepare_sampler(s, ["a", "b", "c", "d"], rows[:3] + [random_row]) is not prepared

@@ -168,19 +168,19 @@ def test_greedy_token_is_the_argmax_over_the_reference_mask(engines, model):
     engine = engines[True]
     runner = engine.runner
     seen = []
-    original = runner._apply_bitmask
+    original = runner._run_sampler
 
-    def record(logits, bitmask):
-        masked = original(logits, bitmask)
-        seen.append((np.asarray(logits), bitmask.copy()))
-        return masked
+    def record(prepared, logits, bitmask=None):
+        if bitmask is not None:
+            seen.append((np.asarray(logits), bitmask.copy()))
+        return original(prepared, logits, bitmask)
 
-    runner._apply_bitmask = record
+    runner._run_sampler = record
     try:
         done = run_all(engine, [("g", "The answer:", SamplingParams(
             temperature=0.0, max_tokens=60, structured_outputs=CASES["person"][0]))])
     finally:
-        del runner._apply_bitmask
+        del runner._run_sampler
     tokens = done["g"].outputs[0].token_ids
     # (A step planned before the request ended may sample once more; its token is dropped.)
     assert len(tokens) <= len(seen) <= len(tokens) + 1
@@ -266,7 +266,14 @@ def test_mask_work_overlaps_the_forward_pass(engines, monkeypatch):
     spy(engine.runner, "_run_model", "forward")
     spy(engine.runner, "_prepare_sampler", "prepare")
     spy(engine.runner, "_run_sampler", "sample")
-    spy(engine.runner, "_apply_bitmask", "apply_mask")
+    original_mask = engine.runner._grammar_mask
+
+    def grammar_mask(num_rows, bitmask):
+        if bitmask is not None:  # every sampler takes a mask; only a grammar's comes from the host
+            events.append("apply_mask")
+        return original_mask(num_rows, bitmask)
+
+    monkeypatch.setattr(engine.runner, "_grammar_mask", grammar_mask)
     spy(engine.structured, "fill_bitmask", "mask")
     spy(runner_module.PendingStep, "result", "read")
     # The first run also finishes what an earlier test left in flight (its last step's sampler).
@@ -393,3 +400,28 @@ def test_offline_llm_generate_and_plain_runs_build_no_grammar_state(model):
         use_tqdm=False)
     check("choice", CHOICES, outs[0].outputs[0].text)
     check("regex", EMAIL, outs[1].outputs[0].text)
+
+
+def test_switch_interval_is_short_only_while_a_mask_fills(engines, monkeypatch):
+    """The mask thread fills under a 0.2 ms GIL switch interval (so it gets the GIL back soon
+    after llguidance finishes) and the process's own interval is back once the mask is ready."""
+    import sys
+
+    from jaxinfer.engine.structured import GIL_SWITCH_INTERVAL_S
+
+    so = engines[False].structured
+    seen = []
+    fill = so.fill_bitmask
+
+    def recording_fill(grammars):
+        seen.append(sys.getswitchinterval())
+        return fill(grammars)
+
+    monkeypatch.setattr(so, "fill_bitmask", recording_fill)
+    before = sys.getswitchinterval()
+    assert before > GIL_SWITCH_INTERVAL_S
+    grammar = so.compile(CASES["person"][0])
+    mask = so.fill_bitmask_async([grammar, None]).result()
+    assert seen == [pytest.approx(GIL_SWITCH_INTERVAL_S)]
+    assert sys.getswitchinterval() == before
+    assert mask.shape == (2, so.num_words) and (mask[1] == -1).all() and not (mask[0] == -1).all()

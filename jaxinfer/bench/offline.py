@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -148,9 +149,13 @@ def run_header(argv=None) -> dict:
             versions[name] = __import__(name).__version__
         except ImportError:
             pass
+    command = " ".join(["jaxinfer"] + list(argv if argv is not None else sys.argv[1:]))
+    # XLA's flags change what is measured (autotuning, command buffers): part of the command.
+    xla_flags = os.environ.get("XLA_FLAGS", "").strip()
+    if xla_flags:
+        command = f"XLA_FLAGS={shlex.quote(xla_flags)} {command}"
     return dict(device=d.device_kind, platform=d.platform, device_count=jax.device_count(), **versions,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join(["jaxinfer"] + list(argv if argv is not None else sys.argv[1:])))
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command)
 
 
 def _save(record: dict, args, kind: str, table: list[str], plot=None) -> str:

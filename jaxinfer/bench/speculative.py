@@ -19,7 +19,6 @@ Both write JSON and a markdown table to --output-dir.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from jaxinfer.bench.offline import _load, _plain, _save, run_header

@@ -395,8 +395,8 @@ def unpack_token_bitmask(bitmask_bw, vocab_size: int):
 def apply_token_bitmask(logits_bv, bitmask_bw):
     """Grammar masking (structured outputs): disallowed tokens' logits become -inf, before any
     other processing, so penalties, temperature, top-k/top-p and logprobs all see the masked
-    distribution (as in vLLM). A separate program from the sampler, run only for steps with a
-    structured row, so other steps and the sampler variants are unchanged."""
+    distribution (as in vLLM). Part of every sampler program (`sample_packed`): an all-ones
+    row costs a fused select, where a separate program would cost a launch per step."""
     allowed_bv = unpack_token_bitmask(bitmask_bw, logits_bv.shape[1])
     return jnp.where(allowed_bv, logits_bv, -jnp.inf).astype(logits_bv.dtype)
 
@@ -541,10 +541,16 @@ def _sample(logits_bv, md: SamplingMetadata, penalties: PenaltyState | None = No
 sample = jax.jit(_sample, donate_argnums=(2,))
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(2,))
-def sample_packed(logits_bv, packed_md, penalties: PenaltyState | None = None, *, spec: PackSpec):
-    """`sample` with the metadata packed into one array (`packing.pack`): one transfer a step."""
-    return _sample(logits_bv, unpack(packed_md, spec), penalties)
+@functools.partial(jax.jit, static_argnames=("spec", "pad_to"), donate_argnums=(2,))
+def sample_packed(logits_bv, packed_md, penalties: PenaltyState | None, bitmask_bw, *, spec: PackSpec,
+                  pad_to: int):
+    """A step's whole sampling in one program (each program call costs the host a launch):
+    `sample` with the metadata packed into one array (`packing.pack`: one transfer a step),
+    after the grammar bitmask (all ones in rows without a grammar: the runner keeps such a
+    mask on the device); also returns the tokens padded to pad_to rows, which the next step
+    reads on the device under asynchronous scheduling."""
+    out, penalties = _sample(apply_token_bitmask(logits_bv, bitmask_bw), unpack(packed_md, spec), penalties)
+    return out, penalties, jnp.pad(out.token_ids, (0, pad_to - out.token_ids.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("num_logprobs",))

@@ -20,6 +20,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Sequence
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 # Compiled grammars kept per engine, by constraint: a repeated schema costs a deep copy.
 GRAMMAR_CACHE_SIZE = 128
 COMPILE_THREADS = 8  # at most; fewer on smaller hosts
+GIL_SWITCH_INTERVAL_S = 2e-4  # the process's switch interval while a mask fills (see `fill_bitmask_async`)
 
 
 def grammar_text(params: StructuredOutputsParams) -> str:
@@ -299,10 +301,20 @@ class StructuredOutputs:
         future is done, the caller must not touch these grammars' matchers (`is_terminated`
         of a grammar that has taken a token does not)."""
         started = threading.Event()
+        # The mask thread needs the GIL back once llguidance is done, and a thread waiting for
+        # it is served only after the interpreter's switch interval (5 ms by default) unless
+        # the holder blocks: masks filled in ~1 ms reached the engine thread 2-3 ms late at
+        # batch 64 (benchmarks/NOTES.md). So the interval is short while a fill runs, and
+        # restored by the mask thread once it holds the GIL again.
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(min(previous, GIL_SWITCH_INTERVAL_S))
 
         def job():
             started.set()
-            return self.fill_bitmask(grammars)
+            try:
+                return self.fill_bitmask(grammars)
+            finally:
+                sys.setswitchinterval(previous)
 
         future = self._mask_thread.submit(job)
         # Waiting releases the GIL: the thread takes it now, not after the interpreter's switch
