@@ -425,3 +425,19 @@ def test_switch_interval_is_short_only_while_a_mask_fills(engines, monkeypatch):
     assert seen == [pytest.approx(GIL_SWITCH_INTERVAL_S)]
     assert sys.getswitchinterval() == before
     assert mask.shape == (2, so.num_words) and (mask[1] == -1).all() and not (mask[0] == -1).all()
+
+
+def test_overlapping_fills_restore_the_interval_once_the_last_ends():
+    """Two engines' fills overlapping (data-parallel replicas): the interval stays short until
+    both are done, then is what it was before either began."""
+    import sys
+
+    from jaxinfer.engine.structured import _SHORT_SWITCH_INTERVAL, GIL_SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    _SHORT_SWITCH_INTERVAL.enter()
+    _SHORT_SWITCH_INTERVAL.enter()
+    _SHORT_SWITCH_INTERVAL.exit()
+    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+    _SHORT_SWITCH_INTERVAL.exit()
+    assert sys.getswitchinterval() == before

@@ -37,6 +37,33 @@ COMPILE_THREADS = 8  # at most; fewer on smaller hosts
 GIL_SWITCH_INTERVAL_S = 2e-4  # the process's switch interval while a mask fills (see `fill_bitmask_async`)
 
 
+class _ShortSwitchInterval:
+    """The process's GIL switch interval at most GIL_SWITCH_INTERVAL_S while any holder is in
+    (the mask threads of several engines, e.g. data-parallel replicas, may overlap); the
+    interval from before the first holder entered comes back when the last one leaves."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved = None
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, GIL_SWITCH_INTERVAL_S))
+            self._holders += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_SHORT_SWITCH_INTERVAL = _ShortSwitchInterval()
+
+
 def grammar_text(params: StructuredOutputsParams) -> str:
     """The llguidance grammar of a constraint (not yet checked: `LLMatcher` checks it).
 
@@ -306,15 +333,14 @@ class StructuredOutputs:
         # the holder blocks: masks filled in ~1 ms reached the engine thread 2-3 ms late at
         # batch 64 (benchmarks/NOTES.md). So the interval is short while a fill runs, and
         # restored by the mask thread once it holds the GIL again.
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(min(previous, GIL_SWITCH_INTERVAL_S))
+        _SHORT_SWITCH_INTERVAL.enter()
 
         def job():
             started.set()
             try:
                 return self.fill_bitmask(grammars)
             finally:
-                sys.setswitchinterval(previous)
+                _SHORT_SWITCH_INTERVAL.exit()
 
         future = self._mask_thread.submit(job)
         # Waiting releases the GIL: the thread takes it now, not after the interpreter's switch
