@@ -48,6 +48,16 @@ def test_floors_sum_prefill_and_decode_steps():
     assert f["decode_s"] == pytest.approx((cost.decode_step_bytes(1, 5) + cost.decode_step_bytes(1, 6)) / 1e9)
 
 
+def test_ragged_floor_reads_the_kv_of_running_requests_only():
+    """Requests of 3 and 1 output tokens: the prefill holds both, the two decode steps only the
+    first (bytes-bound rates), by hand from the model's byte counts."""
+    cost = ModelCost(preset("tiny"), 2, 2)
+    f = cost.ragged_generation_floor_s(input_len=4, output_lens=[3, 1], bytes_per_s=1e9, flops_per_s=1e18)
+    w, kv = cost.decode_weight_bytes, cost.kv_bytes
+    assert f["prefill_s"] == pytest.approx((w + 2 * kv(4)) / 1e9)
+    assert f["decode_s"] == pytest.approx((w + kv(5) + w + kv(6)) / 1e9)
+
+
 def test_ceilings_and_datasheet_on_the_cpu():
     c = measure_ceilings(repeats=1)
     assert c["bytes_per_s"] >= max(c["copy_bytes_per_s"], c["gemv_read_bytes_per_s"]) > 0
@@ -139,6 +149,8 @@ def test_structured_command_writes_a_record(tmp_path):
     assert result["structured_steps"] >= result["max_output_len"] and result["mask_steps"] > 0
     for run in ("structured", "unconstrained"):
         assert result[f"{run}_host_ms_per_step"] > 0 and result[f"{run}_wait_ms_per_step"] >= 0
+        assert 0 < result[f"{run}_fraction_of_measured_floor"] == pytest.approx(
+            result["floor_s"]["measured"] / result[f"{run}_seconds"])
         first, median = result[f"{run}_first_steps_ms"], result[f"{run}_median_step_ms"]
         assert len(first) == min(6, result[f"{run}_steps"]) and min(first) > 0 and median > 0
     timelines = result["profile"]["host_timeline"]

@@ -172,6 +172,7 @@ def test_greedy_token_is_the_argmax_over_the_reference_mask(engines, model):
 
     def record(prepared, logits, bitmask=None):
         if bitmask is not None:
+            assert bitmask.shape[0] == logits.shape[0]  # filled at the sampler's size: sent as it is
             seen.append((np.asarray(logits), bitmask.copy()))
         return original(prepared, logits, bitmask)
 

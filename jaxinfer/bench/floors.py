@@ -72,13 +72,21 @@ class ModelCost:
         """Floor of `batch` prompts of input_len tokens each generating output_len tokens: the
         prefill as compute (or bytes, whichever is larger) and each decode step as bytes (or
         compute at large batches)."""
+        return self.ragged_generation_floor_s(input_len=input_len, output_lens=[output_len] * batch,
+                                              bytes_per_s=bytes_per_s, flops_per_s=flops_per_s)
+
+    def ragged_generation_floor_s(self, *, input_len: int, output_lens, bytes_per_s: float,
+                                  flops_per_s: float) -> dict:
+        """`generation_floor_s` for prompts that stop at their own output lengths: a decode
+        step reads the weights and the KV of the requests still generating."""
+        batch, output_len = len(output_lens), max(output_lens, default=0)
         prefill = max(batch * self.prefill_flops(input_len) / flops_per_s,
                       self.decode_step_bytes(batch, input_len) / bytes_per_s)
         decode = 0.0
         for step in range(1, output_len):
-            context = input_len + step
-            decode += max(self.decode_step_bytes(batch, context) / bytes_per_s,
-                          batch * (self.matmul_flops_per_token + 2 * self.config.vocab_size *
-                                   self.config.hidden_size) / flops_per_s)
+            live, context = sum(n > step for n in output_lens), input_len + step
+            decode += max(self.decode_step_bytes(live, context) / bytes_per_s,
+                          live * (self.matmul_flops_per_token + 2 * self.config.vocab_size *
+                                  self.config.hidden_size) / flops_per_s)
         return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode,
                 "decode_step_s": decode / max(1, output_len - 1)}

@@ -117,7 +117,8 @@ def _run(engine, prompts, params_list, tag: str) -> dict:
 
 
 def cmd_structured(args) -> int:
-    from jaxinfer.bench.offline import _engine
+    from jaxinfer.bench.offline import _cost, _engine
+    from jaxinfer.devices import datasheet, measure_ceilings
     from jaxinfer.sampling_params import SamplingParams, StructuredOutputsParams
 
     model = _load(args)
@@ -187,6 +188,19 @@ def cmd_structured(args) -> int:
                        "median_step_ms")},
     }
     result["slowdown"] = result["unconstrained_output_tokens_per_s"] / result["structured_output_tokens_per_s"]
+    # Both runs make the same tokens (the unconstrained one stops each request at its structured
+    # length): one floor, by this run's measured ceilings and by the datasheet.
+    ceilings, spec = measure_ceilings(), datasheet()
+    rates = {"measured": (ceilings["bytes_per_s"], ceilings["matmul_flops_per_s"])}
+    if spec is not None:
+        rates["datasheet"] = (spec.memory_bytes_per_s, spec.bf16_flops_per_s)
+    cost = _cost(model)
+    result["floor_s"] = {basis: cost.ragged_generation_floor_s(input_len=args.input_len, output_lens=lengths,
+                                                               bytes_per_s=bw, flops_per_s=flops)["total_s"]
+                         for basis, (bw, flops) in rates.items()}
+    for name, run in (("structured", constrained), ("unconstrained", plain)):
+        for basis, floor in result["floor_s"].items():
+            result[f"{name}_fraction_of_{basis}_floor"] = floor / run["seconds"]
     if args.profile:
         from jaxinfer.bench.profile import HostTimeline, cprofile_top, profile_steps
         from jaxinfer.engine.engine import LLMEngine
@@ -219,11 +233,12 @@ def cmd_structured(args) -> int:
     record = {"benchmark": "structured", **run_header(args.argv), "args": _plain(vars(args)), "result": result}
     table = [f"batch {b}, {args.input_len}-token prompts, one JSON schema per request (greedy, bounded); "
              f"tokenizer of {result['tokenizer_vocab']} ids, model vocabulary {result['model_vocab']}", "",
-             "| structured tok/s | unconstrained tok/s | slowdown | mask ms/step | compile ms/request | "
-             "mean / max output | valid JSON | truncated |",
-             "|---|---|---|---|---|---|---|---|",
+             "| structured tok/s | unconstrained tok/s | slowdown | of measured floor (structured / "
+             "unconstrained) | mask ms/step | compile ms/request | mean / max output | valid JSON | truncated |",
+             "|---|---|---|---|---|---|---|---|---|",
              f"| {result['structured_output_tokens_per_s']:.1f} | {result['unconstrained_output_tokens_per_s']:.1f} | "
-             f"{result['slowdown']:.2f}x | {result['mask_ms_per_step']:.2f} "
+             f"{result['slowdown']:.2f}x | {result['structured_fraction_of_measured_floor']:.2f} / "
+             f"{result['unconstrained_fraction_of_measured_floor']:.2f} | {result['mask_ms_per_step']:.2f} "
              f"(+{result['advance_ms_per_step']:.2f} advancing) | "
              f"{result['compile_ms_per_request']:.2f} | "
              f"{result['mean_output_len']:.1f} / {result['max_output_len']} | {valid}/{b} | {truncated} |"]

@@ -747,9 +747,10 @@ class LLMEngine:
         return _LaunchedStep(out, pending, num_prompt_tokens, needs_mask)
 
     def _mask_grammars(self, launched: _LaunchedStep) -> list:
-        """The grammar of each sampling row of a step whose sampler waits for its mask (matchers
-        up to date with every token before this step's); None for rows of requests that ended
-        meanwhile (their token is dropped) and for proposal rows."""
+        """The grammar of each row of a step's deferred sampler (matchers up to date with every
+        token before this step's); None for rows of requests that ended meanwhile (their token
+        is dropped), for proposal rows, and for the sampler's padding rows, so the mask is
+        filled at the sampler's size and sent as it is."""
         launched.needs_mask = False
         grammars = []
         for rid in launched.out.sampling_req_ids:
@@ -758,7 +759,7 @@ class LLMEngine:
             grammars.append(c.grammar if live else None)
             # Rows of proposals (requests with grammars never have any) are not masked.
             grammars += [None] * len(launched.out.spec_token_ids.get(rid, ()))
-        return grammars
+        return grammars + [None] * (launched.pending.deferred_rows - len(grammars))
 
     def _start_masked_sampler(self, launched: _LaunchedStep) -> None:
         """Starts filling the step's grammar bitmask in the mask thread; the sampler is queued

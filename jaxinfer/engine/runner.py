@@ -672,6 +672,12 @@ class PendingStep:
     # (logits, prepared sampler) of a sampler not yet queued (`ModelRunner.sample_deferred`)
     deferred: tuple | None = None
 
+    @property
+    def deferred_rows(self) -> int:
+        """Rows of the deferred sampler: its logits' rows (the sampler's size, which may exceed
+        the step's sampling rows)."""
+        return self.deferred[0].shape[0]
+
     def result(self) -> StepResult:
         """Waits for the step and copies its sampled tokens (and logprobs) to the host; requests'
         prompt rows are cut on the host (slicing on the device would compile per span)."""

@@ -248,10 +248,7 @@ class StructuredOutputs:
             error = llguidance.LLMatcher.validate_grammar(text, ll_tokenizer)
             if error:
                 raise ValueError(f"structured_outputs.{params.kind} is invalid: {error}")
-            template = self._compile_pool.submit(self._build, ll_tokenizer, text, params.kind)
-            self._cache[key] = template
-            if len(self._cache) > GRAMMAR_CACHE_SIZE:
-                self._cache.popitem(last=False)
+            template = self._remember(key, self._compile_pool.submit(self._build, ll_tokenizer, text, params.kind))
         else:
             self._cache.move_to_end(key)
         return Grammar(template=template)
@@ -276,12 +273,18 @@ class StructuredOutputs:
             if error:
                 first_error = first_error or ValueError(f"structured_outputs.{params.kind} is invalid: {error}")
                 continue
-            self._cache[params] = compiled = concurrent.futures.Future()
+            compiled = concurrent.futures.Future()
             compiled.set_result(template)
-            if len(self._cache) > GRAMMAR_CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._remember(params, compiled)
         if first_error is not None:
             raise first_error
+
+    def _remember(self, key: StructuredOutputsParams, template: concurrent.futures.Future) -> concurrent.futures.Future:
+        """Caches a (compiling or compiled) template, the least recently used one leaving."""
+        self._cache[key] = template
+        if len(self._cache) > GRAMMAR_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return template
 
     def _build(self, ll_tokenizer, text: str, kind: str):
         """The compiled template of a validated grammar (in a pool thread)."""
