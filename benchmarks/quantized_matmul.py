@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from benchmarks.kernels import timings
 from benchmarks.matmul import SHAPES, compile_all, max_rel_err, random_sets
-from benchmarks.record import kernel_bench_parser, report_saver, run_header
+from benchmarks.record import close_report, kernel_bench_parser, report_saver, run_header
 from jaxinfer.devices import datasheet
 from jaxinfer.quantization import QuantizedWeight, dequantize_weight, quantize_weight
 from pallas_kernels.matmul import GpuMatmulBlockSizes, skinny_matmul
@@ -191,12 +191,7 @@ def main():
             print("  ", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                                     if k not in ("k", "n")}), flush=True)
         save()
-    report["seconds"] = time.perf_counter() - t_start
-    save()
-    with open(os.path.join(args.out, "quantized_matmul.md"), "w") as f:
-        f.write(markdown(report))
-    print(markdown(report))
-    return 1 if any(r.get("ok") is False for r in report["rows"]) else 0
+    return close_report(report, save, args.out, "quantized_matmul", markdown(report), time.perf_counter() - t_start)
 
 
 def markdown(report) -> str:

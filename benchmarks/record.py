@@ -40,3 +40,14 @@ def report_saver(report: dict, out_dir: str, filename: str):
             json.dump(report, f, indent=1)
 
     return save
+
+
+def close_report(report: dict, save, out_dir: str, name: str, markdown: str, seconds: float) -> int:
+    """Ends a kernel benchmark: its duration saved with the record, the markdown table written
+    beside it (out_dir/name.md) and printed; exit status 1 if any row failed its check."""
+    report["seconds"] = seconds
+    save()
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+    return 1 if any(r.get("ok") is False for r in report["rows"]) else 0

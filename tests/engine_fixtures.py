@@ -20,7 +20,8 @@ def peaked(state):
         lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 4, state)
 
 
-def tiny_model(seed: int = 0, **overrides) -> LoadedModel:
-    config = preset("tiny", eos_token_ids=(2,), **overrides)
+def tiny_model(seed: int = 0, name: str = "tiny", **overrides) -> LoadedModel:
+    """A random model of the preset `name` ("tiny", or "tiny-moe": routed experts)."""
+    config = preset(name, eos_token_ids=(2,), **overrides)
     graphdef, state = nnx.split(create_model(config, seed=seed))
     return LoadedModel(config=config, params=peaked(state), tokenizer=None, path=Path("."), graphdef=graphdef)

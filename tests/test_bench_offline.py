@@ -191,7 +191,59 @@ def test_run_header_names_xla_flags_in_the_command(monkeypatch):
     from jaxinfer.bench.offline import run_header
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     assert run_header(["bench", "latency"])["command"] == "jaxinfer bench latency"
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0 --xla_dump_to=/tmp/a b")
     assert (run_header(["bench", "latency"])["command"]
             == "XLA_FLAGS='--xla_gpu_autotune_level=0 --xla_dump_to=/tmp/a b' jaxinfer bench latency")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    assert (run_header(["bench", "latency"])["command"] == "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "
+            "XLA_FLAGS='--xla_gpu_autotune_level=0 --xla_dump_to=/tmp/a b' jaxinfer bench latency")
+
+
+def test_moe_floor_reads_only_routed_experts():
+    """Batch 1 reads k of X experts a layer; a batch of B, each expert with probability
+    1 - (1 - k/X)^B; a token computes through k experts. Expert bytes counted off the state."""
+    from jaxinfer.bench.floors import stored_expert_bytes
+
+    config = preset("tiny-moe")
+    state = nnx.state(create_model(config))
+    flat = {jax.tree_util.keystr(p): x.size * 4 for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    experts = sum(v for key, v in flat.items() if "w_expert" in key)
+    assert stored_expert_bytes(config, state) == experts
+    cost = ModelCost(config, 4, 4)
+    assert cost.expert_weight_bytes == experts
+    x, k = config.num_experts, config.num_experts_per_tok
+    assert cost.decode_weight_bytes_at(1) == pytest.approx(cost.decode_weight_bytes - experts * (1 - k / x))
+    assert cost.decode_weight_bytes_at(3) == pytest.approx(cost.decode_weight_bytes - experts * (1 - k / x) ** 3)
+    assert cost.decode_weight_bytes_at(10_000) == pytest.approx(cost.decode_weight_bytes)
+    dense = ModelCost(preset("tiny"), 4, 4)
+    assert dense.decode_weight_bytes_at(1) == dense.decode_weight_bytes and dense.expert_weight_bytes == 0
+    # Matmul work per token: every layer weight but the unrouted experts' (norms included, as in
+    # the dense count), plus nothing for the embedding and head.
+    layers = sum(v for key, v in flat.items() if "layers" in key) // 4
+    unrouted = experts // 4 * (x - k) // x
+    assert cost.matmul_flops_per_token == pytest.approx(2 * (layers - unrouted + config.hidden_size))
+
+
+def test_moe_records_carry_the_weight_bytes_by_batch():
+    from jaxinfer.bench.offline import weight_bytes_fields
+
+    moe = weight_bytes_fields(ModelCost(preset("tiny-moe"), 2, 2), [1, 4])
+    by_batch = moe["weight_bytes_per_decode_step_by_batch"]
+    assert by_batch[1] < by_batch[4] < moe["weight_bytes_per_decode_step"]
+    assert "weight_bytes_per_decode_step_by_batch" not in weight_bytes_fields(ModelCost(preset("tiny"), 2, 2), [1])
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])  # (llama: the peer test above)
+def test_hf_peer_builds_each_preset_at_its_size(name):
+    import torch
+    import transformers
+
+    from jaxinfer.bench.hf_peer import _preset_hf_config
+
+    config = preset(name)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            _preset_hf_config(dataclasses.asdict(config), transformers), dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == config.num_params()

@@ -442,3 +442,35 @@ def test_overlapping_fills_restore_the_interval_once_the_last_ends():
     assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
     _SHORT_SWITCH_INTERVAL.exit()
     assert sys.getswitchinterval() == before
+
+
+def test_a_failed_pooled_compile_aborts_its_request_only(engines, monkeypatch):
+    """A constraint that validates but whose compile in the pool fails (an llguidance defect)
+    ends its own request with finish_reason "abort"; the engine keeps stepping, the plain and
+    structured requests beside it finish as usual, and the failed compile is not served from
+    the cache: the next request with that constraint compiles it again."""
+    from jaxinfer.engine.structured import StructuredOutputs
+
+    engine = engines[True]
+    # not compiled by any other test; the property's name marks it in the grammar text
+    schema = {"type": "object", "properties": {"pool_fails": {"type": "integer"}}, "required": ["pool_fails"]}
+    so = _so(json=schema, disable_any_whitespace=True)
+    original = StructuredOutputs._build
+
+    def failing_build(self, ll_tokenizer, text, kind):
+        if "pool_fails" in text:
+            raise RuntimeError("compile failed in the pool")
+        return original(self, ll_tokenizer, text, kind)
+
+    monkeypatch.setattr(StructuredOutputs, "_build", failing_build)
+    done = run_all(engine, [
+        ("plain", "Hello there", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)),
+        ("broken", "Hi", SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=so)),
+        ("choice", "Pick", SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=CASES["choice"][0])),
+    ])
+    assert done["broken"].outputs[0].finish_reason == "abort" and done["broken"].outputs[0].text == ""
+    assert len(done["plain"].outputs[0].token_ids) == 12
+    assert done["choice"].outputs[0].text in CHOICES
+    monkeypatch.setattr(StructuredOutputs, "_build", original)
+    again = run_all(engine, [("again", "Hi", SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=so))])
+    check("json", schema, again["again"].outputs[0].text)

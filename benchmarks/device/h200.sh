@@ -30,6 +30,12 @@
 #   ceilings      copy, matrix-vector and matmul rates: JAX per call, JAX queued, PyTorch with CUDA events
 #   structured    grammar-constrained decoding against unconstrained, 8B shape at batch 64 (PROFILE=1: host
 #                 cProfile and a device trace of one more structured run)
+#   moe           the grouped expert kernel's GPU tests, its benchmark against XLA's ragged dot (sweep),
+#                 then batch-1 decode of MOE_PRESETS (default qwen3-30b-a3b) with the HF peer and a
+#                 profile, and MOE_SWEEP=1 batches 1, 16, 64
+#   gemma         Gemma 3 270M (the Q4_K_M GGUF) batch 1 with the HF peer, from the file carried in pieces
+#                 under .cache/gemma_pieces/p1..p5 (one piece per call while the machine stays warm;
+#                 p1 holds its sha256): the pieces are joined and checked first
 #   eagle_demo    train an EAGLE head for the demo model, then bench speculative with it and n-gram
 # Results land under $OUT. Run from the repository root: bash benchmarks/device/h200.sh kernels
 set -u
@@ -74,6 +80,25 @@ for stage in "$@"; do
         --num-prompts 256 --num-iters 1 --output-dir "$OUT/engine" 2>&1 | grep -v "compiling" | tail -3
       timeout 160 python3 -m jaxinfer.cli bench startup --preset llama3-8b --input-len 128 --output-len 8 \
         --output-dir "$OUT/engine" --tag async 2>&1 | grep -v "compiling" | tail -3 ;;
+    moe)
+      timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_grouped_matmul.py \
+        -k "TestGroupedMatmul and not Interpret" 2>&1 | tail -4
+      [ "${MOE_KERNEL_BENCH:-1}" != 0 ] && timeout 300 python3 benchmarks/grouped_matmul.py --out "$OUT/grouped" \
+        ${MOE_KERNEL_SWEEP:+--sweep} 2>&1 | tee "$OUT/grouped.log" | grep -v '^{' | tail -25
+      for preset in ${MOE_PRESETS:-qwen3-30b-a3b}; do
+        timeout ${MOE_TIMEOUT:-300} python3 -m jaxinfer.cli bench latency --preset "$preset" --input-len 128 \
+          --output-len 256 --batch-size 1 ${MOE_PEER---hf-peer} --profile --output-dir "$OUT/engine" \
+          --tag "${TAG:-moe}" 2>&1 | grep -v "compiling" | tail -4 | cut -c1-2500
+        [ -n "${MOE_SWEEP:-}" ] && timeout 300 python3 -m jaxinfer.cli bench latency --preset "$preset" \
+          --input-len 128 --output-len 256 --batch-size 1,16,64 --num-iters 1 --output-dir "$OUT/engine" \
+          --tag "${TAG:-moe}_sweep" 2>&1 | grep -v "compiling" | tail -4 | cut -c1-1500
+      done ;;
+    gemma)
+      mkdir -p /tmp/gemma && cat .cache/gemma_pieces/p*/gpiece_* > /tmp/gemma/gemma-3-270m-q4_k_m.gguf
+      echo "$(cat .cache/gemma_pieces/p1/sha256)  /tmp/gemma/gemma-3-270m-q4_k_m.gguf" | sha256sum -c || exit 1
+      timeout 300 python3 -m jaxinfer.cli bench latency --model /tmp/gemma/gemma-3-270m-q4_k_m.gguf --input-len 128 \
+        --output-len 256 --batch-size 1,16,64 --hf-peer --profile --output-dir "$OUT/engine" --tag "${TAG:-gemma}" \
+        2>&1 | grep -v "compiling" | tail -4 | cut -c1-2500 ;;
     spec_cost)
       timeout 400 python3 -m jaxinfer.cli bench verify-cost --preset llama3-8b --batch-size 1,16,64 \
         --num-tokens 0,1,2,4,8 --input-len 512 --num-steps 48 --output-dir "$OUT/engine" ${ACCEPTED:-} \

@@ -34,21 +34,34 @@ def run_peer(spec: dict, timeout_s: float = 1800) -> dict:
     return json.loads(lines[-1])
 
 
+def _preset_hf_config(c: dict, transformers):
+    """The HF config of a random-weight preset (jaxinfer.config.PRESETS): Llama, Mixtral or
+    Qwen3-MoE shapes."""
+    common = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_layers"],
+                  num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"], head_dim=c["head_dim"],
+                  rope_theta=c["rope_theta"], rms_norm_eps=c["rms_norm_eps"],
+                  max_position_embeddings=c["max_position_embeddings"], tie_word_embeddings=c["tie_word_embeddings"])
+    if c["model_type"] == "llama":
+        return transformers.LlamaConfig(intermediate_size=c["intermediate_size"], **common)
+    if c["model_type"] == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=c["moe_intermediate_size"],
+                                          num_local_experts=c["num_experts"],
+                                          num_experts_per_tok=c["num_experts_per_tok"], **common)
+    if c["model_type"] == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(intermediate_size=c["intermediate_size"],
+                                           moe_intermediate_size=c["moe_intermediate_size"],
+                                           num_experts=c["num_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+                                           norm_topk_prob=c["norm_topk_prob"], **common)
+    raise ValueError(f"the HF peer builds random llama, mixtral and qwen3_moe models, not {c['model_type']!r}")
+
+
 def _load_model(spec: dict, torch, transformers):
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[spec["dtype"]]
     device = spec["device"]
     if spec.get("preset_config"):
-        c = spec["preset_config"]
-        if c["model_type"] != "llama":
-            raise ValueError(f"the HF peer builds random llama models only, not {c['model_type']!r}")
-        config = transformers.LlamaConfig(
-            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"],
-            num_key_value_heads=c["num_kv_heads"], head_dim=c["head_dim"], rope_theta=c["rope_theta"],
-            rms_norm_eps=c["rms_norm_eps"], max_position_embeddings=c["max_position_embeddings"],
-            tie_word_embeddings=c["tie_word_embeddings"])
+        config = _preset_hf_config(spec["preset_config"], transformers)
         with torch.device(device):
-            return transformers.LlamaForCausalLM(config).to(dtype).eval()
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     path = spec["path"]
     if path.endswith(".gguf"):
         directory, name = os.path.split(path)

@@ -121,11 +121,21 @@ def _run_batch(engine, prompts, output_len: int, tag: str) -> dict:
 def _cost(model):
     """The model's floors, its decode bytes counted off its arrays as the engine holds them
     (so after the engine quantized them)."""
-    from jaxinfer.bench.floors import ModelCost, stored_decode_weight_bytes
+    from jaxinfer.bench.floors import ModelCost, stored_decode_weight_bytes, stored_expert_bytes
     from jaxinfer.models import param_dtype
 
     itemsize = param_dtype(model.params).itemsize
-    return ModelCost(model.config, itemsize, itemsize, stored_decode_weight_bytes(model.config, model.params))
+    return ModelCost(model.config, itemsize, itemsize, stored_decode_weight_bytes(model.config, model.params),
+                     stored_expert_bytes(model.config, model.params))
+
+
+def weight_bytes_fields(cost, batch_sizes) -> dict:
+    """The record's weight bytes a decode step reads: all of them, and for a mixture of experts
+    also by batch size (only routed experts are read)."""
+    fields = {"weight_bytes_per_decode_step": cost.decode_weight_bytes}
+    if cost.config.is_moe:
+        fields["weight_bytes_per_decode_step_by_batch"] = {b: cost.decode_weight_bytes_at(b) for b in batch_sizes}
+    return fields
 
 
 def _floors(cost, ceilings, spec, **shape) -> dict:
@@ -150,10 +160,12 @@ def run_header(argv=None) -> dict:
         except ImportError:
             pass
     command = " ".join(["jaxinfer"] + list(argv if argv is not None else sys.argv[1:]))
-    # XLA's flags change what is measured (autotuning, command buffers): part of the command.
-    xla_flags = os.environ.get("XLA_FLAGS", "").strip()
-    if xla_flags:
-        command = f"XLA_FLAGS={shlex.quote(xla_flags)} {command}"
+    # XLA's flags and its memory pool's size change what is measured (autotuning, command
+    # buffers, the room left beside the KV pool): part of the command.
+    for name in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            command = f"{name}={shlex.quote(value)} {command}"
     return dict(device=d.device_kind, platform=d.platform, device_count=jax.device_count(), **versions,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command)
 
@@ -208,6 +220,8 @@ def cmd_latency(args) -> int:
     model = _load(args)
     if child:
         print(STARTUP_MARK, "weights", flush=True)
+    else:  # before the engine takes its KV pool: the ceilings' buffers must fit beside big weights
+        ceilings, spec = measure_ceilings(), datasheet()
     max_len = args.input_len + args.output_len
     engine = _engine(model, args, max_num_seqs=max(batch_sizes), max_len=max_len,
                      batched_tokens=min(8192, max(512, max(batch_sizes) * args.input_len)))
@@ -216,7 +230,6 @@ def cmd_latency(args) -> int:
         _run_batch(engine, _prompts(model.config.vocab_size, 1, args.input_len, args.seed), 1, "startup")
         print(STARTUP_MARK, flush=True)
         return 0
-    ceilings, spec = measure_ceilings(), datasheet()
     cost = _cost(model)
     rows = []
     for b in batch_sizes:
@@ -248,7 +261,7 @@ def cmd_latency(args) -> int:
         print(json.dumps({k: v for k, v in row.items() if k not in ("runs", "floor")}), flush=True)
     record = {"benchmark": "latency", **run_header(args.argv), "args": _plain(vars(args)), "ceilings": ceilings,
               "datasheet": dataclasses.asdict(spec) if spec else None,
-              "weight_bytes_per_decode_step": cost.decode_weight_bytes, "results": rows}
+              **weight_bytes_fields(cost, batch_sizes), "results": rows}
     basis = "datasheet" if spec else "measured"
     sheet = (f"the datasheet's {spec.memory_bytes_per_s / 1e12:.2f} TB/s and {spec.bf16_flops_per_s / 1e12:.0f} "
              "TFLOP/s, and " if spec else "")

@@ -859,6 +859,13 @@ class LLMEngine:
                 m.last_token_time = now
                 m.token_times.append(now)
             req = c.request
+            if c.grammar is not None and c.grammar.compile_error is not None and c.finish_reason is None:
+                # Its grammar never compiled: the request ends here ("abort"), not the engine; the
+                # token its end-of-sequence-only mask produced is not shown.
+                if not req.is_finished:
+                    self.scheduler.finish_requests([rid], "abort")
+                c.finish_reason = "abort"
+                new_ids = []
             # The grammar admits nothing more: the output is complete (finish_reason "stop").
             grammar_done = c.grammar is not None and c.grammar.is_terminated and not req.is_finished
             if c.detokenizer is not None:

@@ -138,7 +138,7 @@ class Grammar:
     future): the matcher is copied from it on first use, after the request's forward pass is
     queued, so many new grammars compile in parallel with each other and with the device."""
 
-    __slots__ = ("_matcher", "_template", "_stopped", "num_consumed", "failed")
+    __slots__ = ("_matcher", "_template", "_stopped", "num_consumed", "failed", "compile_error")
 
     def __init__(self, matcher=None, template: "concurrent.futures.Future | None" = None):
         self._matcher = matcher
@@ -148,12 +148,25 @@ class Grammar:
         self._stopped = None
         self.num_consumed = 0
         self.failed = False  # a token the grammar rejected (only a conflicting constraint can cause it)
+        # Why the pooled compile of a validated constraint failed (an llguidance defect), or
+        # None: the grammar is then terminated and its request is aborted, not the engine.
+        self.compile_error: str | None = None
 
     @property
     def matcher(self):
-        if self._matcher is None:
-            self._matcher = self._template.result().deep_copy()
-            self._template = None
+        """The matcher (copied from the compiled template on first use), or None if the
+        template failed to compile."""
+        if self._matcher is None and self.compile_error is None:
+            try:
+                self._matcher = self._template.result().deep_copy()
+            except Exception as e:  # noqa: BLE001 - whatever the pool raised ends this request only
+                self.compile_error = f"{type(e).__name__}: {e}"
+                self.failed = True
+                logger.error("grammar failed to compile in the pool: %s", self.compile_error)
+                return None
+            finally:
+                if self._matcher is not None:
+                    self._template = None
         return self._matcher
 
     def accept(self, token_id: int) -> bool:
@@ -174,11 +187,14 @@ class Grammar:
         if self.failed:
             return True
         if self._stopped is None:
-            self._stopped = self.matcher.is_stopped()
+            matcher = self.matcher
+            if matcher is None:  # the compile failed
+                return True
+            self._stopped = matcher.is_stopped()
         return self._stopped
 
     def fork(self) -> "Grammar":
-        if self._matcher is None:  # not used yet (maybe still compiling): shares the template
+        if self._matcher is None:  # not used yet (maybe still compiling, or failed): shares the template
             return Grammar(template=self._template)
         return Grammar(self.matcher.deep_copy())
 
@@ -243,6 +259,8 @@ class StructuredOutputs:
         ll_tokenizer = self._tokenizer_for_grammars()
         key = params  # hashable, and equal for equal schemas (dicts compare by value)
         template = self._cache.get(key)
+        if template is not None and template.done() and template.exception() is not None:
+            template = None  # a pooled compile that failed is compiled again, not served
         if template is None:
             text = grammar_text(params)
             error = llguidance.LLMatcher.validate_grammar(text, ll_tokenizer)
@@ -306,6 +324,16 @@ class StructuredOutputs:
             self.compile_seconds += time.perf_counter() - t0
         return template, ""
 
+    def _eos_row(self) -> np.ndarray:
+        """A packed mask row allowing only the end-of-sequence ids (all tokens if none)."""
+        if not self._eos:
+            return np.full(self.num_words, -1, np.int32)
+        row = np.zeros(self.num_words, np.uint32)
+        for t in self._eos:
+            if t < self.vocab_size:
+                row[t // 32] |= np.uint32(1 << (t % 32))
+        return row.view(np.int32)
+
     def accept_tokens(self, pairs: Sequence[tuple[Grammar, int]]) -> None:
         """Advances each grammar past its accepted token, all rows in parallel (llguidance's
         threads, outside the GIL): this sits on the path from reading a step's tokens to
@@ -359,6 +387,9 @@ class StructuredOutputs:
         t0 = time.perf_counter()
         bitmask = np.full((len(grammars), self.num_words), -1, np.int32)
         live = [(g.matcher, i) for i, g in enumerate(grammars) if g is not None and not g.is_terminated]
+        for i, g in enumerate(grammars):
+            if g is not None and g.compile_error is not None:
+                bitmask[i] = self._eos_row()  # its request is aborted; its last token is dropped
         if live:
             # Rows are filled in parallel by llguidance's threads, outside the GIL.
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, live, bitmask)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.matmul.reference import GATED_ACTIVATIONS
+from pallas_kernels.matmul.reference import GATED_ACTIVATIONS, gated_product
 
 # weight type -> handler(linear, x_tk, w, layer, transpose, out_dtype) -> y_tn; filled by quantization modules.
 WEIGHT_HANDLERS: dict[type, Callable[..., jax.Array]] = {}
@@ -59,11 +59,16 @@ class Linear:
       256 tokens: steps of 80 / 128 / 256 tokens of the 8B shape took 9.7 / 13.1 / 17.5 ms
       against 18.5 / 21.8 / 23.5 with XLA above 64 (benchmarks/NOTES.md).
     interpret: run the Pallas kernel in interpret mode (tests on the CPU).
+    max_grouped_rows: the most routed (token, expert) rows the grouped expert kernel takes
+      (pallas_kernels/grouped_matmul); XLA's ragged dot above. Every bucket by default: on the
+      H200 XLA's ragged dot read Mixtral's experts at 1.1 TB/s at one token, and a 2048-token
+      prefill through it took 2.4 s (benchmarks/NOTES.md).
     """
 
     kernel: str = "xla"
     interpret: bool = False
     max_kernel_tokens: int = 256
+    max_grouped_rows: int = 65536
 
     def __post_init__(self):
         if self.kernel not in ("xla", "pallas"):
@@ -114,6 +119,34 @@ class Linear:
         y = self(x_tk, w, layer)
         gate, up = y[:, : y.shape[1] // 2], y[:, y.shape[1] // 2:]
         return GATED_ACTIVATIONS[activation](gate) * up
+
+    def grouped(self, x_pk: jax.Array, w: Any, group_sizes: jax.Array, layer=None, *,
+                activation: str | None = None) -> jax.Array:
+        """The experts' product: row p of x (rows sorted by group, group_sizes[g] rows each)
+        times its group's weight, w [G, K, N] or a stack [L, G, K, N] with `layer` selecting
+        one (or a tuple of per-layer [G, K, N]); with `activation`, the gated act(gate) * up of
+        w's column halves. Rows past sum(group_sizes) come out unspecified.
+
+        Returns float32 [P, N'] or, from the kernel with a split of K, float32 partials [S, P,
+        N'] (sum over axis 0); N' = N / 2 when gated. At decode sizes on a GPU the grouped
+        kernel reads only the routed groups' weights, in place; otherwise XLA's ragged dot.
+        """
+        if isinstance(w, (tuple, list)):
+            w, layer = w[layer], None
+        n = w.shape[-1]
+        fits = x_pk.shape[0] <= self.max_grouped_rows and (activation is None or n % 32 == 0)
+        if fits and self._use_kernel(x_pk[:1], w, False, None):
+            from pallas_kernels.grouped_matmul import grouped_matmul
+
+            y = grouped_matmul(x_pk, w, group_sizes, layer, activation=activation, interpret=self.interpret,
+                               sum_partials=False)
+            return y.astype(jnp.float32)
+        precision = lax.Precision.HIGHEST if x_pk.dtype == jnp.float32 else None
+        y = lax.ragged_dot(x_pk, select_layer(w, layer), group_sizes, precision=precision,
+                           preferred_element_type=jnp.float32)
+        if activation is None:
+            return y
+        return gated_product(y[:, : n // 2], y[:, n // 2:], activation, x_pk.dtype)
 
     def add_norm(self, y: jax.Array, residual: jax.Array, weight, layer=None, *, eps: float,
                  kind: str = "llama") -> tuple[jax.Array, jax.Array]:

@@ -174,10 +174,14 @@ class LlamaForCausalLM(nnx.Module):
         weights["next_norm"] = _next_norms(weights["attn_norm"], param_value(self.final_norm))
         h = self.norm(x, select_layer(weights["attn_norm"], 0))
 
+        # Which of the step's tokens are real, for MLPs whose cost depends on the tokens' values
+        # (routed experts: a padding token would pull in experts of its own).
+        valid_t = real_tokens(metadata, x.shape[0]) if self.routes_tokens else None
+
         def layer_fn(carry, i, spec):
             x, h, kv = carry
             return _decoder_layer(self, weights, i, spec, x, h, ropes[spec.sliding_window is not None], kv,
-                                  metadata, attention, linear)
+                                  metadata, attention, linear, valid_t)
 
         def period_fn(carry, first, pattern):
             for j, spec in enumerate(pattern):
@@ -209,11 +213,15 @@ class LlamaForCausalLM(nnx.Module):
     def _make_layers(self, config: ModelConfig, init: _Init) -> nnx.Module:
         return DecoderLayers(config, init)
 
-    def mlp(self, w, i, h_td, linear: Linear):
+    # The MLP routes each token by its value (mixture of experts): __call__ passes `mlp` which
+    # tokens are real.
+    routes_tokens = False
+
+    def mlp(self, w, i, h_td, linear: Linear, valid_t=None):
         """The MLP of layer i on normed hidden states h_td [T, D] (SwiGLU, or Gemma's GeGLU by
         `mlp_activation`; overridden by the mixture-of-experts models). Returns [T, D], or the
         down projection's float32 split-K partials [S, T, D] (`Linear.partials`), which the
-        residual add sums."""
+        residual add sums. valid_t: bool [T], the real tokens (where `routes_tokens`)."""
         c = self.config
         act = project(w, i, h_td, "w_gate_up", c.hidden_size, linear, activation=self.mlp_activation)
         return project(w, i, act, "w_down", c.intermediate_size, linear, partials=True)
@@ -276,8 +284,19 @@ def _next_norms(attn_norm, final_norm):
     return jnp.concatenate([attn_norm[1:], final_norm[None].astype(attn_norm.dtype)])
 
 
+def real_tokens(metadata, num_tokens: int):
+    """bool [T]: the step's real tokens (False for the padding of a token bucket). The paged
+    backends pack sequences' tokens first (cu_q_lens' last entry counts them); the contiguous
+    cache marks padding with a negative position."""
+    if hasattr(metadata, "cu_q_lens_s1"):
+        return jnp.arange(num_tokens) < metadata.cu_q_lens_s1[-1]
+    if hasattr(metadata, "positions_bs"):
+        return metadata.positions_bs.reshape(-1) >= 0
+    return jnp.ones((num_tokens,), bool)
+
+
 def _decoder_layer(model, w, i, spec: LayerSpec, x_td, h_td, rope_cs, kv_cache, metadata,
-                   attention: AttentionBackend, linear: Linear):
+                   attention: AttentionBackend, linear: Linear, valid_t=None):
     """One pre-norm decoder layer, layer i of the stacked weights (or of the per-layer ones).
 
     Takes the residual stream x_td and its norm h_td under this layer's input norm; returns
@@ -313,7 +332,7 @@ def _decoder_layer(model, w, i, spec: LayerSpec, x_td, h_td, rope_cs, kv_cache, 
         attn_out = model.norm(finished(attn_out), select_layer(w["post_attn_norm"], i))
     x_td, h_td = linear.add_norm(attn_out, x_td, w["mlp_norm"], i, eps=eps, kind=kind)
 
-    mlp_out = model.mlp(w, i, h_td, linear)
+    mlp_out = model.mlp(w, i, h_td, linear, valid_t)
     if w.get("post_mlp_norm") is not None:
         mlp_out = model.norm(finished(mlp_out), select_layer(w["post_mlp_norm"], i))
     x_td, h_td = linear.add_norm(mlp_out, x_td, w["next_norm"], i, eps=eps, kind=kind)

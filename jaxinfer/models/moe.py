@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.models.linear import Linear, select_layer
+from jaxinfer.models.linear import XLA_LINEAR, Linear
 from jaxinfer.models.llama import (EMBED, LAYER_PARAMS, LAYERS, MLP, DecoderLayers, LlamaForCausalLM, _Init,
                                    project)
 
@@ -71,6 +71,7 @@ class MoeForCausalLM(LlamaForCausalLM):
     and step interface as LlamaForCausalLM."""
 
     layer_params = LAYER_PARAMS + MOE_LAYER_PARAMS
+    routes_tokens = True
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         if not config.is_moe:
@@ -83,14 +84,15 @@ class MoeForCausalLM(LlamaForCausalLM):
     def _make_layers(self, config: ModelConfig, init: _Init) -> nnx.Module:
         return MoeDecoderLayers(config, init)
 
-    def mlp(self, w, i, h_td, linear: Linear):
+    def mlp(self, w, i, h_td, linear: Linear, valid_t=None):
         c = self.config
         logits_tx = project(w, i, h_td, "w_router", c.hidden_size, linear)
         weights_tk, experts_tk = route(logits_tx, c.num_experts_per_tok, c.norm_topk_prob)
+        if valid_t is not None:  # padding tokens go to no expert: their rows are not computed
+            experts_tk = jnp.where(valid_t[:, None], experts_tk, c.num_experts)
         experts = routed_experts if self.expert_mesh is None else functools.partial(
             routed_experts_parallel, mesh=self.expert_mesh)
-        out_td = experts(h_td, weights_tk, experts_tk, select_layer(w["w_expert_gate_up"], i),
-                         select_layer(w["w_expert_down"], i))
+        out_td = experts(h_td, weights_tk, experts_tk, w["w_expert_gate_up"], w["w_expert_down"], i, linear)
         if w["w_shared_gate_up"] is not None:
             gate_up = project(w, i, h_td, "w_shared_gate_up", c.hidden_size, linear).reshape(h_td.shape[0], 2, -1)
             shared = project(w, i, jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], "w_shared_down",
@@ -116,60 +118,80 @@ def expert_parallel(graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh) -> tup
 
 
 def route(logits_tx, k: int, normalize: bool):
-    """Top-k routing: softmax over all X experts in float32, the k largest, renormalized to sum
-    to one when `normalize` (which equals a softmax over the chosen logits, Mixtral's rule).
+    """Top-k routing: the k experts of largest softmax probability (the k largest logits), their
+    probabilities renormalized to sum to one when `normalize` (a softmax over the chosen
+    logits, Mixtral's rule), else their share of the softmax over all X experts; float32.
 
+    Computed without materializing the X probabilities: at decode every extra kernel counts.
     logits_tx [T, X]. Returns (weights_tk float32 [T, k], experts_tk int32 [T, k]).
     """
-    probs = jax.nn.softmax(logits_tx.astype(jnp.float32), axis=-1)
-    weights, experts = lax.top_k(probs, k)
+    logits = logits_tx.astype(jnp.float32)
+    top, experts = lax.top_k(logits, k)
     if normalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        weights = jax.nn.softmax(top, axis=-1)
+    else:
+        weights = jnp.exp(top - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
     return weights, experts.astype(jnp.int32)
 
 
-def routed_experts(x_td, weights_tk, experts_tk, w_gate_up_xdf, w_down_xfd):
+def routed_experts(x_td, weights_tk, experts_tk, w_gate_up, w_down, layer=None, linear: Linear = XLA_LINEAR):
     """Sum over each token's k experts of weight * SwiGLU expert(x), computing routed pairs only.
 
     Args:
       x_td: [T, D] normed hidden states.
       weights_tk: [T, k] routing weights; experts_tk: int32 [T, k] expert ids.
-      w_gate_up_xdf: [X, D, 2, F] every expert's gate and up projections.
-      w_down_xfd: [X, F, D] every expert's down projection.
+      w_gate_up: [X, D, 2, F] every expert's gate and up projections, or the layers' stack
+        [L, X, D, 2, F] (or a tuple of per-layer arrays) with `layer` selecting one.
+      w_down: [X, F, D] every expert's down projection (stacked likewise).
+      layer: None, or the layer index into stacked weights (may be traced).
+      linear: the projection hook; its `grouped` product runs the experts (on a GPU at decode
+        sizes a kernel that reads only the routed experts' weights, in place in the stack).
     Pairs whose expert id is X (or more) are not computed and add nothing (expert parallelism
     marks other devices' pairs so).
     Returns:
       [T, D] in x's dtype.
     """
+    if isinstance(w_gate_up, (tuple, list)):  # per-layer arrays: take the layer's (no copy)
+        w_gate_up, w_down, layer = w_gate_up[layer], w_down[layer], None
     t, k = experts_tk.shape
-    x_experts, d, _, f = w_gate_up_xdf.shape
+    x_experts, d = w_down.shape[-3], w_down.shape[-1]
     # Sort the P = T*k pairs by expert so that each expert's rows are contiguous: the groups of
     # the grouped matmul, with group_sizes[e] rows for expert e (zero rows cost nothing).
     expert_p = experts_tk.reshape(-1)
     order_p = jnp.argsort(expert_p, stable=True)
     token_p = order_p // k
-    group_sizes = jnp.bincount(expert_p, length=x_experts).astype(jnp.int32)  # (ids >= X not counted)
-    precision = lax.Precision.HIGHEST if x_td.dtype == jnp.float32 else None
+    # (ids >= X not counted; a compare-and-sum XLA fuses into one reduction, where bincount scatters)
+    group_sizes = jnp.sum(expert_p[:, None] == jnp.arange(x_experts, dtype=expert_p.dtype)[None, :], axis=0,
+                          dtype=jnp.int32)
 
-    gate_up_pf = lax.ragged_dot(x_td[token_p], w_gate_up_xdf.reshape(x_experts, d, 2 * f), group_sizes,
-                                precision=precision, preferred_element_type=jnp.float32)
-    h_pf = (jax.nn.silu(gate_up_pf[:, :f]) * gate_up_pf[:, f:]).astype(x_td.dtype)
-    y_pd = lax.ragged_dot(h_pf, w_down_xfd, group_sizes, precision=precision,
-                          preferred_element_type=jnp.float32)
-    y_pd = y_pd * weights_tk.reshape(-1)[order_p][:, None]
-    # (rows past the last group, the uncounted pairs, come out of ragged_dot as zeros)
+    gate_up = w_gate_up.reshape(*w_gate_up.shape[:-2], -1)  # [.., X, D, 2F]: columns gate | up
+    h_pf = linear.grouped(x_td[token_p], gate_up, group_sizes, layer, activation="silu")
+    y_pd = linear.grouped(h_pf.astype(x_td.dtype), w_down, group_sizes, layer)
+    if y_pd.ndim == 3:  # the kernel's split-K partials
+        y_pd = jnp.sum(y_pd, axis=0)
+    # Rows past the counted pairs (other devices' experts) are unspecified: weight them by 0.
+    counted_p = jnp.arange(expert_p.shape[0]) < jnp.sum(group_sizes)
+    y_pd = jnp.where(counted_p[:, None], y_pd * weights_tk.reshape(-1)[order_p][:, None], 0.0)
     return jnp.zeros((t, d), jnp.float32).at[token_p].add(y_pd).astype(x_td.dtype)
 
 
-def routed_experts_parallel(x_td, weights_tk, experts_tk, w_gate_up_xdf, w_down_xfd, *, mesh: Mesh):
+def routed_experts_parallel(x_td, weights_tk, experts_tk, w_gate_up, w_down, layer=None,
+                            linear: Linear = XLA_LINEAR, *, mesh: Mesh):
     """`routed_experts` with the expert axis of both weights split over the mesh's "tp" axis:
     each device computes the pairs of its X / tp experts and a psum sums the partial outputs."""
-    def local(x_td, weights_tk, experts_tk, w_gate_up_xdf, w_down_xfd):
-        n = w_gate_up_xdf.shape[0]  # this device's experts: ids first .. first + n - 1
+    if isinstance(w_gate_up, (tuple, list)):  # per-layer arrays: take the layer's (no copy)
+        w_gate_up, w_down, layer = w_gate_up[layer], w_down[layer], None
+    stacked = layer is not None
+    expert_spec = P(None, "tp") if stacked else P("tp")
+
+    def local(x_td, weights_tk, experts_tk, w_gate_up, w_down, layer):
+        n = w_down.shape[-3]  # this device's experts: ids first .. first + n - 1
         first = lax.axis_index("tp") * n
         mine = (experts_tk >= first) & (experts_tk < first + n)
-        part = routed_experts(x_td, weights_tk, jnp.where(mine, experts_tk - first, n), w_gate_up_xdf, w_down_xfd)
+        part = routed_experts(x_td, weights_tk, jnp.where(mine, experts_tk - first, n), w_gate_up, w_down,
+                              layer if stacked else None, linear)
         return lax.psum(part, "tp")
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P("tp"), P("tp")), out_specs=P())(
-        x_td, weights_tk, experts_tk, w_gate_up_xdf, w_down_xfd)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), expert_spec, expert_spec, P()), out_specs=P())(
+        x_td, weights_tk, experts_tk, w_gate_up, w_down, layer)

@@ -48,8 +48,7 @@ def _dot(a, b, contract):
                            preferred_element_type=jnp.float32)
 
 
-def _skinny_matmul_kernel(*refs, num_tokens, rows, block_n, block_k, steps, split_k, swap_ab, stacked,
-                          activation=None, gate_offset=0):
+def _skinny_matmul_kernel(*refs, num_tokens, rows, stacked, **tile):
     if stacked:
         layer_ref, x_ref, w_ref, o_ref = refs
         # Clamped like lax.dynamic_index_in_dim, so a bad index is never an address.
@@ -57,12 +56,23 @@ def _skinny_matmul_kernel(*refs, num_tokens, rows, block_n, block_k, steps, spli
     else:
         x_ref, w_ref, o_ref = refs
         lead = ()
-    t, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    t0 = t * rows
+    t0 = pl.program_id(0) * rows
+    stream_tile(x_ref, w_ref, o_ref, lead=lead, t0=t0, row_end=num_tokens, rows=rows,
+                masked=num_tokens % rows != 0, **tile)  # pad rows only in the last token block
+
+
+def stream_tile(x_ref, w_ref, o_ref, *, lead, t0, row_end, rows, masked, block_n, block_k, steps, split_k,
+                swap_ab, activation=None, gate_offset=0, j=None, s=None):
+    """One program's work: output columns [j * block_n, +block_n) (j = program_id(1)) of x rows
+    [t0, t0 + rows) that are below `row_end` (`masked`: some may not be), from weight rows
+    [s * K / split_k, +K / split_k) (s = program_id(2)) of w_ref[lead]. t0 and row_end may be
+    traced (the grouped kernel's tiles start anywhere); a caller inside `pl.when` passes j and s
+    (interpret mode reads program ids only outside a branch)."""
+    j = pl.program_id(1) if j is None else j
+    s = pl.program_id(2) if s is None else s
     n0 = pl.multiple_of(j * block_n, block_n)
     k_base = s * (steps * block_k)
-    masked = num_tokens % rows != 0  # pad rows in the last token block
-    row_ok = (t0 + lax.broadcasted_iota(jnp.int32, (rows, block_k), 0)) < num_tokens
+    row_ok = (t0 + lax.broadcasted_iota(jnp.int32, (rows, block_k), 0)) < row_end
 
     def product(x, w):
         return _dot(w, x, ((0,), (1,))) if swap_ab else _dot(x, w, ((1,), (0,)))  # [block_n, rows] / [rows, block_n]
@@ -91,7 +101,7 @@ def _skinny_matmul_kernel(*refs, num_tokens, rows, block_n, block_k, steps, spli
         tile = o_ref.at[s, pl.ds(t0, rows), pl.ds(n0, block_n)]
     y = acc.T if swap_ab else acc  # [rows, block_n]
     if masked:
-        out_rows = (t0 + lax.broadcasted_iota(jnp.int32, (rows, block_n), 0)) < num_tokens
+        out_rows = (t0 + lax.broadcasted_iota(jnp.int32, (rows, block_n), 0)) < row_end
         plgpu.store(tile, y, mask=out_rows)
     else:
         tile[...] = y

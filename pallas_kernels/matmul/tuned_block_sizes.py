@@ -98,10 +98,8 @@ def num_stages_for(block_n: int, block_k: int, rows: int, itemsize: int) -> int:
     return max(2, min(4, _SMEM_PER_PROGRAM // stage_bytes))
 
 
-def _cost(num_tokens, k, n, itemsize, sms, block_n, block_k, split_k):
+def _cost(num_tokens, k, n, itemsize, sms, block_n, block_k, split_k, rows, token_blocks):
     """Relative time of one tiling: bytes moved over the fraction of bandwidth it can use."""
-    rows = rows_per_program(num_tokens)
-    token_blocks = -(-num_tokens // rows)
     programs = token_blocks * (n // block_n) * split_k
     steps = k // (block_k * split_k)
     stages = num_stages_for(block_n, block_k, rows, itemsize)
@@ -116,13 +114,19 @@ def _cost(num_tokens, k, n, itemsize, sms, block_n, block_k, split_k):
     return nbytes / (fill * pipeline * inflight * coalescing)
 
 
-def fallback_block_sizes(*, num_tokens: int, k: int, n: int, dtype, sms: int) -> GpuMatmulBlockSizes:
+def fallback_block_sizes(*, num_tokens: int, k: int, n: int, dtype, sms: int, rows: int | None = None,
+                         token_blocks: int | None = None, max_split_k: int = _MAX_SPLIT_K) -> GpuMatmulBlockSizes:
     """The cheapest tiling under _cost among those that divide k and n exactly.
 
     Candidates: block_n and block_k powers of 2 from 128 (32 and 64 for float32, whose exact
     dot runs on CUDA cores from registers) down to 16, split_k any divisor of k / block_k up
-    to 32. k and n multiples of 16 always admit block_n = block_k = 16, split_k = 1.
+    to max_split_k. k and n multiples of 16 always admit block_n = block_k = 16, split_k = 1.
+    `rows` (token rows per program) and `token_blocks` (programs along the token axis, each
+    reading the weight tiles of its own) default to the skinny kernel's; the grouped kernel
+    passes its tile height and expected number of row tiles.
     """
+    rows = rows_per_program(num_tokens) if rows is None else rows
+    token_blocks = -(-num_tokens // rows) if token_blocks is None else token_blocks
     itemsize = jnp.dtype(dtype).itemsize
     max_n, max_k = (64, 32) if itemsize == 4 else (128, 128)
     best = None
@@ -133,14 +137,14 @@ def fallback_block_sizes(*, num_tokens: int, k: int, n: int, dtype, sms: int) ->
             if block_k > max_k or k % block_k:
                 continue
             blocks = k // block_k
-            for split_k in range(1, min(blocks, _MAX_SPLIT_K) + 1):
+            for split_k in range(1, min(blocks, max_split_k) + 1):
                 if blocks % split_k:
                     continue
-                cost = _cost(num_tokens, k, n, itemsize, sms, block_n, block_k, split_k)
+                cost = _cost(num_tokens, k, n, itemsize, sms, block_n, block_k, split_k, rows, token_blocks)
                 if best is None or cost < best[0] * (1 - 1e-9):  # ties: the earlier candidate
                     best = (cost, block_n, block_k, split_k)
     _, block_n, block_k, split_k = best
-    stages = num_stages_for(block_n, block_k, rows_per_program(num_tokens), itemsize)
+    stages = num_stages_for(block_n, block_k, rows, itemsize)
     return GpuMatmulBlockSizes(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4,
                                num_stages=stages)
 
