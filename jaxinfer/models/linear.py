@@ -135,7 +135,7 @@ class Linear:
             w, layer = w[layer], None
         n = w.shape[-1]
         fits = x_pk.shape[0] <= self.max_grouped_rows and (activation is None or n % 32 == 0)
-        if fits and self._use_kernel(x_pk[:1], w, False, None):
+        if self.kernel == "pallas" and fits and self._kernel_tiles(x_pk, w):
             from pallas_kernels.grouped_matmul import grouped_matmul
 
             y = grouped_matmul(x_pk, w, group_sizes, layer, activation=activation, interpret=self.interpret,
@@ -170,8 +170,13 @@ class Linear:
             return False
         if out_dtype is not None and jnp.dtype(out_dtype) != x_tk.dtype:
             return False
+        return self._kernel_tiles(x_tk, w)
+
+    @staticmethod
+    def _kernel_tiles(x_tk, w) -> bool:
+        """The weight-stream kernels tile w's last two dims (multiples of 16) in x's dtype."""
         k, n = w.shape[-2:]
-        return k % 16 == 0 and n % 16 == 0 and x_tk.dtype == w.dtype
+        return x_tk.ndim == 2 and k % 16 == 0 and n % 16 == 0 and x_tk.dtype == w.dtype
 
 
 XLA_LINEAR = Linear()
