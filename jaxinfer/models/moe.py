@@ -93,10 +93,9 @@ class MoeForCausalLM(LlamaForCausalLM):
         experts = routed_experts if self.expert_mesh is None else functools.partial(
             routed_experts_parallel, mesh=self.expert_mesh)
         out_td = experts(h_td, weights_tk, experts_tk, w["w_expert_gate_up"], w["w_expert_down"], i, linear)
-        if w["w_shared_gate_up"] is not None:
-            gate_up = project(w, i, h_td, "w_shared_gate_up", c.hidden_size, linear).reshape(h_td.shape[0], 2, -1)
-            shared = project(w, i, jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], "w_shared_down",
-                             c.shared_expert_intermediate_size, linear)
+        if w["w_shared_gate_up"] is not None:  # [.., D, 2, S]: columns gate | up, SwiGLU in the epilogue
+            act = project(w, i, h_td, "w_shared_gate_up", c.hidden_size, linear, activation="silu")
+            shared = project(w, i, act, "w_shared_down", c.shared_expert_intermediate_size, linear)
             gate_t1 = jax.nn.sigmoid(project(w, i, h_td, "w_shared_gate", c.hidden_size, linear))
             out_td = out_td + gate_t1 * shared
         return out_td
